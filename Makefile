@@ -1,0 +1,31 @@
+# `make demo` and `make test` do all set-up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cxrdx-installed
+# This workplace's pip serves these two builds from local disk; elsewhere any torch>=2.4 works.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test browser clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Headless Chromium for the browser test (Debian package); the test skips with a reason without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will skip"; \
+	  else echo "chromium not installed: browser test will skip"; fi; }
+
+demo: $(STAMP)
+	$(VENV)/bin/cxrdx demo
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out runs .pytest_cache

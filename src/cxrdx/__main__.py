@@ -1,0 +1,3 @@
+from cxrdx.cli import main
+
+raise SystemExit(main())

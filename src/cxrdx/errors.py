@@ -1,0 +1,18 @@
+"""Error types for user mistakes and bad input: the CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CxrdxError(Exception):
+    """A problem the user can fix: bad input, a missing file, an impossible setting."""
+
+
+class ImageReadError(CxrdxError):
+    """An image that cannot be decoded; names the file and the reason."""
+
+    def __init__(self, source: str | Path, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
