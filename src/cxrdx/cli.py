@@ -54,6 +54,7 @@ _train_args, _train = _no_args, _pending("train")
 # <section evaluate>
 _evaluate_args, _evaluate = _no_args, _pending("evaluate")
 _compare_args, _compare = _no_args, _pending("compare")
+_calibrate_args, _calibrate = _no_args, _pending("calibrate")
 # </section evaluate>
 
 # --- explain, localize (cxrdx.explain) ---------------------------------------------------------
@@ -87,6 +88,7 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
         ("models", "print the paper's Table 2 (parameters, FLOPs, input size)", _models_args, _models),
         ("train", "train a model (single process or torchrun DDP)", _train_args, _train),
         ("evaluate", "predict a split and write predictions, metrics and ROC curves", _evaluate_args, _evaluate),
+        ("calibrate", "choose per-finding thresholds and temperatures on validation; store them in the checkpoint", _calibrate_args, _calibrate),
         ("compare", "Tables 3-5: models side by side with DeLong, ANOVA, Bonferroni", _compare_args, _compare),
         ("explain", "Group-CAM and Grad-CAM-family heatmaps for images", _explain_args, _explain),
         ("localize", "pointing game and IoU of heatmaps against boxes", _localize_args, _localize),
