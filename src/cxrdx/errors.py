@@ -16,3 +16,6 @@ class ImageReadError(CxrdxError):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+    def __reduce__(self):  # rebuilt intact when a DataLoader worker sends it back
+        return (type(self), (self.source, self.reason))

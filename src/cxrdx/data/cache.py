@@ -1,0 +1,330 @@
+"""The prepared cache: every image decoded once, resized to S x S uint8, in one memory-mapped array.
+
+Layout of a cache folder:
+    images.npy   (N, S, S) uint8, opened as a read-only memory map
+    index.csv    the metadata rows of the N images, in the same order (plus their source `path`)
+    failed.csv   Image Index, path, reason for every image that could not be prepared
+    meta.json    size, count, sources; written last, so its presence means the cache is complete
+
+While `prepare_cache` runs, the folder holds `images.partial.npy` (all planned rows), `done.npy`
+(which of them are written; saved only after the image rows are flushed) and `plan.json`.
+Re-running continues from `done.npy`; an interrupt at any moment loses at most the rows written
+since the last save, never marks an unwritten row as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from cxrdx import __version__
+from cxrdx.atomic import atomic_path, write_text
+from cxrdx.data.imageio import read_image
+from cxrdx.errors import CxrdxError, ImageReadError
+from cxrdx.findings import FINDINGS
+
+FORMAT = 1
+IMAGES, INDEX, FAILED, META = "images.npy", "index.csv", "failed.csv", "meta.json"
+PARTIAL, DONE, PLAN = "images.partial.npy", "done.npy", "plan.json"
+SAVE_EVERY_S = 2.0
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a 2-D uint8 image to (size, size) with Lanczos (antialiased); the one resize of cache and predict.
+
+    A non-square image is scaled to the square without cropping (as the paper's Resize((S, S))).
+    """
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 image, got {image.dtype} {image.shape}")
+    if image.shape == (size, size):
+        return np.array(image)
+    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+
+
+@dataclass
+class PrepareResult:
+    prepared: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    path: Path | None = None
+
+
+@dataclass
+class Cache:
+    """An opened cache: `images[i]` is the (S, S) uint8 image of `index.iloc[i]` with `labels[i]`."""
+
+    path: Path
+    images: np.ndarray
+    index: pd.DataFrame
+    labels: np.ndarray
+    size: int
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __reduce__(self):
+        # DataLoader workers reopen the memory map instead of pickling every image.
+        return (open_cache, (self.path,))
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Open a complete cache folder; clear errors for a missing, unfinished or damaged one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CxrdxError(f"{path}: no cache here; create one with 'cxrdx prepare --data-dir D --out {path}'")
+    if not (path / META).is_file():
+        if (path / PLAN).is_file():
+            raise CxrdxError(f"{path}: unfinished cache (an interrupted 'cxrdx prepare'); run the same command again to finish it")
+        raise CxrdxError(f"{path}: not a cxrdx cache ({META} is missing)")
+    meta = json.loads((path / META).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise CxrdxError(f"{path}: cache format {meta.get('format')} is not supported (expected {FORMAT}); prepare it again")
+    try:
+        images = np.load(path / IMAGES, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CxrdxError(f"{path / IMAGES}: unreadable cache images ({exc})") from None
+    size, count = int(meta["size"]), int(meta["count"])
+    if images.dtype != np.uint8 or images.shape != (count, size, size):
+        raise CxrdxError(f"{path / IMAGES}: expected uint8 {(count, size, size)}, found {images.dtype} {images.shape}")
+    index = _read_index(path / INDEX)
+    if len(index) != count:
+        raise CxrdxError(f"{path / INDEX}: {len(index)} rows, expected {count} (one per cached image)")
+    labels = index[list(FINDINGS)].to_numpy(dtype=np.uint8)
+    return Cache(path=path, images=images, index=index, labels=labels, size=size, meta=meta)
+
+
+def prepare_cache(
+    data_dir: str | Path,
+    out: str | Path,
+    size: int = 256,
+    metadata: str | Path | None = None,
+    workers: int = 0,
+    progress: bool = True,
+) -> PrepareResult:
+    """Decode every image of the metadata table once, resize it to size x size and store it in `out`.
+
+    Resumable: running again with the same arguments continues an interrupted run. Unreadable or
+    missing images go to `out/failed.csv`; the rest is prepared. A complete cache is left as is.
+    """
+    from cxrdx.data.metadata import find_metadata, locate_images, read_metadata
+
+    data_dir, out = Path(data_dir), Path(out)
+    if size < 8:
+        raise CxrdxError(f"cache size {size} is too small (use 8 or more pixels)")
+    metadata = Path(metadata) if metadata is not None else find_metadata(data_dir)
+    index = read_metadata(metadata)
+    found, missing = locate_images(index, data_dir)
+    if len(found) == 0:
+        first = ", ".join(list(index["Image Index"])[:3])
+        raise CxrdxError(f"{data_dir}: none of the {len(index)} images of {metadata} found (first: {first})")
+    found = found.reset_index(drop=True)
+    names = "\n".join(found["Image Index"]).encode()
+    plan = {"size": size, "count": len(found), "images_sha256": hashlib.sha256(names).hexdigest()}
+    if (out / META).is_file():
+        return _existing_result(out, plan)
+
+    if out.exists() and not out.is_dir():
+        raise CxrdxError(f"{out}: is a file; --out must be a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _prepare(found, missing, out, plan, workers, progress, data_dir, metadata)
+
+
+def pixel_stats(cache: Cache, rows: np.ndarray | None = None, chunk: int = 256) -> tuple[float, float]:
+    """Mean and standard deviation of the pixels (scaled to [0, 1]) of the given rows; exact, in chunks."""
+    rows = np.arange(len(cache)) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+    if len(rows) == 0:
+        raise CxrdxError("pixel statistics of an empty set of images")
+    histogram = np.zeros(256, dtype=np.int64)
+    for start in range(0, len(rows), chunk):
+        histogram += np.bincount(cache.images[rows[start : start + chunk]].ravel(), minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    total = histogram.sum()
+    mean = float((histogram * values).sum() / total)
+    std = float(np.sqrt((histogram * (values - mean) ** 2).sum() / total))
+    return mean, std
+
+
+# --- preparation steps ----------------------------------------------------------------------------
+
+
+def _prepare(
+    found: pd.DataFrame, missing: list[str], out: Path, plan: dict, workers: int, progress: bool, data_dir: Path, metadata: Path
+) -> PrepareResult:
+    size = plan["size"]
+    images, done = _open_work(out, plan)
+    failed: dict[int, str] = {}
+    todo = np.flatnonzero(~done)
+    try:
+        with _progress(progress, len(found), int(done.sum())) as bar:
+            last_save = time.monotonic()
+            for row, pixels, reason in _decode_rows(found["path"].tolist(), todo, size, workers):
+                if pixels is None:
+                    failed[row] = reason
+                else:
+                    images[row] = pixels
+                    done[row] = True
+                bar.update(1)
+                if time.monotonic() - last_save > SAVE_EVERY_S:
+                    _save_done(out, images, done)
+                    last_save = time.monotonic()
+    finally:
+        _save_done(out, images, done)
+    del images
+    failures = [(found.at[r, "Image Index"], str(found.at[r, "path"]), failed[r]) for r in sorted(failed)]
+    failures += [(name, "", f"not found under {data_dir}") for name in missing]
+    _finish(out, found, done, failures, plan, data_dir, metadata)
+    return PrepareResult(prepared=int(done.sum()), failed=[(n, why) for n, _, why in failures], path=out)
+
+
+def _load_row(task: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str]:
+    """(row, resized pixels or None, reason of the failure); runs in worker processes."""
+    row, path, size = task
+    try:
+        return row, resize_square(read_image(path), size), ""
+    except ImageReadError as exc:
+        return row, None, exc.reason
+
+
+def _decode_rows(paths: list[str], rows: np.ndarray, size: int, workers: int) -> Iterator[tuple[int, np.ndarray | None, str]]:
+    tasks = ((int(r), str(paths[r]), size) for r in rows)
+    if workers <= 0:
+        yield from map(_load_row, tasks)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap_unordered(_load_row, tasks, chunksize=8)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold a lock on the cache folder: two prepares writing one cache would corrupt it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; run one prepare per folder
+        yield
+        return
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CxrdxError(f"{out}: another 'cxrdx prepare' is writing this cache; wait for it or choose another --out") from None
+        yield
+    finally:
+        os.close(handle)
+
+
+def _open_work(out: Path, plan: dict) -> tuple[np.memmap, np.ndarray]:
+    """The partial image array and its done-mask: continued when they match `plan`, else started anew."""
+    size, count = plan["size"], plan["count"]
+    if (out / PLAN).is_file():
+        previous = json.loads((out / PLAN).read_text(encoding="utf-8"))
+        if previous != plan:
+            raise CxrdxError(
+                f"{out}: holds an unfinished cache of other images or size ({previous['count']} images at "
+                f"{previous['size']} px); delete the folder or choose another --out"
+            )
+        if (out / PARTIAL).is_file() and (out / DONE).is_file():
+            images = np.lib.format.open_memmap(out / PARTIAL, mode="r+")
+            done = np.load(out / DONE)
+            if images.shape == (count, size, size) and done.shape == (count,):
+                return images, done.astype(bool)
+    elif any((out / name).exists() for name in (IMAGES, INDEX, PARTIAL)):
+        raise CxrdxError(f"{out}: not empty and not a cxrdx cache; choose another --out")
+    write_text(out / PLAN, json.dumps(plan))
+    (out / DONE).unlink(missing_ok=True)  # a mask is only valid for the array it was saved with
+    try:
+        images = np.lib.format.open_memmap(out / PARTIAL, mode="w+", dtype=np.uint8, shape=(count, size, size))
+    except OSError as exc:
+        raise CxrdxError(f"{out / PARTIAL}: cannot create the {count * size * size / 2**30:.1f} GiB image array ({exc})") from None
+    done = np.zeros(count, dtype=bool)
+    _save_done(out, images, done)
+    return images, done
+
+
+def _save_done(out: Path, images: np.memmap, done: np.ndarray) -> None:
+    images.flush()  # rows reach the disk before the mask that says they are there
+    with atomic_path(out / DONE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, done)
+
+
+def _finish(out: Path, found: pd.DataFrame, done: np.ndarray, failures: list, plan: dict, data_dir: Path, metadata: Path) -> None:
+    """Write the final files; meta.json last, so a crash before it leaves a resumable folder."""
+    size = plan["size"]
+    if done.all():
+        os.replace(out / PARTIAL, out / IMAGES)
+    else:
+        partial = np.load(out / PARTIAL, mmap_mode="r")
+        keep = np.flatnonzero(done)
+        with atomic_path(out / IMAGES) as tmp:
+            final = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), size, size))
+            for start in range(0, len(keep), 512):
+                final[start : start + 512] = partial[keep[start : start + 512]]
+            final.flush()
+            del final
+        del partial
+        (out / PARTIAL).unlink()
+        found = found.iloc[keep]
+    with atomic_path(out / INDEX) as tmp:
+        found.to_csv(tmp, index=False)
+    with atomic_path(out / FAILED) as tmp:
+        pd.DataFrame(failures, columns=["Image Index", "path", "reason"]).to_csv(tmp, index=False)
+    meta = {
+        "format": FORMAT,
+        "size": size,
+        "count": int(done.sum()),
+        "failed": len(failures),
+        "dtype": "uint8",
+        "resize": "PIL Lanczos",
+        "data_dir": str(data_dir.resolve()),
+        "metadata": str(metadata.resolve()),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cxrdx_version": __version__,
+        "plan": plan,
+    }
+    write_text(out / META, json.dumps(meta, indent=2) + "\n")
+    (out / DONE).unlink(missing_ok=True)
+    (out / PLAN).unlink(missing_ok=True)
+
+
+def _existing_result(out: Path, plan: dict) -> PrepareResult:
+    """The result of the complete cache in `out` when it was prepared from the same images at the same size."""
+    cache = open_cache(out)
+    if (cache.size, cache.meta.get("plan")) != (plan["size"], plan):
+        raise CxrdxError(
+            f"{out}: already holds a complete cache of other images or size ({len(cache)} images at {cache.size} px, "
+            f"asked for {plan['count']} found images at {plan['size']} px); delete it or choose another --out"
+        )
+    failed = pd.read_csv(out / FAILED, dtype=str, keep_default_na=False) if (out / FAILED).is_file() else None
+    pairs = [] if failed is None else list(zip(failed["Image Index"], failed["reason"]))
+    return PrepareResult(prepared=len(cache), failed=pairs, path=out)
+
+
+def _read_index(path: Path) -> pd.DataFrame:
+    try:
+        index = pd.read_csv(path, dtype={"Image Index": str, "Finding Labels": str, "path": str}, keep_default_na=False)
+    except (OSError, pd.errors.ParserError) as exc:
+        raise CxrdxError(f"{path}: unreadable cache index ({exc})") from None
+    missing = [c for c in ("Image Index", "Patient ID", *FINDINGS) if c not in index.columns]
+    if missing:
+        raise CxrdxError(f"{path}: cache index lacks columns {', '.join(missing)}")
+    return index.astype({name: np.uint8 for name in FINDINGS})
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="prepare", disable=not enabled, dynamic_ncols=True)
