@@ -25,49 +25,638 @@ def _no_args(parser: argparse.ArgumentParser) -> None:
 
 # --- data: download, split, stats (cxrdx.data.download / splits / metadata) -------------------
 # <section data>
-_download_args, _download = _no_args, _pending("download")
-_split_args, _split = _no_args, _pending("split")
-_stats_args, _stats = _no_args, _pending("stats")
+def _download_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--to", required=True, help="dataset folder; the images land in TO/images/")
+    parser.add_argument("--archives", help="which archives, e.g. 1-12, 3 or 1,4-6 (default: all of the links table)")
+    parser.add_argument("--links", help="links table archive,url[,md5,size] (default: the packaged NIH table)")
+    parser.add_argument("--keep-archives", action="store_true", help="keep each .tar.gz after unpacking it")
+
+
+def _download(args: argparse.Namespace) -> int:
+    from cxrdx.data.download import download, parse_archives, read_links
+
+    numbers = parse_archives(args.archives, len(read_links(args.links))) if args.archives else None
+    results = download(args.to, numbers, links=args.links, keep_archives=args.keep_archives)
+    for result in results:
+        print(f"{result.name}: {result.files:,} files" + (" (unpacked by an earlier run)" if result.skipped else ""))
+    print(f"{sum(r.files for r in results):,} files from {len(results)} archive(s) in {args.to}")
+    return 0
+
+
+def _metadata_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metadata", help="Data_Entry table, plain or .gz (default: the one in --data-dir)")
+    parser.add_argument("--data-dir", help="dataset folder holding the Data_Entry table (and the official lists)")
+
+
+def _metadata_path(args: argparse.Namespace) -> str:
+    from cxrdx.data.metadata import find_metadata
+
+    if args.metadata:
+        return args.metadata
+    if args.data_dir:
+        return str(find_metadata(args.data_dir))
+    raise CxrdxError("give --metadata FILE or --data-dir DIR")
+
+
+def _split_args(parser: argparse.ArgumentParser) -> None:
+    _metadata_args(parser)
+    parser.add_argument("--strategy", choices=("random", "patient", "official"),
+                        help="patient (default): no patient in two splits; random: image-level as the paper; "
+                        "official: NIH's train_val/test lists, val carved out by patient")
+    parser.add_argument("--ratios", nargs=3, type=float, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
+                        help="image fractions (default 0.7 0.1 0.2); official keeps NIH's test list and uses TRAIN:VAL")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lists", help="folder with train_val_list.txt and test_list.txt "
+                        "(default: --data-dir, else the metadata's folder)")
+    parser.add_argument("--from", dest="from_file", metavar="FILE",
+                        help="import a split: a split CSV, or the paper's YAML lists (their folder or one file)")
+    parser.add_argument("--out", required=True, help="split file to write (CSV Image Index,split)")
+
+
+def _split(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cxrdx.data.metadata import read_metadata
+    from cxrdx.data.splits import leakage_report, make_split, read_split, split_summary, write_split
+
+    if args.from_file and args.strategy:
+        raise CxrdxError("--from imports an existing split; leave out --strategy")
+    metadata = _metadata_path(args)
+    index = read_metadata(metadata)
+    if args.from_file:
+        split, how = read_split(args.from_file, index), f"imported from {args.from_file}"
+    else:
+        strategy = args.strategy or "patient"
+        lists = args.lists or args.data_dir or Path(metadata).parent
+        split = make_split(index, strategy, args.ratios, args.seed, lists_dir=lists)
+        how = f"{strategy}, seed {args.seed}"
+    write_split(split, args.out)
+    print(f"wrote {args.out} ({how})")
+    for name, row in split_summary(index, split).items():
+        print(f"  {name:<5} {row['images']:>8,} images ({100 * row['fraction']:6.2f}%) {row['patients']:>7,} patients")
+    if len(split) < len(index):
+        print(f"  {len(index) - len(split):,} images of {metadata} are in no split")
+    leak = leakage_report(index, split)
+    print(f"leakage: {leak['val_images_with_train_patient']:,} val and {leak['test_images_with_train_patient']:,} "
+          "test images belong to a patient who also has images in train")
+    return 0
+
+
+def _stats_args(parser: argparse.ArgumentParser) -> None:
+    _metadata_args(parser)
+    parser.add_argument("--split-file", help="split file (CSV Image Index,split, or the paper's YAML lists)")
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    parser.add_argument("--pixels", action="store_true", help="print the pixel mean/std of a prepared cache instead")
+    parser.add_argument("--cache", help="with --pixels: the cache folder made by 'cxrdx prepare'")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="train",
+                        help="with --pixels and --split-file: the split to measure (default train)")
+
+
+def _stats(args: argparse.Namespace) -> int:
+    if args.pixels:
+        return _pixel_stats(args)
+    from cxrdx.data.metadata import read_metadata
+    from cxrdx.data.splits import format_table1, read_split, table1
+
+    if not args.split_file:
+        raise CxrdxError("give --split-file S (or --pixels --cache C for pixel statistics)")
+    index = read_metadata(_metadata_path(args))
+    print(format_table1(table1(index, read_split(args.split_file, index)), args.format), end="")
+    return 0
+
+
+def _pixel_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from cxrdx.data.cache import open_cache, pixel_stats
+
+    if not args.cache:
+        raise CxrdxError("--pixels needs --cache C (a folder made by 'cxrdx prepare')")
+    cache = open_cache(args.cache)
+    rows, which = None, "all images"
+    if args.split_file:
+        from cxrdx.data.dataset import rows_for_split
+        from cxrdx.data.splits import read_split
+
+        rows, which = rows_for_split(cache, read_split(args.split_file), args.split), f"{args.split} split"
+    mean, std = pixel_stats(cache, rows=rows)
+    images = len(cache.index) if rows is None else len(rows)
+    if args.format == "json":
+        print(json.dumps({"mean": mean, "std": std, "images": images}))
+    else:
+        print(f"mean {mean:.4f}  std {std:.4f}  ({images:,} images, {which} of {args.cache})")
+    return 0
 # </section data>
 
 # --- images: prepare (cxrdx.data.cache) --------------------------------------------------------
 # <section prepare>
-_prepare_args, _prepare = _no_args, _pending("prepare")
+def _prepare_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, help="folder with the images (flat, images/ or images_0XX/images/)")
+    parser.add_argument("--metadata", help="Data_Entry table (default: found in --data-dir)")
+    parser.add_argument("--size", type=int, default=256, help="side of the cached square images (default 256)")
+    parser.add_argument("--out", required=True, help="cache folder to create or to continue")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="decoding processes (default 0: in this process; about one per core for the full dataset)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from cxrdx.data.cache import prepare_cache
+
+    try:
+        result = prepare_cache(
+            args.data_dir, args.out, size=args.size, metadata=args.metadata, workers=args.workers, progress=not args.quiet
+        )
+    except KeyboardInterrupt:
+        print("cxrdx prepare: stopped; run the same command again to continue where it stopped", file=sys.stderr)
+        raise
+    summary = f"prepared {result.prepared} images at {args.size}x{args.size} px in {args.out}"
+    if result.failed:
+        name, reason = result.failed[0]
+        print(f"{summary}; {len(result.failed)} failed (first: {name}: {reason}), all listed in {args.out}/failed.csv",
+              file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
 # </section prepare>
 
 # --- phantoms (cxrdx.data.phantoms) ------------------------------------------------------------
 # <section phantoms>
-_phantoms_args, _phantoms = _no_args, _pending("phantoms")
+def _phantoms_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write images/, Data_Entry_2017.csv, BBox_List_2017.csv")
+    parser.add_argument("--n", type=int, default=3000, help="number of images (default 3000)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    parser.add_argument(
+        "--tail-floor", type=float, default=0.0,
+        help="raise every finding's prevalence to at least this fraction (default 0: the paper's long tail)",
+    )
+
+
+def _phantoms(args: argparse.Namespace) -> int:
+    from cxrdx.data.phantoms import generate_phantoms
+
+    out = generate_phantoms(args.out, n=args.n, size=args.size, seed=args.seed, tail_floor=args.tail_floor)
+    boxes = sum(1 for _ in open(out / "BBox_List_2017.csv", encoding="utf-8")) - 1
+    print(f"wrote {args.n} phantom images ({args.size}x{args.size}) and {boxes} boxes to {out}")
+    return 0
 # </section phantoms>
 
 # --- models (cxrdx.models) ---------------------------------------------------------------------
 # <section models>
-_models_args, _models = _no_args, _pending("models")
+def _models_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME", help="timm model names (default: the paper's three)")
+    parser.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
+    parser.add_argument("--in-chans", type=int, default=1, help="input channels (default 1; 3 = ImageNet stem)")
+    parser.add_argument("--num-findings", type=int, default=14, help="outputs (default 14; 1000 = ImageNet head)")
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
+
+
+def _models(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from cxrdx.models import PAPER_MODELS, model_table
+
+    rows = model_table(args.names or PAPER_MODELS, args.input_size, args.in_chans, args.num_findings)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def mega(value: int | None) -> str:
+        return "n/a" if value is None else f"{value / 1e6:.0f} M"
+
+    header = ["Model", "Params", "MACs", "FLOPs (2 per MAC)", "Resolution (C*H*W)"]
+    table = [[r["model"], f"{r['params'] / 1e6:.1f} M", mega(r["macs"]), mega(r["flops"]), r["resolution"]] for r in rows]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([*header, "note"])
+        writer.writerows([*line, r["note"]] for line, r in zip(table, rows))
+    else:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in table:
+            print("| " + " | ".join(line) + " |")
+        print("\nMACs = multiply-accumulates (the unit of the paper's \"FLOPs\" column); "
+              "counted by torch.utils.flop_counter (convolutions, matrix products, attention).")
+        for r in rows:
+            if r["note"]:
+                print(f"{r['model']}: {r['note']}", file=sys.stderr)
+    return 0
 # </section models>
 
 # --- train (cxrdx.engine) ----------------------------------------------------------------------
 # <section train>
-_train_args, _train = _no_args, _pending("train")
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML preset, e.g. configs/paper/coatnet0_ours.yaml (default: the paper's recipe)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.batch_size=64 --set data.cache=cache/x (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR/checkpoints/last.pt exactly where it stopped")
+    parser.add_argument("--stop-after-epoch", type=int, metavar="N",
+                        help="stop once N epochs are done (the schedule still spans optim.epochs; continue with --resume)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from cxrdx.config import apply_overrides, config_from_dict, load_config
+    from cxrdx.engine import load_run_config, train
+
+    if args.resume:
+        if args.config:
+            raise CxrdxError("--resume continues a run with its own config.yaml; drop --config")
+        config = config_from_dict(apply_overrides(load_run_config(args.resume).to_dict(), args.overrides))
+        config.out = args.resume
+    else:
+        config = load_config(args.config, args.overrides)
+    run_dir = train(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo workers can abort in interpreter teardown after a successful run; leave at once instead
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
 # </section train>
 
 # --- evaluate, compare (cxrdx.metrics / stats / report) ----------------------------------------
 # <section evaluate>
-_evaluate_args, _evaluate = _no_args, _pending("evaluate")
-_compare_args, _compare = _no_args, _pending("compare")
-_calibrate_args, _calibrate = _no_args, _pending("calibrate")
+def _inference_args(parser: argparse.ArgumentParser, split: str) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint, e.g. RUN/checkpoints/best.pt")
+    parser.add_argument("--cache", help="prepared cache (default: the one named in the checkpoint's config)")
+    parser.add_argument("--data-dir", help="raw image folder with its Data_Entry table, instead of a cache")
+    parser.add_argument("--split-file", help="split CSV (default: RUN/split.csv next to the checkpoint)")
+    parser.add_argument("--split", default=split, help=f"split to use: train, val, test or all (default: {split})")
+    parser.add_argument("--tta-hflip", action="store_true", help="average the probabilities of each image and its mirror")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, help="data loader processes (default: the checkpoint's data.workers)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _inference_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "cache": args.cache, "split_file": args.split_file, "data_dir": args.data_dir, "hflip": args.tta_hflip,
+        "batch_size": args.batch_size, "workers": args.workers, "device": args.device, "progress": not args.quiet,
+    }
+
+
+def _report_notes(command: str, caught: list) -> None:
+    """Metric warnings (a finding without positives...) as one-line notes on stderr."""
+    for item in caught:
+        print(f"cxrdx {command}: note: {item.message}", file=sys.stderr)
+
+
+def _evaluate_args(parser: argparse.ArgumentParser) -> None:
+    _inference_args(parser, "test")
+    parser.add_argument("--out", required=True, help="folder for predictions.csv, labels.csv, metrics.json, report.md, roc.png")
+    parser.add_argument("--thresholds", default="0.5",
+                        help="decision thresholds: a number (default 0.5, the paper), checkpoint (stored by calibrate), "
+                        "or youden / f1 chosen per finding on the val split")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates")
+    parser.add_argument("--expert-labels", metavar="CSV", help="google2019_nih-chest-xray-labels.csv.gz: AUROC against adjudicated labels")
+    parser.add_argument("--name", help="model name in the tables (default: run folder and model)")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cxrdx.evaluation import evaluate_checkpoint
+    from cxrdx.report import format_mean_ci
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_checkpoint(args.checkpoint, args.out, args.split, args.thresholds, args.bootstrap,
+                                     args.expert_labels, args.name, **_inference_kwargs(args))
+    _report_notes("evaluate", caught)
+    overall = result["overall"]
+    print(f"{result['settings']['images']} images; mean AUROC {format_mean_ci(overall['auroc'])}; "
+          f"exact-match accuracy {overall['exact_match_accuracy']:.3f}")
+    print(f"wrote {args.out}/ (predictions.csv, labels.csv, metrics.json, report.md, roc.png, reliability.png)")
+    return 0
+
+
+def _compare_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluation folders (or predictions.csv files) of the same images")
+    parser.add_argument("--names", nargs="+", help="model names, one per RUN (default: folder names)")
+    parser.add_argument("--labels", help="labels: evaluate's labels.csv or a Data_Entry table (default: labels.csv beside the first RUN)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold for Table 4 (default 0.5)")
+    parser.add_argument("--out", help="folder for the tables and roc.png")
+    parser.add_argument("--format", nargs="+", choices=["md", "csv", "json"], default=["md", "csv", "json"],
+                        help="table formats written to --out (default: all three); Markdown is always printed")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cxrdx.evaluation import compare_runs
+    from cxrdx.report import markdown
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, tables = compare_runs(args.runs, args.names, args.labels, args.threshold, args.out, args.format)
+    _report_notes("compare", caught)
+    print("\n".join(markdown(t) for t in tables))
+    if args.out:
+        print(f"wrote {args.out}/ ({len(tables)} tables as {', '.join(args.format)}, roc.png)")
+    return 0
+
+
+def _calibrate_args(parser: argparse.ArgumentParser) -> None:
+    _inference_args(parser, "val")
+    parser.add_argument("--thresholds", choices=["youden", "f1"], help="choose per-finding thresholds on the split")
+    parser.add_argument("--temperature", action="store_true", help="fit per-finding temperature scaling on the split")
+    parser.add_argument("--out", help="write the calibrated checkpoint here (default: replace --checkpoint)")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cxrdx.evaluation import calibrate_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, summary = calibrate_checkpoint(args.checkpoint, args.out, args.thresholds, args.temperature, args.split,
+                                          **_inference_kwargs(args))
+    _report_notes("calibrate", caught)
+    print(summary.round(4).to_string())
+    print(f"wrote {args.out or args.checkpoint}")
+    return 0
 # </section evaluate>
 
 # --- explain, localize (cxrdx.explain) ---------------------------------------------------------
 # <section explain>
-_explain_args, _explain = _no_args, _pending("explain")
-_localize_args, _localize = _no_args, _pending("localize")
+_METHOD_NAMES = "groupcam (default), gradcam, gradcam++, xgradcam, scorecam, eigencam, layercam, hirescam"
+
+
+def _cam_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint, e.g. RUN/checkpoints/best.pt")
+    parser.add_argument("--groups", type=int, default=32, help="Group-CAM channel groups (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass of Group-CAM / Score-CAM (default 32)")
+    parser.add_argument("--target-layer", help="module name to explain, e.g. layer4 (default: chosen for the model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, dict[str, int]]:
+    """The predictor, the target layers (None: automatic) and the method options."""
+    from cxrdx.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    layers = None
+    if args.target_layer:
+        try:
+            layers = [predictor.model.get_submodule(args.target_layer)]
+        except AttributeError:
+            raise CxrdxError(f"--target-layer {args.target_layer}: no such module in {predictor.info.model_name}") from None
+    return predictor, layers, {"groups": args.groups, "batch_size": args.batch_size}
+
+
+def _run_default(args: argparse.Namespace, checkpoint: object, name: str) -> str | None:
+    """RUN/split.csv or the training cache of the run a checkpoint comes from."""
+    from pathlib import Path
+
+    if name == "split":
+        path = Path(args.checkpoint).resolve().parent.parent / "split.csv"
+        return str(path) if path.is_file() else None
+    return (checkpoint.config.get("data") or {}).get("cache")
+
+
+def _explain_args(parser: argparse.ArgumentParser) -> None:
+    _cam_args(parser)
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG or DICOM files, or folders of them")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--finding", action="append", help="explain this finding (repeatable)")
+    which.add_argument("--predicted", action="store_true", help="the findings at or above the threshold (default; the most probable one when none is)")
+    which.add_argument("--all", action="store_true", help="all findings")
+    parser.add_argument("--method", default="groupcam", help=_METHOD_NAMES)
+    parser.add_argument("--cache", help="batch mode: a prepared cache (default: the run's training cache)")
+    parser.add_argument("--split", help="batch mode: explain this split of the cache (train, val or test)")
+    parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
+    parser.add_argument("--limit", type=int, help="batch mode: at most this many images")
+    parser.add_argument("--out", required=True, help="output folder: FINDING/IMAGE.METHOD.png and .npy, explanations.csv")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cxrdx.explain import METHODS
+    from cxrdx.explain.render import write_explanations
+    from cxrdx.predict import collect_images
+
+    if args.method not in METHODS:
+        raise CxrdxError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    if bool(args.images) == bool(args.split):
+        raise CxrdxError("give IMAGE files, or --split NAME (with --cache) for a cache split, not both")
+    predictor, layers, options = _cam_setup(args)
+    if args.split:
+        from cxrdx.data.cache import open_cache
+        from cxrdx.data.dataset import rows_for_split
+        from cxrdx.data.splits import read_split
+
+        cache_path = args.cache or _run_default(args, predictor.checkpoint, "cache")
+        split_path = args.split_file or _run_default(args, predictor.checkpoint, "split")
+        if not cache_path or not split_path:
+            raise CxrdxError("batch mode needs --cache and --split-file (no run folder defaults beside the checkpoint)")
+        cache = open_cache(cache_path)
+        rows = rows_for_split(cache, read_split(split_path), args.split)[: args.limit]
+        names = cache.index["Image Index"].to_numpy()
+        items = [(str(names[r]), np.asarray(cache.images[r])) for r in rows]
+    else:
+        items = [(name, path) for path, name in collect_images(args.images)]
+        if not items:
+            raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(args.images)}")
+    how = args.finding or ("all" if args.all else "predicted")
+    table = write_explanations(
+        predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=len(items), **options
+    )
+    flat = int(table["flat"].sum())
+    print(f"{len(table)} map(s) of {len(items)} image(s) written to {args.out}" + (f"; {flat} flat (nothing highlighted)" if flat else ""))
+    return 0
+
+
+def _localize_args(parser: argparse.ArgumentParser) -> None:
+    _cam_args(parser)
+    parser.add_argument("--boxes", help="BBox_List_2017.csv(.gz) (default: the one in --data-dir)")
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument("--data-dir", help="folder with the boxed images (NIH layout or phantoms)")
+    images.add_argument("--cache", help="a prepared cache holding the boxed images (default: the run's training cache)")
+    parser.add_argument("--split", help="only the boxed images of this split (train, val or test)")
+    parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
+    parser.add_argument("--box-size", type=int, help="pixel size of the images the boxes refer to (default: the original files' size, else 1024)")
+    parser.add_argument("--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default groupcam gradcam): {_METHOD_NAMES}")
+    parser.add_argument("--threshold", type=float, default=0.5, help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default 0.5)")
+    parser.add_argument("--threshold-mode", choices=("relative", "top"), default="relative")
+    parser.add_argument("--tolerance", type=float, default=0.0, help="pointing game: pixels of slack around each box (default 0)")
+    parser.add_argument("--limit", type=int, help="at most this many boxed images")
+    parser.add_argument("--out", help="folder for localization.md, localization.json and the per-map records")
+
+
+def _localize(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cxrdx.atomic import write_text
+    from cxrdx.explain import METHODS
+    from cxrdx.explain.localization import boxed_images, localize, markdown_tables, read_boxes, summarize
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise CxrdxError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    boxes_path = args.boxes
+    if boxes_path is None and args.data_dir:
+        boxes_path = next((p for p in (Path(args.data_dir) / n for n in ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")) if p.is_file()), None)
+    if boxes_path is None:
+        raise CxrdxError("no box file: pass --boxes BBox_List_2017.csv")
+    boxes = read_boxes(boxes_path)
+    predictor, layers, options = _cam_setup(args)
+    if args.split:
+        from cxrdx.data.splits import read_split
+
+        split_path = args.split_file or _run_default(args, predictor.checkpoint, "split")
+        if not split_path:
+            raise CxrdxError("--split needs --split-file (no RUN/split.csv beside the checkpoint)")
+        split = read_split(split_path)
+        boxes = boxes[boxes["Image Index"].isin(split.index[split.to_numpy() == args.split])]
+    cache = None
+    if not args.data_dir:
+        from cxrdx.data.cache import open_cache
+
+        cache_path = args.cache or _run_default(args, predictor.checkpoint, "cache")
+        if not cache_path:
+            raise CxrdxError("give the boxed images: --data-dir D or --cache C")
+        cache = open_cache(cache_path)
+    names, load, missing = boxed_images(boxes, predictor, args.data_dir, cache, args.box_size, args.limit)
+    if missing:
+        print(f"cxrdx localize: {len(missing)} boxed image(s) not found, e.g. {', '.join(missing[:3])}", file=sys.stderr)
+    if not names:
+        raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} found")
+    images = ((name, *load(name)) for name in names)
+    records = localize(
+        predictor.model, images, boxes, methods=args.methods, findings=predictor.findings, threshold=args.threshold,
+        mode=args.threshold_mode, tolerance=args.tolerance, progress=True, total=len(names), target_layers=layers, **options,
+    )
+    summary = summarize(records)
+    text = markdown_tables(summary, args.threshold, args.threshold_mode)
+    sys.stdout.write(text)
+    if args.out:
+        out = Path(args.out)
+        settings = {"split": args.split, "threshold": args.threshold, "threshold_mode": args.threshold_mode, "tolerance": args.tolerance,
+                    "boxes": str(boxes_path), "checkpoint": str(args.checkpoint), "images": len(names)}
+        write_text(out / "localization.md", text)
+        write_text(out / "localization.json", json.dumps({**settings, "summary": summary.to_dict(orient="records")}, indent=2))
+        write_text(out / "localization_records.csv", records.to_csv(index=False))
+        print(f"written to {out}/localization.md, localization.json, localization_records.csv")
+    return 0
 # </section explain>
 
 # --- predict, serve, export (cxrdx.predict / serve / export) -----------------------------------
 # <section predict>
-_predict_args, _predict = _no_args, _pending("predict")
-_serve_args, _serve = _no_args, _pending("serve")
-_export_args, _export = _no_args, _pending("export")
+def _model_source_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a cxrdx checkpoint (e.g. RUN/checkpoints/best.pt): PyTorch")
+    source.add_argument("--onnx", help="a model written by 'cxrdx export': ONNX Runtime")
+    parser.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda, cuda:1 (default auto)")
+
+
+def _load_predictor(args: argparse.Namespace, batch_size: int = 32):
+    from cxrdx.export import OnnxPredictor
+    from cxrdx.predict import Predictor
+
+    if args.onnx:
+        return OnnxPredictor.from_file(args.onnx, batch_size=batch_size)
+    return Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=batch_size)
+
+
+def _predict_args(parser: argparse.ArgumentParser) -> None:
+    _model_source_args(parser)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="PNG, JPEG or DICOM files, or folders of them")
+    parser.add_argument("--recursive", action="store_true", help="also look in sub-folders")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
+    parser.add_argument("--out", help="write the output to this file instead of standard output")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cxrdx.atomic import write_text
+    from cxrdx.predict import collect_images, format_predictions
+
+    files = collect_images(args.paths, recursive=args.recursive)
+    if not files:
+        raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(args.paths)}")
+    predictor = _load_predictor(args, args.batch_size)
+    paths, names = zip(*files)
+    predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1)
+    text = format_predictions(predictions, args.format)
+    if args.out:
+        write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    failed = [p for p in predictions if p.error]
+    if failed:
+        print(f"cxrdx predict: {len(failed)} of {len(predictions)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    _model_source_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model (default 1)")
+    parser.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads get 413 (default 32)")
+    parser.add_argument("--queue-size", type=int, default=16, help="requests admitted per worker before 503 (default 16)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import copy
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from cxrdx.serve.app import create_app
+
+    # The service's own request log (method, path, status, milliseconds) replaces uvicorn's access log.
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["cxrdx"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    run = dict(host=args.host, port=args.port, log_config=log_config, access_log=False)
+    limits = dict(max_upload_bytes=int(args.max_upload_mb * 2**20), queue_size=args.queue_size)
+    if args.workers <= 1:
+        uvicorn.run(create_app(_load_predictor(args), **limits), **run)
+        return 0
+    source = Path(args.onnx or args.checkpoint)
+    if not source.is_file():
+        raise CxrdxError(f"{source}: model file not found")
+    os.environ.update(
+        {
+            "CXRDX_SERVE_ONNX" if args.onnx else "CXRDX_SERVE_CHECKPOINT": str(source.resolve()),
+            "CXRDX_SERVE_DEVICE": args.device,
+            "CXRDX_SERVE_MAX_UPLOAD": str(limits["max_upload_bytes"]),
+            "CXRDX_SERVE_QUEUE": str(args.queue_size),
+        }
+    )
+    uvicorn.run("cxrdx.serve.app:app_from_env", factory=True, workers=args.workers, **run)
+    return 0
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint")
+    parser.add_argument("--onnx", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--dynamic-batch", action=argparse.BooleanOptionalAction, default=True, help="any batch size at run time (default on)"
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cxrdx.export import export_onnx
+
+    result = export_onnx(args.checkpoint, args.onnx, dynamic_batch=args.dynamic_batch)
+    print(
+        f"wrote {result.path}: ONNX Runtime matches PyTorch on {result.batch} check images "
+        f"(max abs probability difference {result.max_abs_diff:.2g})"
+    )
+    return 0
 # </section predict>
 
 # --- report, demo (cxrdx.report / cxrdx.demo) --------------------------------------------------
