@@ -1,0 +1,383 @@
+"""`cxrdx evaluate / compare / calibrate`: checkpoint -> predictions on a split -> metrics, tables, figures.
+
+An evaluation folder holds predictions.csv (Image Index + one probability column per finding,
+DESIGN.md), labels.csv (Image Index, Patient ID + the 14 labels of the same images, so the folder
+is self-contained for `compare`), metrics.json, report.md, roc.png and reliability.png.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrdx import metrics, report
+from cxrdx.atomic import write_text
+from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cxrdx.errors import CxrdxError
+from cxrdx.findings import FINDINGS
+
+PREDICTIONS, LABELS, METRICS, REPORT = "predictions.csv", "labels.csv", "metrics.json", "report.md"
+
+
+@dataclass
+class SplitPredictions:
+    """Probabilities and labels of one split, rows in dataset order."""
+
+    names: list[str]
+    probs: np.ndarray  # (N, K) float64
+    labels: np.ndarray  # (N, K) uint8
+    patients: np.ndarray | None  # (N,) patient ids when known
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def write_predictions(path: str | Path, names: Sequence[str], probs: np.ndarray, findings: Sequence[str] = FINDINGS) -> Path:
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(findings))
+    frame.insert(0, "Image Index", list(names))
+    return write_text(path, frame.to_csv(index=False))  # full precision: compare reproduces evaluate exactly
+
+
+def write_labels(path: str | Path, names: Sequence[str], labels: np.ndarray, patients: np.ndarray | None) -> Path:
+    frame = pd.DataFrame(np.asarray(labels, dtype=np.uint8), columns=list(FINDINGS))
+    frame.insert(0, "Image Index", list(names))
+    if patients is not None:
+        frame.insert(1, "Patient ID", np.asarray(patients))
+    return write_text(path, frame.to_csv(index=False))
+
+
+def read_predictions(path: str | Path, findings: Sequence[str] = FINDINGS) -> pd.DataFrame:
+    """A predictions CSV -> DataFrame indexed by Image Index with one float column per finding."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise CxrdxError(f"{path}: predictions file not found") from None
+    except (ValueError, OSError) as exc:
+        raise CxrdxError(f"{path}: not a readable CSV ({exc})") from None
+    missing = [c for c in ("Image Index", *findings) if c not in frame.columns]
+    if missing:
+        raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected 'Image Index' and one probability column per finding")
+    if frame["Image Index"].duplicated().any():
+        raise CxrdxError(f"{path}: image {frame['Image Index'][frame['Image Index'].duplicated()].iloc[0]!r} is listed twice")
+    values = frame[list(findings)].apply(pd.to_numeric, errors="coerce")
+    bad = ~(values.notna() & (values >= 0) & (values <= 1)).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise CxrdxError(f"{path}: line {row + 2} ({frame['Image Index'].iloc[row]}): probabilities must be numbers in [0, 1]")
+    return values.set_axis(frame["Image Index"].astype(str)).astype(np.float64)
+
+
+def read_labels(path: str | Path) -> pd.DataFrame:
+    """Labels from evaluate's labels.csv or from a Data_Entry table -> DataFrame indexed by Image Index:
+    the 14 findings (uint8) and 'Patient ID' when known."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrdxError(f"{path}: labels file not found")
+    head = pd.read_csv(path, nrows=0).columns
+    if "Finding Labels" in head:
+        from cxrdx.data.metadata import read_metadata
+
+        table = read_metadata(path)
+    else:
+        table = pd.read_csv(path)
+        missing = [c for c in ("Image Index", *FINDINGS) if c not in table.columns]
+        if missing:
+            raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected evaluate's labels.csv or a Data_Entry table")
+        if not table[list(FINDINGS)].isin((0, 1)).all().all():
+            raise CxrdxError(f"{path}: label columns must hold 0 or 1")
+    columns = list(FINDINGS) + (["Patient ID"] if "Patient ID" in table.columns else [])
+    return table.set_index(table["Image Index"].astype(str))[columns]
+
+
+def find_predictions(path: str | Path) -> Path:
+    """A predictions file, an evaluation folder holding one, or a folder with exactly one */predictions.csv."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CxrdxError(f"{path}: no such file or folder")
+    if (path / PREDICTIONS).is_file():
+        return path / PREDICTIONS
+    found = sorted(path.glob(f"*/{PREDICTIONS}"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CxrdxError(f"{path}: no {PREDICTIONS} here or one folder below; run `cxrdx evaluate --out DIR` first")
+    raise CxrdxError(f"{path}: several prediction files ({', '.join(str(f) for f in found)}); name one")
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """RUN for RUN/checkpoints/best.pt, else the checkpoint's folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+class _Progress:
+    """A loader seen through a tqdm bar on stderr; everything else is the loader's (sampler, dataset)."""
+
+    def __init__(self, loader: Any, desc: str, enabled: bool):
+        self._loader, self._desc, self._enabled = loader, desc, enabled
+
+    def __iter__(self) -> Iterator[Any]:
+        from tqdm import tqdm
+
+        yield from tqdm(self._loader, desc=self._desc, unit="batch", disable=not self._enabled, leave=False)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def _split_series(checkpoint: Path, split_file: str | Path | None, split: str) -> pd.Series | None:
+    if split == "all":
+        return None
+    from cxrdx.data.splits import read_split
+
+    path = Path(split_file) if split_file else run_dir_of(checkpoint) / "split.csv"
+    if not path.exists():
+        raise CxrdxError(f"{path}: split file not found; pass --split-file FILE, or --split all for every image")
+    return read_split(path)
+
+
+def predict_split(
+    checkpoint: str | Path,
+    split: str = "test",
+    cache: str | Path | None = None,
+    split_file: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    hflip: bool = False,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[Checkpoint, SplitPredictions, list[str]]:
+    """Model probabilities (temperature applied when the checkpoint has one) for one split.
+
+    Images come from the prepared cache (default: the one the model was trained on) or, with
+    `data_dir`, from the raw image folder and its Data_Entry table. Returns notes for the user.
+    """
+    from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
+    from cxrdx.engine import resolve_device, run_inference
+
+    ckpt = load_checkpoint(checkpoint)
+    data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
+    workers = int(data_cfg.get("workers", 0)) if workers is None else workers
+    transform = eval_transform(ckpt.input_size, ckpt.mean, ckpt.std)
+    series = _split_series(Path(checkpoint), split_file, split)
+    notes: list[str] = []
+    if data_dir is not None:
+        from cxrdx.data.metadata import find_metadata, locate_images, read_metadata
+
+        index = read_metadata(find_metadata(data_dir))
+        if series is not None:
+            index = index[index["Image Index"].isin(series.index[series.to_numpy() == split])]
+        located, missing = locate_images(index, data_dir)
+        if missing:
+            notes.append(f"{len(missing)} image(s) of the split are not in {data_dir} and were skipped (first: {', '.join(missing[:3])})")
+        if located.empty:
+            raise CxrdxError(f"{data_dir}: none of the {len(index)} images of split '{split}' was found")
+        labels = located[list(FINDINGS)].to_numpy(np.uint8)
+        dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or 256, transform)
+        patients = dict(zip(located["Image Index"], located["Patient ID"]))
+    else:
+        from cxrdx.data.cache import open_cache
+
+        cache_path = cache or data_cfg.get("cache")
+        if not cache_path:
+            raise CxrdxError(f"{checkpoint}: the checkpoint names no cache; pass --cache DIR or --data-dir DIR")
+        opened = open_cache(cache_path)
+        rows = None if series is None else rows_for_split(opened, series, split)
+        dataset = CacheDataset(opened, rows, transform)
+        patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))
+    torch_device = resolve_device(device)
+    model = ckpt.build_model(torch_device)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
+    probs, targets, names = run_inference(model, _Progress(loader, f"predict {split}", progress), torch_device, hflip=hflip)
+    probs = metrics.apply_temperature(probs, ckpt.temperature)
+    return ckpt, SplitPredictions(list(names), probs, targets, np.array([patients[n] for n in names])), notes
+
+
+# --- evaluate --------------------------------------------------------------------------------------
+
+
+def resolve_thresholds(
+    choice: str, ckpt: Checkpoint, validation: SplitPredictions | None = None
+) -> np.ndarray:
+    """'0.5' or any number, 'checkpoint' (stored by calibrate), or 'youden' / 'f1' chosen on `validation`."""
+    if choice == "checkpoint":
+        return np.asarray(ckpt.thresholds, dtype=np.float64)
+    if choice in metrics.THRESHOLD_METHODS:
+        if validation is None:
+            raise CxrdxError(f"--thresholds {choice} needs the validation split's predictions")
+        return metrics.choose_thresholds(validation.labels, validation.probs, choice)
+    try:
+        value = float(choice)
+    except ValueError:
+        raise CxrdxError(f"--thresholds {choice!r}: expected a number, checkpoint, youden or f1") from None
+    if not 0 <= value <= 1:
+        raise CxrdxError(f"--thresholds {value}: must lie in [0, 1]")
+    return np.full(len(FINDINGS), value)
+
+
+def evaluate_predictions(
+    preds: SplitPredictions,
+    out: str | Path,
+    name: str = "model",
+    thresholds: np.ndarray | float = 0.5,
+    n_bootstrap: int = 0,
+    expert_labels: str | Path | None = None,
+    notes: Sequence[str] = (),
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write predictions.csv, labels.csv, metrics.json, report.md, roc.png and reliability.png into `out`."""
+    out = Path(out)
+    write_predictions(out / PREDICTIONS, preds.names, preds.probs)
+    write_labels(out / LABELS, preds.names, preds.labels, preds.patients)
+    cmp = metrics.compare_models(preds.labels, {name: preds.probs}, thresholds=thresholds, groups=preds.patients, n_bootstrap=n_bootstrap)
+    evaluation = cmp.evaluations[name]
+    tables = report.comparison_tables(cmp)
+    result = {"settings": settings or {}, **evaluation.to_dict()}
+    result["notes"] = list(notes) + result["notes"]
+    if expert_labels is not None:
+        expert = metrics.expert_auroc(preds.names, preds.labels, preds.probs, metrics.read_expert_labels(expert_labels))
+        tables.append(report.expert_table(expert))
+        result["expert_labels"] = json.loads(expert.to_json(orient="index"))
+    write_text(out / METRICS, json.dumps(result, indent=1) + "\n")
+    write_text(out / REPORT, report.markdown_report(tables, f"Evaluation: {name}", result["notes"]))
+    report.roc_figure(preds.labels, {name: preds.probs}, FINDINGS, out / "roc.png")
+    report.reliability_figure(preds.labels, preds.probs, FINDINGS, out / "reliability.png")
+    return result
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    split: str = "test",
+    thresholds: str = "0.5",
+    n_bootstrap: int = 0,
+    expert_labels: str | Path | None = None,
+    name: str | None = None,
+    **predict_kwargs: Any,
+) -> dict[str, Any]:
+    """Predict `split` with the checkpoint and write the evaluation folder `out` (see module docstring)."""
+    ckpt, preds, notes = predict_split(checkpoint, split=split, **predict_kwargs)
+    validation = None
+    if thresholds in metrics.THRESHOLD_METHODS:
+        validation = predict_split(checkpoint, split="val", **predict_kwargs)[1]
+    chosen = resolve_thresholds(thresholds, ckpt, validation)
+    settings = {
+        "checkpoint": str(checkpoint),
+        "model": ckpt.model_name,
+        "split": split,
+        "images": len(preds.names),
+        "thresholds": thresholds if validation is None else f"{thresholds} on the val split",
+        "temperature": ckpt.temperature,
+        "tta_hflip": bool(predict_kwargs.get("hflip", False)),
+        "bootstrap": n_bootstrap,
+    }
+    label = name or run_dir_of(checkpoint).name
+    return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
+
+
+# --- compare ---------------------------------------------------------------------------------------
+
+
+def load_runs(
+    paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None
+) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+    """Prediction files of the same images, aligned on the first file's order, and their labels.
+
+    Returns image names, {model: probs (N, K)}, labels (N, K) and patient ids (or None).
+    """
+    files = [find_predictions(p) for p in paths]
+    if names is not None and len(names) != len(files):
+        raise CxrdxError(f"{len(names)} names for {len(files)} prediction files")
+    default = [Path(p).name if Path(p).is_dir() else f.parent.name for p, f in zip(paths, files)]
+    models = list(names) if names is not None else default
+    if len(set(models)) != len(models):
+        models = [str(f.parent) for f in files]
+    tables = [read_predictions(f) for f in files]
+    order = tables[0].index
+    for f, t in zip(files[1:], tables[1:]):
+        if set(t.index) != set(order):
+            extra, lacking = t.index.difference(order), order.difference(t.index)
+            raise CxrdxError(
+                f"{f}: not the same images as {files[0]} ({len(extra)} extra, {len(lacking)} missing; "
+                f"first: {', '.join(list(extra[:2]) + list(lacking[:2]))})"
+            )
+    label_path = Path(labels) if labels else files[0].parent / LABELS
+    if not label_path.is_file():
+        raise CxrdxError(f"{label_path}: no labels; pass --labels with evaluate's labels.csv or the Data_Entry table")
+    truth = read_labels(label_path)
+    lacking = order.difference(truth.index)
+    if len(lacking):
+        raise CxrdxError(f"{label_path}: no labels for {len(lacking)} predicted image(s) (first: {', '.join(lacking[:3])})")
+    truth = truth.loc[order]
+    probs = {m: t.loc[order].to_numpy() for m, t in zip(models, tables)}
+    patients = truth["Patient ID"].to_numpy() if "Patient ID" in truth.columns else None
+    return list(order), probs, truth[list(FINDINGS)].to_numpy(np.uint8), patients
+
+
+def compare_runs(
+    paths: Sequence[str | Path],
+    names: Sequence[str] | None = None,
+    labels: str | Path | None = None,
+    threshold: float = 0.5,
+    out: str | Path | None = None,
+    formats: Sequence[str] = report.FORMATS,
+) -> tuple[metrics.Comparison, list[report.Table]]:
+    """Tables 3-5 and the model-vs-model tests for prediction files; writes tables and roc.png into `out`."""
+    _, probs, y, _ = load_runs(paths, names, labels)
+    cmp = metrics.compare_models(y, probs, thresholds=threshold)
+    tables = report.comparison_tables(cmp)
+    if out is not None:
+        report.write_tables(tables, out, formats)
+        report.roc_figure(y, probs, FINDINGS, Path(out) / "roc.png")
+    return cmp, tables
+
+
+# --- calibrate -------------------------------------------------------------------------------------
+
+
+def calibrate_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    thresholds: str | None = None,
+    temperature: bool = False,
+    split: str = "val",
+    **predict_kwargs: Any,
+) -> tuple[Checkpoint, pd.DataFrame]:
+    """Fit per-finding temperatures and/or thresholds on `split`; store them in the checkpoint (atomic write).
+
+    Thresholds are chosen on the temperature-scaled probabilities, which is what prediction uses.
+    Returns the new checkpoint and a per-finding summary (ECE before / after, temperature, threshold).
+    """
+    if thresholds is None and not temperature:
+        raise CxrdxError("nothing to calibrate: pass --thresholds youden|f1 and/or --temperature")
+    ckpt, preds, _ = predict_split(checkpoint, split=split, **predict_kwargs)
+    raw = metrics.apply_temperature(preds.probs, 1.0 / np.asarray(ckpt.temperature)) if ckpt.temperature else preds.probs
+    summary = pd.DataFrame({"ece_before": metrics.expected_calibration_error(preds.labels, preds.probs)}, index=list(FINDINGS))
+    probs = preds.probs
+    if temperature:
+        ckpt.temperature = [float(t) for t in metrics.fit_temperature(preds.labels, raw)]
+        probs = metrics.apply_temperature(raw, ckpt.temperature)
+    if thresholds is not None:
+        ckpt.thresholds = [float(t) for t in metrics.choose_thresholds(preds.labels, probs, thresholds)]
+    summary["ece_after"] = metrics.expected_calibration_error(preds.labels, probs)
+    summary["temperature"] = ckpt.temperature or [1.0] * len(FINDINGS)
+    summary["threshold"] = ckpt.thresholds
+    ckpt.val_metrics = {**(ckpt.val_metrics or {}), "calibration": {"split": split, "thresholds": thresholds, "temperature": temperature}}
+    save_checkpoint(out or checkpoint, ckpt)
+    return ckpt, summary

@@ -1,0 +1,426 @@
+"""Metrics from probabilities: the paper's Tables 3 and 4, decision thresholds, calibration, expert labels.
+
+Inputs are arrays: `y` (N, K) 0/1 labels and `probs` (N, K) probabilities, one column per finding
+in `names` order. A finding without positives (or without negatives) gets a NaN AUROC, a
+`MetricWarning` naming it, and is left out of the means with a note; nothing raises for it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrdx import stats
+from cxrdx.errors import CxrdxError
+from cxrdx.findings import FINDINGS
+
+THRESHOLD_METHODS = ("youden", "f1")
+EXPERT_FINDINGS = {"Pneumothorax": ("Pneumothorax",), "Nodule or mass": ("Nodule", "Mass")}
+_EPS = 1e-12
+
+
+class MetricWarning(UserWarning):
+    """A metric that cannot be computed for a finding (no positives or no negatives)."""
+
+
+def _arrays(y: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    y, probs = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    if y.ndim != 2 or y.shape != probs.shape or y.shape[1] != len(names):
+        raise CxrdxError(f"labels {y.shape} and probabilities {probs.shape} must both be (images, {len(names)})")
+    return y.astype(np.uint8), probs
+
+
+def degenerate(
+    y: np.ndarray,
+    names: Sequence[str],
+    where: str = "",
+    consequence: str = "AUROC is undefined (NaN) and left out of the means",
+) -> dict[str, str]:
+    """{finding: note} for findings with no positives or no negatives; warns once per finding."""
+    y = np.asarray(y)
+    positives, n = y.sum(axis=0), y.shape[0]
+    notes = {}
+    for name, count in zip(names, positives):
+        if count == 0 or count == n:
+            missing = "positive" if count == 0 else "negative"
+            notes[name] = f"{name}: no {missing} images{f' in {where}' if where else ''}; {consequence}"
+            warnings.warn(notes[name], MetricWarning, stacklevel=3)
+    return notes
+
+
+def _mean_ci_dict(values: np.ndarray, level: float) -> dict[str, float]:
+    return stats.mean_se_ci(values, level)._asdict()
+
+
+# --- threshold metrics (Table 4) --------------------------------------------------------------------
+
+
+def _thresholds(thresholds: float | Sequence[float] | np.ndarray, k: int) -> np.ndarray:
+    out = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (k,)).copy()
+    if not np.isfinite(out).all():
+        raise CxrdxError("thresholds must be finite numbers")
+    return out
+
+
+def confusion(y: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray) -> dict[str, np.ndarray]:
+    """tp, fp, tn, fn per finding; a probability at or above its threshold is a positive call."""
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(probs) >= _thresholds(thresholds, y.shape[1])
+    return {
+        "tp": (pred & y).sum(axis=0),
+        "fp": (pred & ~y).sum(axis=0),
+        "tn": (~pred & ~y).sum(axis=0),
+        "fn": (~pred & y).sum(axis=0),
+    }
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den with 0 where den is 0 (scikit-learn's zero_division=0)."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def macro_scores(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
+    """The paper's macro precision/recall/F1: the unweighted mean over a finding's negative and positive class."""
+    precision = (_ratio(tp, tp + fp), _ratio(tn, tn + fn))
+    recall = (_ratio(tp, tp + fn), _ratio(tn, tn + fp))
+    f1 = [_ratio(2 * p * r, p + r) for p, r in zip(precision, recall)]
+    return {
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "macro_precision": (precision[0] + precision[1]) / 2,
+        "macro_recall": (recall[0] + recall[1]) / 2,
+        "macro_f1": (f1[0] + f1[1]) / 2,
+    }
+
+
+def exact_match_accuracy(y: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray) -> float:
+    """Fraction of images with all findings called correctly (the paper's 'overall accuracy')."""
+    y = np.asarray(y).astype(bool)
+    if y.shape[0] == 0:
+        return float("nan")
+    pred = np.asarray(probs) >= _thresholds(thresholds, y.shape[1])
+    return float((pred == y).all(axis=1).mean())
+
+
+def choose_thresholds(
+    y: np.ndarray, probs: np.ndarray, method: str = "youden", names: Sequence[str] = FINDINGS
+) -> np.ndarray:
+    """Per-finding thresholds maximising Youden's J (tpr - fpr) or the positive class's F1.
+
+    Findings without both classes keep 0.5 (with a MetricWarning).
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    if method not in THRESHOLD_METHODS:
+        raise CxrdxError(f"unknown threshold method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
+    y, probs = _arrays(y, probs, names)
+    skip = degenerate(y, names, "the calibration split", "its threshold stays 0.5")
+    out = np.full(len(names), 0.5)
+    for k, name in enumerate(names):
+        if name in skip:
+            continue
+        if method == "youden":
+            fpr, tpr, thr = roc_curve(y[:, k], probs[:, k])
+            best = int(np.argmax(tpr - fpr))
+            out[k] = min(float(thr[best]), 1.0)
+        else:
+            precision, recall, thr = precision_recall_curve(y[:, k], probs[:, k])
+            f1 = _ratio(2 * precision * recall, precision + recall)[:-1]
+            out[k] = float(thr[int(np.argmax(f1))])
+    return out
+
+
+# --- calibration -------------------------------------------------------------------------------------
+
+
+def _bins(probs: np.ndarray, n_bins: int) -> np.ndarray:
+    return np.minimum((np.asarray(probs) * n_bins).astype(int), n_bins - 1)
+
+
+def reliability(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """One finding's reliability diagram: per equal-width bin, count, mean probability, positive fraction."""
+    y, prob = np.asarray(y, float), np.asarray(prob, float)
+    b = _bins(prob, n_bins)
+    count = np.bincount(b, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(b, weights=prob, minlength=n_bins) / count
+        frac_pos = np.bincount(b, weights=y, minlength=n_bins) / count
+    edges = np.arange(n_bins) / n_bins
+    return pd.DataFrame(
+        {"low": edges, "high": edges + 1 / n_bins, "count": count, "mean_prob": mean_prob, "frac_pos": frac_pos}
+    )
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """ECE per finding: sum over equal-width bins of (bin share) x |positive fraction - mean probability|."""
+    y, probs = np.asarray(y, float), np.asarray(probs, float)
+    n, k = probs.shape
+    flat = (_bins(probs, n_bins) + n_bins * np.arange(k)).ravel()
+    gap = np.bincount(flat, weights=(y - probs).ravel(), minlength=n_bins * k).reshape(k, n_bins)
+    return np.abs(gap).sum(axis=1) / n if n else np.full(k, np.nan)
+
+
+def logit(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(probs: np.ndarray, temperature: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    """sigmoid(logit(p) / T) per finding; `None` returns the probabilities unchanged."""
+    if temperature is None:
+        return np.asarray(probs, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-logit(probs) / np.asarray(temperature, dtype=np.float64)))
+
+
+def fit_temperature(y: np.ndarray, probs: np.ndarray, names: Sequence[str] = FINDINGS) -> np.ndarray:
+    """Per-finding temperature minimising the validation negative log-likelihood (scipy, bounded in [0.05, 20])."""
+    from scipy.optimize import minimize_scalar
+
+    y, probs = _arrays(y, probs, names)
+    skip = degenerate(y, names, "the calibration split", "its temperature stays 1")
+    z = logit(probs)
+    out = np.ones(len(names))
+    for k, name in enumerate(names):
+        if name in skip:
+            continue
+        target = y[:, k].astype(float)
+
+        def nll(log_t: float, zk: np.ndarray = z[:, k], t: np.ndarray = target) -> float:
+            s = zk / np.exp(log_t)
+            return float(np.mean(np.logaddexp(0.0, s) - t * s))
+
+        out[k] = float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+    return out
+
+
+# --- the evaluation of one model on one split --------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Per-finding table (index = finding) and overall summary of one model on one split."""
+
+    per_finding: pd.DataFrame
+    overall: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        table = self.per_finding.astype(object).where(self.per_finding.notna(), None)
+        return {"overall": _json_ready(self.overall), "per_finding": table.to_dict(orient="index"), "notes": self.notes}
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def evaluate(
+    y: np.ndarray,
+    probs: np.ndarray,
+    thresholds: float | Sequence[float] | np.ndarray = 0.5,
+    names: Sequence[str] = FINDINGS,
+    level: float = 0.95,
+    groups: Sequence | np.ndarray | None = None,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+    n_bins: int = 10,
+    auroc: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Evaluation:
+    """Tables 3 and 4 for one model: AUROC with DeLong CI, threshold metrics, ECE, and their summaries.
+
+    `groups` (patient ids) with `n_bootstrap > 0` adds patient-level bootstrap CIs. `auroc` passes
+    already computed (AUROC, DeLong variance) per finding.
+    """
+    y, probs = _arrays(y, probs, names)
+    notes = list(degenerate(y, names).values())
+    thr = _thresholds(thresholds, len(names))
+    if auroc is None:
+        auc, cov = stats.delong_covariance(y, probs[None])
+        auroc = auc[0], cov[:, 0, 0]
+    auc, var = auroc
+    low, high = stats.normal_ci(auc, var, level)
+    table = pd.DataFrame(
+        {
+            "positives": y.sum(axis=0).astype(int),
+            "images": np.full(len(names), y.shape[0]),
+            "positive_ratio": y.mean(axis=0) if y.shape[0] else np.nan,
+            "auroc": auc,
+            "auroc_low": low,
+            "auroc_high": high,
+            "auroc_se": np.sqrt(var),
+            "threshold": thr,
+            **macro_scores(**confusion(y, probs, thr)),
+            "ece": expected_calibration_error(y, probs, n_bins),
+        },
+        index=pd.Index(list(names), name="finding"),
+    )
+    overall: dict[str, Any] = {
+        "images": int(y.shape[0]),
+        "auroc": _mean_ci_dict(auc, level),
+        "exact_match_accuracy": exact_match_accuracy(y, probs, thr),
+        **{m: _mean_ci_dict(table[m].to_numpy(), level) for m in ("accuracy", "macro_precision", "macro_recall", "macro_f1")},
+        "ece": float(table["ece"].mean()) if len(names) else float("nan"),
+        "left_out_of_auroc_mean": [n for n, a in zip(names, auc) if not np.isfinite(a)],
+        "level": level,
+    }
+    if n_bootstrap > 0:
+        boot = stats.bootstrap_auroc(y, probs, groups, n_bootstrap, level, seed)
+        table["auroc_boot_low"], table["auroc_boot_high"] = boot.low, boot.high
+        overall["auroc_bootstrap"] = {
+            "low": boot.mean_low,
+            "high": boot.mean_high,
+            "replicates": boot.replicates,
+            "unit": "patient" if groups is not None else "image",
+        }
+    return Evaluation(table, overall, notes)
+
+
+# --- several models on the same images (Tables 3-5, `cxrdx compare`) --------------------------------
+
+
+@dataclass
+class Comparison:
+    """Models side by side on the same images; arrays are (models, findings) unless noted."""
+
+    models: list[str]
+    findings: list[str]
+    evaluations: dict[str, Evaluation]
+    positive_ratio: np.ndarray  # (K,)
+    auc: np.ndarray
+    var: np.ndarray
+    pearson: dict[str, tuple[float, float]]  # model -> (r, p) of AUROC vs positive ratio
+    delong_p: np.ndarray  # (K, M, M) paired DeLong p-values per finding
+    anova: stats.AnovaResult  # RM-ANOVA of AUROC over findings, model as the within factor
+    pairwise_diff: np.ndarray  # (M, M) mean AUROC difference, row minus column
+    pairwise_p: np.ndarray  # (M, M) Bonferroni-adjusted paired t-test p
+    findings_p: dict[str, np.ndarray]  # model -> (K, K) Table 5 p-values, Bonferroni-adjusted
+    notes: list[str]
+    level: float = 0.95
+
+
+def compare_models(
+    y: np.ndarray,
+    probs: dict[str, np.ndarray],
+    names: Sequence[str] = FINDINGS,
+    thresholds: float | np.ndarray | dict[str, np.ndarray] = 0.5,
+    level: float = 0.95,
+    groups: Sequence | np.ndarray | None = None,
+    n_bootstrap: int = 0,
+) -> Comparison:
+    """All statistics of Tables 3-5 for models that scored the same images (rows aligned with `y`).
+
+    `thresholds`: one value or array for all models, or {model: thresholds}; `groups` and
+    `n_bootstrap` add patient-level bootstrap CIs (see `evaluate`).
+    """
+    models = list(probs)
+    if not models:
+        raise CxrdxError("no models to compare")
+    arrays = [_arrays(y, probs[m], names)[1] for m in models]
+    y = _arrays(y, arrays[0], names)[0]
+    notes = list(degenerate(y, names).values())
+    auc, cov = stats.delong_covariance(y, np.stack(arrays))
+    var = np.einsum("kmm->mk", cov)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)  # said once above for all models
+        evaluations = {
+            m: evaluate(
+                y, a, thresholds[m] if isinstance(thresholds, dict) else thresholds, names, level,
+                groups=groups, n_bootstrap=n_bootstrap, auroc=(auc[i], var[i]),
+            )
+            for i, (m, a) in enumerate(zip(models, arrays))
+        }
+    ratio = y.mean(axis=0) if y.shape[0] else np.full(len(names), np.nan)
+    diff, pair_p = stats.pairwise_paired_t(auc.T)
+    return Comparison(
+        models=models,
+        findings=list(names),
+        evaluations=evaluations,
+        positive_ratio=ratio,
+        auc=auc,
+        var=var,
+        pearson={m: stats.pearson(auc[i], ratio) for i, m in enumerate(models)},
+        delong_p=stats.pairwise_delong(auc, cov),
+        anova=stats.rm_anova(auc.T),
+        pairwise_diff=diff,
+        pairwise_p=pair_p,
+        findings_p={m: stats.compare_findings(auc[i], var[i]) for i, m in enumerate(models)},
+        notes=notes,
+        level=level,
+    )
+
+
+# --- expert labels (Google 2019 adjudicated subset) -------------------------------------------------
+
+
+def read_expert_labels(path: str | Path) -> pd.DataFrame:
+    """The radiologist-adjudicated labels: index Image Index, uint8 columns of EXPERT_FINDINGS, and 'Set Id'."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrdxError(f"{path}: expert label file not found")
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, OSError) as exc:
+        raise CxrdxError(f"{path}: not a readable CSV ({exc})") from None
+    missing = [c for c in ("Image Index", *EXPERT_FINDINGS) if c not in table.columns]
+    if missing:
+        raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected the Google 2019 label file")
+    out = table.set_index("Image Index")[list(EXPERT_FINDINGS)]
+    for column in EXPERT_FINDINGS:
+        values = out[column].astype(str).str.strip().str.upper()
+        bad = ~values.isin(("YES", "NO"))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0]) + 2
+            raise CxrdxError(f"{path}: row {row}, column {column!r}: expected YES or NO, found {out[column].iloc[row - 2]!r}")
+        out[column] = (values == "YES").astype(np.uint8)
+    if "Set Id" in table.columns:
+        out["Set Id"] = table["Set Id"].to_numpy()
+    return out
+
+
+def expert_auroc(
+    image_index: Sequence[str],
+    y: np.ndarray,
+    probs: np.ndarray,
+    expert: pd.DataFrame,
+    names: Sequence[str] = FINDINGS,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """AUROC (DeLong CI) against expert labels beside NLP labels, on the images that have expert labels.
+
+    'Nodule or mass' is scored by the larger of the Nodule and Mass probabilities; its NLP label is
+    Nodule or Mass.
+    """
+    y, probs = _arrays(y, probs, names)
+    position = {n: i for i, n in enumerate(names)}
+    index = pd.Index(list(image_index))
+    keep = index.isin(expert.index)
+    if not keep.any():
+        warnings.warn("none of the evaluated images has an expert label", MetricWarning, stacklevel=2)
+    rows = []
+    for finding, parts in EXPERT_FINDINGS.items():
+        cols = [position[p] for p in parts]
+        score = probs[keep][:, cols].max(axis=1)
+        labels = {"expert": expert.loc[index[keep], finding].to_numpy(), "nlp": y[keep][:, cols].max(axis=1)}
+        row: dict[str, Any] = {"finding": finding, "images": int(keep.sum())}
+        for source, truth in labels.items():
+            auc, var = stats.delong_covariance(truth[:, None], score[None, :, None])
+            if keep.any():
+                degenerate(truth[:, None], [finding], f"the {source}-labelled images")
+            low, high = stats.normal_ci(auc[0, 0], var[0, 0, 0], level)
+            row |= {f"{source}_positives": int(truth.sum()), f"{source}_auroc": auc[0, 0], f"{source}_low": low, f"{source}_high": high}
+        row["label_agreement"] = float((labels["expert"] == labels["nlp"]).mean()) if keep.any() else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("finding")

@@ -1,0 +1,351 @@
+"""Tables (Markdown, CSV, JSON) and figures (ROC curves, reliability diagrams) for evaluations.
+
+A `Table` carries numbers (`data`, written to CSV and JSON) and their display strings (`display`,
+written to Markdown). Builders take a `metrics.Comparison`; renderers take a `Table`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrdx.atomic import atomic_path, write_text
+from cxrdx.errors import CxrdxError
+from cxrdx.metrics import Comparison, reliability
+from cxrdx.stats import stars
+
+FORMATS = ("md", "csv", "json")
+DASH = "–"
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    data: pd.DataFrame  # numbers
+    display: pd.DataFrame  # the same table as strings
+    notes: list[str] = field(default_factory=list)
+
+
+# --- number formatting ---------------------------------------------------------------------------
+
+
+def format_value(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if x is not None and np.isfinite(x) else DASH
+
+
+def format_p(p: float) -> str:
+    if p is None or not np.isfinite(p):
+        return DASH
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_clause(p: float) -> str:
+    """'p < 0.001' or 'p = 0.037'."""
+    text = format_p(p)
+    return f"p {text[0]} {text[1:]}" if text.startswith("<") else f"p = {text}"
+
+
+def format_mean_ci(summary: Mapping[str, float], digits: int = 3) -> str:
+    """{'mean', 'se', 'low', 'high'} -> '0.842 ± 0.017 (0.805, 0.879)'."""
+    f = lambda key: format_value(summary[key], digits)  # noqa: E731
+    return f"{f('mean')} ± {f('se')} ({f('low')}, {f('high')})"
+
+
+# --- renderers -----------------------------------------------------------------------------------
+
+
+def _flat(frame: pd.DataFrame) -> pd.DataFrame:
+    """Index levels become leading columns (named, title-cased for display)."""
+    names = [n or "" for n in frame.index.names]
+    return frame.reset_index(names=names)
+
+
+def markdown(table: Table) -> str:
+    """A '### title' heading, a GitHub-flavoured Markdown table, then the notes."""
+    frame = _flat(table.display).astype(str)
+    cells = [list(frame.columns)] + frame.to_numpy().tolist()
+    cells = [[str(c).replace("|", "\\|").replace("\n", " ") for c in row] for row in cells]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    rows = [line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, cells[1:])]
+    notes = [f"- {n}" for n in table.notes]
+    return "\n".join([f"### {table.title}", "", *rows, *([""] + notes if notes else [])]) + "\n"
+
+
+def csv_text(table: Table) -> str:
+    return _flat(table.data).to_csv(index=False)
+
+
+def json_object(table: Table) -> dict[str, Any]:
+    records = json.loads(_flat(table.data).to_json(orient="records", double_precision=15))
+    return {"name": table.name, "title": table.title, "rows": records, "notes": table.notes}
+
+
+def render(table: Table, fmt: str) -> str:
+    if fmt == "md":
+        return markdown(table)
+    if fmt == "csv":
+        return csv_text(table)
+    if fmt == "json":
+        return json.dumps(json_object(table), indent=1) + "\n"
+    raise CxrdxError(f"unknown table format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def write_tables(tables: Sequence[Table], out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """One file per table and format: OUT/<name>.<fmt>."""
+    return [write_text(Path(out_dir) / f"{t.name}.{fmt}", render(t, fmt)) for t in tables for fmt in formats]
+
+
+# --- the paper's tables --------------------------------------------------------------------------
+
+
+def _summary_rows(summary: Mapping[str, float], label: str) -> dict[str, float]:
+    return {f"{label} mean": summary["mean"], f"{label} SE": summary["se"], f"{label} CI low": summary["low"], f"{label} CI high": summary["high"]}
+
+
+def _left_out_note(cmp: Comparison) -> list[str]:
+    left = sorted({n for e in cmp.evaluations.values() for n in e.overall["left_out_of_auroc_mean"]})
+    return [f"Left out of the means (no AUROC): {', '.join(left)}."] if left else []
+
+
+def table3(cmp: Comparison) -> Table:
+    """AUROC per finding and model, overall mean ± SE (CI), Pearson r/p against the positive ratio."""
+    level = f"{round(cmp.level * 100)}%"
+    data, display = {}, {}
+    for i, model in enumerate(cmp.models):
+        overall = cmp.evaluations[model].overall["auroc"]
+        r, p = cmp.pearson[model]
+        data[model] = {**dict(zip(cmp.findings, cmp.auc[i])), **_summary_rows(overall, "Overall"), "Pearson r": r, "Pearson p": p}
+        display[model] = {
+            **{f: format_value(a) for f, a in zip(cmp.findings, cmp.auc[i])},
+            f"Overall, mean ± SE ({level} CI)": format_mean_ci(overall),
+            "Pearson r with positive ratio": format_value(r),
+            "p value": format_p(p),
+        }
+    ratio = dict(zip(cmp.findings, cmp.positive_ratio))
+    data_frame = pd.DataFrame(data)
+    data_frame.insert(0, "positive ratio", pd.Series(ratio))
+    display_frame = pd.DataFrame(display)
+    display_frame.insert(0, "Positive ratio", pd.Series({f: format_value(v, 4) for f, v in ratio.items()}).reindex(display_frame.index, fill_value=""))
+    data_frame.index.name = display_frame.index.name = "Finding"
+    notes = [f"AUROC per finding; overall = mean over findings ± standard error, t-interval with n-1 df ({cmp.evaluations[cmp.models[0]].overall['auroc']['n']} findings)."]
+    return Table("table3", "Table 3. AUROC by finding and model", data_frame, display_frame, notes + _left_out_note(cmp))
+
+
+_TABLE4 = {"accuracy": "Accuracy", "macro_precision": "Macro precision", "macro_recall": "Macro recall", "macro_f1": "Macro F1-score"}
+
+
+def table4(cmp: Comparison) -> Table:
+    """Accuracy and the paper's macro precision/recall/F1 per finding at the decision thresholds."""
+    level = f"{round(cmp.level * 100)}%"
+    data, display = {}, {}
+    for model in cmp.models:
+        e = cmp.evaluations[model]
+        d, s = {}, {}
+        for metric, label in _TABLE4.items():
+            for finding, v in e.per_finding[metric].items():
+                d[(label, finding)], s[(label, finding)] = v, format_value(v, 3 if metric == "accuracy" else 2)
+            for row, v in _summary_rows(e.overall[metric], "Overall").items():
+                d[(label, row)] = v
+            s[(label, f"Overall, mean ± SE ({level} CI)")] = format_mean_ci(e.overall[metric], 3 if metric == "accuracy" else 2)
+            if metric == "accuracy":
+                d[(label, "All findings correct")] = e.overall["exact_match_accuracy"]
+                s[(label, "All findings correct")] = format_value(e.overall["exact_match_accuracy"])
+        data[model], display[model] = d, s
+    data_frame, display_frame = pd.DataFrame(data), pd.DataFrame(display)
+    for frame in (data_frame, display_frame):
+        frame.index.names = ["Metric", "Finding"]
+    thresholds = {m: cmp.evaluations[m].per_finding["threshold"] for m in cmp.models}
+    same = all(np.allclose(t, 0.5) for t in thresholds.values())
+    notes = [
+        "Macro = unweighted mean over the negative and the positive class of each finding.",
+        "Decision threshold 0.5 for every finding." if same else "Per-finding decision thresholds (see metrics.json).",
+        "'All findings correct' = exact-match accuracy over all findings (the paper's overall accuracy).",
+    ]
+    return Table("table4", "Table 4. Threshold metrics by finding and model", data_frame, display_frame, notes)
+
+
+def delong_table(cmp: Comparison) -> Table:
+    """Model vs model, per finding: paired DeLong p-values (unadjusted) with significance marks."""
+    pairs = [(a, b) for a in range(len(cmp.models)) for b in range(a + 1, len(cmp.models))]
+    columns = [f"{cmp.models[a]} vs {cmp.models[b]}" for a, b in pairs]
+    p = np.array([[cmp.delong_p[k, a, b] for a, b in pairs] for k in range(len(cmp.findings))]).reshape(len(cmp.findings), len(pairs))
+    data = pd.DataFrame(p, index=pd.Index(cmp.findings, name="Finding"), columns=columns)
+    display = data.map(lambda v: f"{format_p(v)} {stars(v)}" if np.isfinite(v) else DASH)
+    notes = ["Two-sided paired DeLong test of the two models' AUROCs on the same images; p not adjusted for multiplicity."]
+    if np.isnan(p).any():
+        notes.append("–: no test, the DeLong variance needs at least two positive and two negative images.")
+    return Table("delong", "Model vs model: DeLong p-values per finding", data, display, notes)
+
+
+def anova_table(cmp: Comparison) -> Table:
+    """The repeated-measures ANOVA over findings and its Bonferroni-adjusted pairwise comparisons."""
+    a = cmp.anova
+    m = len(cmp.models)
+    data = pd.DataFrame(cmp.pairwise_p, index=pd.Index(cmp.models, name="Model"), columns=cmp.models)
+    diff = pd.DataFrame(cmp.pairwise_diff, index=data.index, columns=cmp.models)
+    display = pd.DataFrame(
+        [[DASH if i == j else f"{diff.iat[i, j]:+.3f} ({p_clause(data.iat[i, j])}) {stars(data.iat[i, j])}" for j in range(m)] for i in range(m)],
+        index=data.index,
+        columns=cmp.models,
+    )
+    data = pd.concat({"p_bonferroni": data, "mean_difference": diff}, axis=1)
+    data.columns = [f"{kind}: {model}" for kind, model in data.columns]
+    notes = [
+        f"Repeated-measures ANOVA over {a.subjects} findings (subject = finding, within = model): "
+        f"F({format_value(a.df_num, 0)}, {format_value(a.df_den, 0)}) = {format_value(a.f, 3)}, {p_clause(a.p)}.",
+        f"Cells: mean AUROC difference (row - column) over findings, paired t-test p with Bonferroni adjustment over {m * (m - 1) // 2} pair(s).",
+    ]
+    return Table("anova", "Model vs model: repeated-measures ANOVA and pairwise comparisons", data, display, notes)
+
+
+def table5(cmp: Comparison, model: str) -> Table:
+    """One model's findings compared pairwise (Bonferroni), ordered by AUROC as in the paper."""
+    i = cmp.models.index(model)
+    auc = pd.Series(cmp.auc[i], index=cmp.findings)
+    order = auc.sort_values(ascending=False, na_position="last").index
+    p = pd.DataFrame(cmp.findings_p[model], index=cmp.findings, columns=cmp.findings).loc[order, order]
+    data = p.copy()
+    data.insert(0, "AUROC", auc[order])
+    display = p.map(stars)
+    for f in order:
+        display.loc[f, f] = ""
+    display.insert(0, "AUROC", auc[order].map(format_value))
+    data.index.name = display.index.name = "Finding"
+    k = int(np.isfinite(auc).sum())
+    notes = [
+        "*** p < 0.001, ** p < 0.01, * p < 0.05, n.s. no significant difference; Bonferroni adjustment over "
+        f"{len(cmp.findings) * (len(cmp.findings) - 1) // 2} pairs. Two-sided z-test of the AUROC difference with DeLong "
+        "variances (independent-groups ROC comparison).",
+    ]
+    if k < len(cmp.findings):
+        notes.append("Findings without an AUROC are marked –.")
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    return Table(f"table5_{slug}", f"Table 5. Findings compared by AUROC: {model}", data, display, notes)
+
+
+def calibration_table(cmp: Comparison) -> Table:
+    """Per finding: AUROC with its DeLong CI, threshold and ECE, for each model."""
+    data = pd.concat(
+        {m: e.per_finding[["positives", "auroc", "auroc_low", "auroc_high", "threshold", "ece"]] for m, e in cmp.evaluations.items()},
+        names=["Model", "Finding"],
+    )
+    display = data.copy().astype(object)
+    display["positives"] = data["positives"].astype(int).astype(str)
+    display["auroc"] = [f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})" for a, lo, hi in data[["auroc", "auroc_low", "auroc_high"]].to_numpy()]
+    display = display.drop(columns=["auroc_low", "auroc_high"])
+    display["threshold"] = data["threshold"].map(format_value)
+    display["ece"] = data["ece"].map(format_value)
+    display.columns = ["Positives", f"AUROC ({round(cmp.level * 100)}% DeLong CI)", "Threshold", "ECE"]
+    notes = ["ECE: expected calibration error over 10 equal-width probability bins."]
+    boot = [e.per_finding[["auroc_boot_low", "auroc_boot_high"]] for e in cmp.evaluations.values() if "auroc_boot_low" in e.per_finding]
+    if len(boot) == len(cmp.models):
+        both = pd.concat(dict(zip(cmp.models, boot)), names=["Model", "Finding"])
+        data = data.join(both)
+        display["Bootstrap CI"] = [f"({format_value(lo)}, {format_value(hi)})" for lo, hi in both.to_numpy()]
+        unit = next(iter(cmp.evaluations.values())).overall["auroc_bootstrap"]
+        notes.append(f"Bootstrap CI: percentile interval over {unit['replicates']} resamples of {unit['unit']}s.")
+    return Table("per_finding", "AUROC confidence intervals, thresholds and calibration", data, display, notes)
+
+
+def expert_table(frame: pd.DataFrame) -> Table:
+    """AUROC against radiologist-adjudicated labels beside the NLP labels on the same images."""
+    display = pd.DataFrame(
+        {
+            "Images": frame["images"].astype(str),
+            "Expert positives": frame["expert_positives"].astype(str),
+            "AUROC (expert labels)": [f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})" for a, lo, hi in frame[["expert_auroc", "expert_low", "expert_high"]].to_numpy()],
+            "NLP positives": frame["nlp_positives"].astype(str),
+            "AUROC (NLP labels)": [f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})" for a, lo, hi in frame[["nlp_auroc", "nlp_low", "nlp_high"]].to_numpy()],
+            "Label agreement": frame["label_agreement"].map(format_value),
+        },
+        index=frame.index,
+    )
+    display.index.name = "Finding"
+    notes = ["'Nodule or mass' is scored by the larger of the Nodule and Mass probabilities; DeLong 95% CIs."]
+    return Table("expert", "AUROC against expert (adjudicated) labels", frame, display, notes)
+
+
+def comparison_tables(cmp: Comparison) -> list[Table]:
+    """Every table of a comparison: 3, 4, the model-vs-model tests (two or more models), 5 per model, per finding."""
+    tables = [table3(cmp), table4(cmp)]
+    if len(cmp.models) > 1:
+        tables += [delong_table(cmp), anova_table(cmp)]
+    return tables + [table5(cmp, m) for m in cmp.models] + [calibration_table(cmp)]
+
+
+def markdown_report(tables: Sequence[Table], title: str, notes: Sequence[str] = ()) -> str:
+    head = [f"# {title}", ""] + [f"> {n}" for n in notes] + ([""] if notes else [])
+    return "\n".join(head) + "\n" + "\n".join(markdown(t) for t in tables)
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def _grid(n: int, width: float = 3.2) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
+
+    cols = min(4, max(1, n))
+    rows = -(-n // cols)
+    w, h = width * cols, width * rows
+    fig = Figure(figsize=(w, h))
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    # fixed margins in inches: constrained layout would double the drawing time
+    fig.subplots_adjust(left=0.55 / w, right=1 - 0.1 / w, bottom=0.5 / h, top=1 - 0.3 / h, wspace=0.3, hspace=0.35)
+    return fig, axes
+
+
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
+
+
+def roc_figure(y: np.ndarray, probs: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path) -> Path:
+    """One panel per finding, one ROC curve per model, AUROC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.asarray(y)
+    fig, axes = _grid(len(names))
+    for k, (ax, name) in enumerate(zip(axes, names)):
+        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+        both = 0 < y[:, k].sum() < len(y)
+        for model, p in probs.items():
+            if both:
+                fpr, tpr, _ = roc_curve(y[:, k], p[:, k])
+                ax.plot(fpr, tpr, lw=1.2, label=f"{model} ({roc_auc_score(y[:, k], p[:, k]):.3f})")
+        ax.set_title(name if both else f"{name} (no AUROC: one class only)", fontsize=9)
+        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+        ax.set_xlabel("1 - specificity", fontsize=8), ax.set_ylabel("sensitivity", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if both:
+            ax.legend(fontsize=6, loc="lower right")
+    return _save(fig, path)
+
+
+def reliability_figure(y: np.ndarray, probs: np.ndarray, names: Sequence[str], path: str | Path, n_bins: int = 10) -> Path:
+    """Per finding: observed positive fraction against mean predicted probability per bin, with the ECE."""
+    from cxrdx.metrics import expected_calibration_error
+
+    y, probs = np.asarray(y), np.asarray(probs)
+    ece = expected_calibration_error(y, probs, n_bins)
+    fig, axes = _grid(len(names), width=2.8)
+    for k, (ax, name) in enumerate(zip(axes, names)):
+        curve = reliability(y[:, k], probs[:, k], n_bins)
+        filled = curve["count"] > 0
+        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+        ax.bar(curve["low"], curve["count"] / max(1, len(y)), width=1 / n_bins, align="edge", color="0.9", label="share of images")
+        ax.plot(curve.loc[filled, "mean_prob"], curve.loc[filled, "frac_pos"], "o-", ms=3, lw=1.2, label="positive fraction")
+        ax.set_title(f"{name} (ECE {ece[k]:.3f})", fontsize=9)
+        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted probability", fontsize=8), ax.set_ylabel("observed positive fraction", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6, loc="upper left")
+    return _save(fig, path)
