@@ -501,14 +501,14 @@ def _localize(args: argparse.Namespace) -> int:
     from cxrdx.explain import METHODS
     from cxrdx.explain.localization import boxed_images, localize, markdown_tables, read_boxes, summarize
 
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise CxrdxError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     boxes_path = args.boxes
     if boxes_path is None and args.data_dir:
         boxes_path = next((p for p in (Path(args.data_dir) / n for n in ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")) if p.is_file()), None)
     if boxes_path is None:
         raise CxrdxError("no box file: pass --boxes BBox_List_2017.csv")
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise CxrdxError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     boxes = read_boxes(boxes_path)
     predictor, layers, options = _cam_setup(args)
     if args.split:
