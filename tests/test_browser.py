@@ -1,0 +1,98 @@
+"""End to end in a real browser: the service on 127.0.0.1, headless Chromium uploads an X-ray through the page."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cxrdx.findings import FINDINGS
+from cxrdx.predict import Predictor
+from cxrdx.serve import create_app
+from test_predict import chest_like, make_checkpoint
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+SCREENSHOT = Path("/tmp/cxrdx_page.png")
+SAMPLE = "00000013_004.png"  # Effusion, Emphysema, Infiltration, Pneumothorax
+TIMEOUT_MS = 90_000  # generous: the CI machine is shared
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import uvicorn
+
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("browser") / "best.pt", size=128)
+    app = create_app(Predictor.from_checkpoint(ckpt, device="cpu"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.config.port}/"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def xray(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A real ChestX-ray14 image when ../shared is there, else a synthetic stand-in."""
+    try:
+        return request.getfixturevalue("nih_sample") / "images" / SAMPLE
+    except pytest.skip.Exception:
+        path = tmp_path / "synthetic.png"
+        Image.fromarray(chest_like(512)).save(path)
+        return path
+
+
+def test_page_uploads_an_xray_shows_bars_and_a_heatmap(service: str, xray: Path) -> None:
+    if not CHROMIUM.exists() or shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (make browser / apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(service)
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('Model')")
+
+            page.set_input_files("#file", str(xray))
+            bars = page.locator("#bars button.bar")
+            bars.nth(len(FINDINGS) - 1).wait_for()
+            assert bars.count() == len(FINDINGS)
+            labels = [bars.nth(i).get_attribute("aria-label") for i in range(len(FINDINGS))]
+            assert [label.split(":")[0] for label in labels] == [f.replace("_", " ") for f in FINDINGS]
+            assert all("probability" in label and "threshold" in label for label in labels)
+            assert page.locator("#bars .threshold").count() == len(FINDINGS)
+            page.wait_for_function("document.getElementById('xray').naturalWidth > 0")
+
+            effusion = bars.nth(FINDINGS.index("Effusion"))
+            effusion.focus()  # keyboard only: focus the bar and press Enter
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+            assert page.locator("#heatmap-figure").is_visible()
+            assert "Effusion" in page.locator("#heatmap").get_attribute("alt")
+            assert effusion.get_attribute("aria-pressed") == "true"
+            assert "Heatmap of Effusion" in page.locator("#status").inner_text()
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
