@@ -1,14 +1,18 @@
-"""Tables (Markdown, CSV, JSON) and figures (ROC curves, reliability diagrams) for evaluations.
+"""Tables (Markdown, CSV, JSON, HTML) and figures (ROC curves, reliability diagrams) for evaluations.
 
 A `Table` carries numbers (`data`, written to CSV and JSON) and their display strings (`display`,
-written to Markdown). Builders take a `metrics.Comparison`; renderers take a `Table`.
+written to Markdown and HTML). Builders take a `metrics.Comparison`; renderers take a `Table`.
+The whole HTML page is assembled in `cxrdx.report_html`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from html import escape
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,75 @@ def markdown(table: Table) -> str:
     rows = [line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, cells[1:])]
     notes = [f"- {n}" for n in table.notes]
     return "\n".join([f"### {table.title}", "", *rows, *([""] + notes if notes else [])]) + "\n"
+
+
+_NUMBER = re.compile(r"^(?:[<>+\-−]?\.?\d|–$)")  # right-aligned: numbers, '<0.001', '+0.012 (...)', the dash
+
+
+def _row_labels(keys: list[tuple[str, ...]], i: int) -> list[str]:
+    """Row header cells of row i; an outer label repeated on the following rows becomes one rowspan."""
+    cells, levels = [], len(keys[i])
+    for level, label in enumerate(keys[i]):
+        prefix = keys[i][: level + 1]
+        outer = level < levels - 1
+        if outer and i and keys[i - 1][: level + 1] == prefix:
+            continue
+        span = 1
+        while outer and i + span < len(keys) and keys[i + span][: level + 1] == prefix:
+            span += 1
+        rowspan = f" rowspan='{span}'" if span > 1 else ""
+        cells.append(f"<th scope='row'{rowspan}>{escape(label)}</th>")
+    return cells
+
+
+def _numeric_columns(cells: list[list[str]]) -> list[bool]:
+    """A column is numeric (right-aligned) when most of its non-empty cells are numbers."""
+    columns = zip(*cells) if cells else []
+    flags = []
+    for column in columns:
+        filled = [c for c in column if c]
+        flags.append(bool(filled) and 2 * sum(bool(_NUMBER.match(c)) for c in filled) >= len(filled))
+    return flags
+
+
+def _html_head(frame: pd.DataFrame, numeric: list[bool]) -> str:
+    """Header rows; two-level columns get a spanning top row (e.g. model over metric)."""
+    names = [escape(str(n or "")) for n in frame.index.names]
+    two = frame.columns.nlevels > 1
+    right = " class='num'"
+    leaves = "".join(f"<th scope='col'{right if num else ''}>{escape(str(c[1] if two else c))}</th>" for c, num in zip(frame.columns, numeric))
+    if not two:
+        return "<tr>" + "".join(f"<th scope='col'>{n}</th>" for n in names) + leaves + "</tr>"
+    top = [f"<th scope='col' rowspan='2'>{n}</th>" for n in names]
+    for label, group in groupby(str(c[0]) for c in frame.columns):
+        top.append(f"<th scope='colgroup' colspan='{len(list(group))}' class='group'>{escape(label)}</th>")
+    return f"<tr>{''.join(top)}</tr><tr>{leaves}</tr>"
+
+
+def html(table: Table, cell_style: Callable[[tuple[str, ...], Any], str] | None = None) -> str:
+    """An HTML fragment: the table under its title, numbers right-aligned, repeated outer row labels
+    merged, 'Overall' rows marked (class overall), then the notes. The page supplies the style sheet;
+    `cell_style(row key, column)` may add an inline style to a data cell (e.g. a colour scale)."""
+    frame = table.display
+    keys = [tuple(map(str, k)) if frame.index.nlevels > 1 else (str(k),) for k in frame.index]
+    values = frame.astype(str).to_numpy().tolist()
+    numeric = _numeric_columns(values)
+    rows = []
+    for i, line in enumerate(values):
+        cells = _row_labels(keys, i)
+        for column, text, num in zip(frame.columns, line, numeric):
+            style = cell_style(keys[i], column) if cell_style else ""
+            attributes = (" class='num'" if num else "") + (f" style='{escape(style)}'" if style else "")
+            cells.append(f"<td{attributes}>{escape(text)}</td>")
+        mark = " class='overall'" if keys[i][-1].startswith("Overall") else ""
+        rows.append(f"<tr{mark}>{''.join(cells)}</tr>")
+    notes = "".join(f"<li>{escape(n)}</li>" for n in table.notes)
+    return (
+        f"<figure class='table' id='table-{escape(table.name)}'><figcaption>{escape(table.title)}</figcaption>"
+        f"<div class='scroll'><table><thead>{_html_head(frame, numeric)}</thead><tbody>{''.join(rows)}</tbody></table></div>"
+        + (f"<ul class='notes'>{notes}</ul>" if notes else "")
+        + "</figure>\n"
+    )
 
 
 def csv_text(table: Table) -> str:

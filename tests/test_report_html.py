@@ -1,0 +1,250 @@
+"""cxrdx.report_html: the self-contained HTML report over run folders, `cxrdx report`, and a real browser rendering it."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from cxrdx import report, report_html
+from cxrdx.cli import main
+from cxrdx.evaluation import write_labels, write_predictions
+from cxrdx.findings import FINDINGS
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+SCREENSHOT = Path("/tmp/cxrdx_report.png")
+TABLE2_ROW = {"model": "resnet18", "params": 11177422, "macs": 35412992, "flops": 70825984, "resolution": "1*32*32", "note": ""}
+
+
+def png_bytes(size: int = 24, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, 2 * size), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.Series, pd.DataFrame]:
+    """A tiny prepared cache, its patient-wise split and its index."""
+    from cxrdx.data.cache import open_cache, prepare_cache
+    from cxrdx.data.phantoms import generate_phantoms
+    from cxrdx.data.splits import make_split
+
+    root = tmp_path_factory.mktemp("report_data")
+    generate_phantoms(root / "phantoms", n=80, size=32, seed=0, tail_floor=0.1, progress=False)
+    prepare_cache(root / "phantoms", root / "cache", size=32, progress=False)
+    index = open_cache(root / "cache").index
+    return root / "cache", make_split(index, strategy="patient", seed=0), index
+
+
+def make_run(
+    root: Path, name: str, dataset: tuple[Path, pd.Series, pd.DataFrame], signal: float, seed: int, skip: tuple[str, ...] = ()
+) -> Path:
+    """A run folder as train / evaluate / explain / localize leave it, with synthetic contents; `skip` drops parts."""
+    from cxrdx.data.splits import write_split
+
+    cache, split, index = dataset
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"name": name, "seed": seed, "data": {"cache": str(cache), "input_size": 32},
+              "model": {"name": "resnet18"}, "loss": {"name": name}, "optim": {"epochs": 3, "batch_size": 8, "lr": 1e-3},
+              "ema": {"enabled": False}}
+    if "config" not in skip:
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if "split" not in skip:
+        write_split(split, run / "split.csv")
+    if "metrics" not in skip:
+        rows = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_mean_auroc": 0.5 + 0.1 * e,
+                 "ema_val_loss": None, "ema_val_mean_auroc": None, "best": True, "seconds": 2.0} for e in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if "curves" not in skip:
+        (run / "curves.png").write_bytes(png_bytes(seed=seed))
+    test = index[index["Image Index"].isin(split.index[split.to_numpy() == "test"])]
+    names = test["Image Index"].tolist()
+    y = test[list(FINDINGS)].to_numpy(np.uint8)
+    probs = np.clip(signal * y + (1 - signal) * np.random.default_rng(seed).random(y.shape), 0, 1)
+    if "eval" not in skip:
+        write_predictions(run / "eval" / "predictions.csv", names, probs)
+        write_labels(run / "eval" / "labels.csv", names, y, test["Patient ID"].to_numpy())
+        per = {f: {"threshold": 0.5} for f in FINDINGS}
+        (run / "eval" / "metrics.json").write_text(json.dumps({"settings": {"split": "test", "images": len(names)}, "per_finding": per}))
+        (run / "eval" / "reliability.png").write_bytes(png_bytes(seed=seed + 1))
+        (run / "eval" / "roc.png").write_bytes(png_bytes(seed=seed + 2))
+    if "explain" not in skip:
+        rows = []
+        for i, (image, labels, p) in enumerate(list(zip(names, y, probs))[:6]):
+            k = int(np.argmax(p))
+            png = run / "explain" / FINDINGS[k] / f"{Path(image).stem}.groupcam.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            png.write_bytes(png_bytes(seed=100 + i))
+            rows.append({"Image Index": image, "Finding": FINDINGS[k], "probability": p[k], "flat": False, "png": str(png), "npy": ""})
+        pd.DataFrame(rows).to_csv(run / "explain" / "explanations.csv", index=False)
+    if "localize" not in skip:
+        summary = [{"method": m, "Finding": f, "n": n, "pointing_game": hit, "iou": iou, "flat": 0}
+                   for m, hit in (("groupcam", 0.75), ("gradcam", 0.5))
+                   for f, n, iou in (("Effusion", 4, 0.31), ("Mass", 2, 0.12), ("all", 6, 0.25))]
+        (run / "localize").mkdir()
+        (run / "localize" / "localization.json").write_text(json.dumps(
+            {"split": "test", "threshold": 0.5, "threshold_mode": "relative", "tolerance": 0, "images": 5, "summary": summary}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, dataset) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return [make_run(root, "ours", dataset, 0.45, 1), make_run(root, "wbce", dataset, 0.2, 2, skip=("curves",))]
+
+
+def seed_table2(out: Path) -> None:
+    """Table 2's cache, so the tests need no forward pass (model_rows itself is tested below)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / report_html.TABLE2).write_text(json.dumps([TABLE2_ROW]))
+
+
+@pytest.fixture(scope="module")
+def page(runs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("report")
+    seed_table2(out)
+    extra = [("Demo timings", "<p id='demo-extra'>12 s in all</p>")]
+    path = report_html.write_report(runs, out, extra_sections=extra, progress=False)
+    return path, path.read_text(encoding="utf-8")
+
+
+def test_html_renderer_aligns_numbers_merges_labels_and_escapes():
+    index = pd.MultiIndex.from_tuples([("A<", "x"), ("A<", "Overall"), ("B", "y")], names=["Metric", "Finding"])
+    display = pd.DataFrame({"m": ["0.912", "<0.001", "–"], "name": ["resnet18", "vit", "0.5"]}, index=index)
+    text = report.html(report.Table("t", "T & t", display, display, ["note <1>"]), lambda key, col: "color:red" if key[-1] == "y" else "")
+    assert "<figcaption>T &amp; t</figcaption>" in text and "<li>note &lt;1&gt;</li>" in text
+    assert "<th scope='row' rowspan='2'>A&lt;</th>" in text and text.count("A&lt;") == 1
+    assert "<th scope='col' class='num'>m</th><th scope='col'>name</th>" in text  # the header follows its column
+    assert "<td class='num'>0.912</td><td>resnet18</td>" in text and "<td class='num'>&lt;0.001</td>" in text
+    assert "<td style='color:red'>0.5</td>" in text and "<tr class='overall'>" in text
+    wide = pd.DataFrame([["1", "2"]], columns=pd.MultiIndex.from_tuples([("ours", "a"), ("ours", "b")]), index=pd.Index(["f"], name="F"))
+    assert "colspan='2' class='group'>ours</th>" in report.html(report.Table("w", "W", wide, wide))
+
+
+def test_page_has_every_section_and_numbers(page: tuple[Path, str], runs: list[Path]):
+    path, text = page
+    for anchor in ("overview", "dataset", "models", "training", "performance", "significance", "roc", "calibration",
+                   "explanations", "localization", "settings"):
+        assert f"<section id='{anchor}'>" in text and f"href='#{anchor}'" in text
+    for table in ("table1", "table2", "table3", "table4", "delong", "anova", "table5_ours", "table5_wbce", "ece", "localization"):
+        assert f"id='table-{table}'" in text
+    assert "id='demo-extra'" in text and text.index("Demo timings") < text.index("<section id='dataset'>")
+    summary = json.loads((path.parent / report_html.SUMMARY).read_text())
+    assert summary["best_model"] == "ours" and summary["models"]["ours"]["mean"] > summary["models"]["wbce"]["mean"]
+    assert f"<strong class='big'>{summary['mean_auroc']['mean']:.3f}</strong>" in text
+    assert "Leakage" in text or "No leakage" in text
+    assert "resnet18" in text and "11.2 M" in text  # Table 2 from its cache
+    assert "class='sig " in text and "Group-CAM" in text and "Pointing game" in text
+    assert "correct" in text and "<pre>" in text and "<details>" in text
+    assert "could not be built" not in text and "not usable" not in text
+
+
+def test_page_is_self_contained(page: tuple[Path, str]):
+    _, text = page
+    assert not re.search(r"""(src|href)\s*=\s*['"]?\s*(https?:|//)""", text, re.I)
+    assert "<script" not in text.lower() and "<link" not in text.lower() and "@import" not in text and "url(" not in text
+    sources = re.findall(r"<img src='([^']*)'", text)
+    assert len(sources) >= 8 and all(s.startswith("data:image/png;base64,") for s in sources)
+    # curves.png of "ours" embedded byte for byte; "wbce" had none and was re-plotted from metrics.jsonl
+    assert report_html.data_uri(png_bytes(seed=1)) in text
+    assert "(from metrics.jsonl)" in text
+
+
+def test_missing_parts_become_notes(tmp_path: Path, dataset, runs: list[Path]):
+    bare = make_run(tmp_path, "bare", dataset, 0.3, 3, skip=("config", "split", "metrics", "curves", "eval", "explain", "localize"))
+    path = report_html.write_report([bare], tmp_path / "out", progress=False)
+    text = path.read_text()
+    for phrase in ("no split.csv", "No config.yaml names a model", "No training curves", "No evaluation: run",
+                   "No explanations: run", "no localization: run", "No config.yaml in"):
+        assert phrase in text
+    assert "No evaluated model" in text
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["best_model"] is None
+
+
+def test_damaged_parts_become_notes(tmp_path: Path, runs: list[Path]):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs[0], damaged)
+    (damaged / "localize" / "localization.json").write_text("{not json")
+    (damaged / "eval" / "labels.csv").write_text("Image Index,Atelectasis\nx.png,1\n")
+    (damaged / "metrics.jsonl").write_text("garbage\n")
+    (damaged / "curves.png").unlink()
+    seed_table2(tmp_path / "out")
+    text = report_html.write_report([damaged], tmp_path / "out", progress=False).read_text()
+    assert "evaluation not readable" in text and "missing column(s)" in text
+    assert "localization.json not usable" in text and "No training curves" in text
+    assert "No labels to sort the panels" in text and "Without a label to check" in text and "could not be built" not in text
+
+
+def test_runs_on_different_images_are_shown_one_by_one(tmp_path: Path, runs: list[Path]):
+    other = tmp_path / "other"
+    shutil.copytree(runs[1], other)
+    predictions = pd.read_csv(other / "eval" / "predictions.csv").iloc[1:]
+    predictions.to_csv(other / "eval" / "predictions.csv", index=False)
+    seed_table2(tmp_path / "out")
+    text = report_html.write_report([runs[0], other], tmp_path / "out", progress=False).read_text()
+    assert "cannot be compared on the same test images" in text
+    assert "id='table-delong'" not in text and text.count("id='table-table3'") == 2
+
+
+def test_model_rows_are_cached(tmp_path: Path):
+    calls = []
+
+    def measure(names: list[str], size: int) -> list[dict]:
+        calls.append((names, size))
+        if names == ["nonexistent"]:
+            raise RuntimeError("no such model")
+        return [{**TABLE2_ROW, "resolution": f"1*{size}*{size}"}]
+
+    cache = tmp_path / report_html.TABLE2
+    rows, notes = report_html.model_rows([("resnet18", 32)], cache, measure)
+    assert rows[0]["params"] == TABLE2_ROW["params"] and notes == [] and calls == [(["resnet18"], 32)]
+    assert report_html.model_rows([("resnet18", 32)], cache, measure)[0] == rows and len(calls) == 1
+    rows, notes = report_html.model_rows([("resnet18", 32), ("nonexistent", 32)], cache, measure)
+    assert rows[0]["model"] == "resnet18" and len(rows) == 1 and "no such model" in notes[0]
+
+
+def test_cli_report(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    seed_table2(tmp_path / "out")
+    assert main(["report", str(runs[0]), "--names", "A", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(tmp_path / "out" / "report.html") and lines[-2].startswith("model A: mean AUROC")
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such run folder" in capsys.readouterr().err
+    assert main(["report", str(runs[0]), "--names", "a", "b"]) == 2
+
+
+def test_report_renders_in_chromium(page: tuple[Path, str]):
+    if not CHROMIUM.exists() or shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (make browser / apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    path, _ = page
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            view = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests = []
+            view.on("request", lambda r: requests.append(r.url))
+            view.goto(path.as_uri())
+            assert view.title() == "Chest X-ray diagnosis: report"
+            broken = view.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
+            assert broken == 0 and view.evaluate("document.images.length") >= 8
+            assert view.locator("table.sig-grid").count() == 2 and view.locator("td.sig.s3, td.sig.ns").count() > 0
+            assert all(u.startswith(("file:", "data:")) for u in requests)
+            view.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
