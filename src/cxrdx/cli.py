@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from cxrdx import __version__
 from cxrdx.errors import CxrdxError
@@ -462,17 +463,18 @@ def _explain(args: argparse.Namespace) -> int:
         cache = open_cache(cache_path)
         rows = rows_for_split(cache, read_split(split_path), args.split)[: args.limit]
         names = cache.index["Image Index"].to_numpy()
-        items = [(str(names[r]), np.asarray(cache.images[r])) for r in rows]
+        count, items = len(rows), ((str(names[r]), np.asarray(cache.images[r])) for r in rows)  # lazily: a split can be large
     else:
-        items = [(name, path) for path, name in collect_images(args.images)]
-        if not items:
+        files = collect_images(args.images)
+        if not files:
             raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(args.images)}")
+        count, items = len(files), ((name, path) for path, name in files)
     how = args.finding or ("all" if args.all else "predicted")
     table = write_explanations(
-        predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=len(items), **options
+        predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, **options
     )
     flat = int(table["flat"].sum())
-    print(f"{len(table)} map(s) of {len(items)} image(s) written to {args.out}" + (f"; {flat} flat (nothing highlighted)" if flat else ""))
+    print(f"{len(table)} map(s) of {count} image(s) written to {args.out}" + (f"; {flat} flat (nothing highlighted)" if flat else ""))
     return 0
 
 
@@ -661,8 +663,44 @@ def _export(args: argparse.Namespace) -> int:
 
 # --- report, demo (cxrdx.report / cxrdx.demo) --------------------------------------------------
 # <section report>
-_report_args, _report = _no_args, _pending("report")
-_demo_args, _demo = _no_args, _pending("demo")
+def _report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folders (config.yaml, split.csv, curves.png, eval/, explain/, localize/; see cxrdx.report_html)")
+    parser.add_argument("--names", nargs="+", help="model names, one per RUN_DIR (default: folder names)")
+    parser.add_argument("--out", help="output folder for report.html (default: RUN_DIR/report for one run, ./report for several)")
+    parser.add_argument("--title", default="Chest X-ray diagnosis: report", help="page title")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cxrdx.report_html import SUMMARY, headline, write_report
+
+    out = args.out or (Path(args.runs[0]) / "report" if len(args.runs) == 1 else Path("report"))
+    path = write_report(args.runs, out, args.names, title=args.title, progress=not args.quiet)
+    print(headline(json.loads((path.parent / SUMMARY).read_text(encoding="utf-8"))))
+    print(path)
+    return 0
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    from cxrdx.demo import DemoSettings
+
+    d = DemoSettings()
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
+    parser.add_argument("--n", type=int, default=d.n, help=f"phantom images (default {d.n})")
+    parser.add_argument("--size", type=int, default=d.size, help=f"phantom and cache side in pixels (default {d.size})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs per loss (default {d.epochs})")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cxrdx.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, epochs=args.epochs, seed=args.seed))
+    return 0
 # </section report>
 
 

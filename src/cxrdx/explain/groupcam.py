@@ -1,0 +1,171 @@
+"""Group-CAM (Zhang, Rao & Yang 2021) for multi-label sigmoid models, with batched blend forwards.
+
+1. One forward and one backward of the target finding's logit: Grad-CAM channel weights (the mean
+   gradient) times the target layer's activations.
+2. The weighted channels are split into G contiguous groups (sizes differ by at most one); each
+   group is summed, ReLU'd, upsampled bilinearly to the input size and min-max normalised.
+3. Each group map m blends the input with its blurred copy, x·m + blur(x)·(1−m); its score is
+   ReLU(p(blend) − p(blur(x))) with p the **sigmoid** probability of the target finding (softmax,
+   as in the original, couples findings that are independent here).
+4. saliency = Σ score_g · m_g, min-max normalised. A saliency whose range is below `flat_tol`
+   (no group raised the probability) is reported as flat: zeros and `flat=True`, never noise
+   stretched to [0, 1]. `cxrdx.explain.explain` turns the flag into a FlatSaliencyWarning.
+
+The blurred baseline and the blends of the non-flat groups run in batches of `batch_size`, so one
+explanation costs 1 + ceil((kept groups + 1) / batch_size) forward passes and one backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from cxrdx.errors import CxrdxError
+
+BLUR_KERNEL_224 = 51
+BLUR_SIGMA_224 = 50.0
+
+
+@dataclass
+class GroupCamResult:
+    saliency: np.ndarray  # (H, W) float32 in [0, 1]; zeros when flat
+    flat: bool
+    probability: float  # sigmoid probability of the target finding on the input
+    scores: np.ndarray  # (G,) score of each group; 0 for groups whose map was flat
+    forwards: int  # forward passes of the model spent on this explanation
+
+
+def blur_parameters(height: int, width: int) -> tuple[list[int], list[float]]:
+    """Gaussian kernel sizes and sigmas, (x, y) order: 51 and 50 at 224 px, scaled with the input side."""
+    kernels, sigmas = [], []
+    for side in (width, height):
+        scaled = BLUR_KERNEL_224 * side / 224
+        kernels.append(max(3, 2 * round((scaled - 1) / 2) + 1))
+        sigmas.append(BLUR_SIGMA_224 * side / 224)
+    return kernels, sigmas
+
+
+def blur(x: torch.Tensor) -> torch.Tensor:
+    """The Group-CAM baseline: x blurred with the size-scaled Gaussian (reflect padding)."""
+    kernels, sigmas = blur_parameters(x.shape[-2], x.shape[-1])
+    return gaussian_blur(x, kernel_size=kernels, sigma=sigmas)
+
+
+def group_cam(
+    model: nn.Module,
+    image: torch.Tensor,
+    finding_index: int,
+    target_layer: nn.Module,
+    groups: int = 32,
+    batch_size: int = 32,
+    flat_tol: float = 1e-6,
+) -> GroupCamResult:
+    """Group-CAM saliency of `finding_index` for one image (1, C, H, W), on the model's device."""
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise CxrdxError(f"group_cam explains one image shaped (1, C, H, W); got {tuple(image.shape)}")
+    if groups < 1 or batch_size < 1:
+        raise CxrdxError(f"groups and batch_size must be at least 1; got {groups} and {batch_size}")
+    device = next(model.parameters()).device
+    x = image.detach().to(device=device, dtype=torch.float32)
+    height, width = x.shape[-2:]
+
+    with explaining(model), _capture(target_layer) as captured:
+        forwards = 1
+        x_grad = x.clone().requires_grad_(True)  # keeps the graph alive when parameters are frozen
+        logits = model(x_grad)
+        _check_logits(logits, finding_index)
+        activations = captured["output"]
+        (gradients,) = torch.autograd.grad(logits[0, finding_index], activations)
+        probability = float(torch.sigmoid(logits[0, finding_index].detach()))
+
+    weighted = gradients.mean(dim=(2, 3), keepdim=True) * activations.detach()
+    group_sums = torch.cat([g.sum(1, keepdim=True) for g in torch.tensor_split(weighted, groups, dim=1)], dim=1)
+    maps = F.interpolate(F.relu(group_sums), size=(height, width), mode="bilinear", align_corners=False)[0]
+    low = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - low
+    kept = torch.nonzero(span.flatten() > 0).flatten()
+    masks = ((maps[kept] - low[kept]) / span[kept]).unsqueeze(1)  # (K, 1, H, W)
+
+    blurred = blur(x)
+    probabilities = []
+    with explaining(model), torch.no_grad():
+        for start in range(0, len(kept) + 1, batch_size):  # item 0 is the blurred baseline
+            stop = min(start + batch_size, len(kept) + 1)
+            parts = [blurred] if start == 0 else []
+            m = masks[max(start - 1, 0) : stop - 1]
+            parts.append(x * m + blurred * (1 - m))
+            probabilities.append(torch.sigmoid(model(torch.cat(parts))[:, finding_index]))
+            forwards += 1
+    probabilities = torch.cat(probabilities)
+    kept_scores = F.relu(probabilities[1:] - probabilities[0])
+
+    saliency = (kept_scores.view(-1, 1, 1) * masks[:, 0]).sum(0) if len(kept) else torch.zeros_like(x[0, 0])
+    scores = torch.zeros(groups, device=device)
+    scores[kept] = kept_scores
+    low, high = saliency.min(), saliency.max()
+    flat = bool(high - low <= flat_tol)
+    saliency = torch.zeros_like(saliency) if flat else (saliency - low) / (high - low)
+    return GroupCamResult(
+        saliency=saliency.float().cpu().numpy(),
+        flat=flat,
+        probability=probability,
+        scores=scores.cpu().numpy(),
+        forwards=forwards,
+    )
+
+
+def expected_forwards(kept_groups: int, batch_size: int) -> int:
+    """Forward passes of one explanation: the gradient pass, then baseline + blends in batches."""
+    return 1 + math.ceil((kept_groups + 1) / batch_size)
+
+
+def _check_logits(logits: torch.Tensor, finding_index: int) -> None:
+    if logits.ndim != 2 or not 0 <= finding_index < logits.shape[1]:
+        raise CxrdxError(f"finding index {finding_index} is out of range for model output {tuple(logits.shape)}")
+
+
+@contextlib.contextmanager
+def explaining(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters for the duration; restores mode, flags and any .grad after."""
+    training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(training)
+
+
+
+@contextlib.contextmanager
+def _capture(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record `layer`'s output; the model goes on with a copy, so in-place ops later can't alter it."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise CxrdxError(f"Group-CAM needs a target layer with (N, C, h, w) output; got {shape}")
+        captured["output"] = output
+        return output.clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
