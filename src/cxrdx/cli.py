@@ -692,6 +692,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
     parser.add_argument("--n", type=int, default=d.n, help=f"phantom images (default {d.n})")
     parser.add_argument("--size", type=int, default=d.size, help=f"phantom and cache side in pixels (default {d.size})")
+    parser.add_argument("--input-size", type=int, default=d.input_size, help=f"model input side in pixels (default {d.input_size})")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs per loss (default {d.epochs})")
     parser.add_argument("--seed", type=int, default=d.seed)
 
@@ -699,7 +700,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from cxrdx.demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, epochs=args.epochs, seed=args.seed))
+    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed))
     return 0
 # </section report>
 
