@@ -21,8 +21,10 @@ browser:
 	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will skip"; \
 	  else echo "chromium not installed: browser test will skip"; fi; }
 
+# demo-out/ is the demo's own folder: each run starts it afresh.
 demo: $(STAMP)
-	$(VENV)/bin/cxrdx demo
+	rm -rf demo-out
+	$(VENV)/bin/cxrdx demo --out demo-out
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
