@@ -54,6 +54,10 @@ def run(out: Path, cache: Path, split: Path, loss: str, seed: int, epochs: int, 
 
 
 def cell(values: list[float]) -> str:
+    """mean ± sd over seeds; "n/a" where the test split has no positive (AUROC undefined)."""
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return "n/a"
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
