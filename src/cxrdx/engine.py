@@ -99,6 +99,28 @@ def _init_distributed(device_name: str) -> tuple[Dist, torch.device, bool]:
     return info, device, created
 
 
+@contextlib.contextmanager
+def distributed(device_name: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+    """torchrun's process group for the block (gloo on the CPU, NCCL on CUDA, device per LOCAL_RANK):
+    created when absent and, after a barrier, torn down on leaving. One process: Dist() and its device."""
+    info, device, created = _init_distributed(device_name)
+    try:
+        yield info, device
+    finally:
+        if created and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def leave_torchrun_worker() -> None:
+    """Under torchrun, end this process now with status 0 once its work succeeded: gloo workers can abort
+    in interpreter teardown after a successful run. A single process returns."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def _is_channels_last(model: nn.Module) -> bool:
     return any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
                for p in model.parameters())
@@ -211,6 +233,16 @@ def _loaders(config: TrainConfig, data: _Data, info: Dist) -> tuple[DataLoader, 
 # --- inference -----------------------------------------------------------------------------------
 
 
+def _gathering() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def inference_sampler(dataset: Dataset) -> DistributedSampler | None:
+    """This rank's shard of `dataset` for run_inference under DDP (in order; run_inference drops the
+    padding when it gathers); None in a single process."""
+    return DistributedSampler(dataset, shuffle=False) if _gathering() else None
+
+
 def _local_indices(loader: DataLoader) -> list[int]:
     sampler = loader.sampler
     if isinstance(sampler, DistributedSampler):
@@ -242,7 +274,7 @@ def _logits(
     width = len(FINDINGS)
     out = np.concatenate(outputs) if outputs else np.zeros((0, width))
     tgt = np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.uint8)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _gathering():
         return out, tgt, np.asarray(names, dtype=object)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (_local_indices(loader), out, tgt, names))
@@ -671,15 +703,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     process calls this; rank 0 writes. `resume` continues RUN/checkpoints/last.pt exactly;
     `stop_after_epoch` ends after that many epochs (the schedule still spans optim.epochs)."""
     config = copy.deepcopy(config)
-    info, device, created_group = _init_distributed(config.runtime.device)
-    try:
+    with distributed(config.runtime.device) as (info, device):
         run = setup_run(config, resume, info, device)
         _fit(run, stop_after_epoch, progress)
         return run.run_dir
-    finally:
-        if created_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:

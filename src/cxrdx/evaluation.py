@@ -8,6 +8,7 @@ is self-contained for `compare`), metrics.json, report.md, roc.png and reliabili
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +168,10 @@ def predict_split(
 
     Images come from the prepared cache (default: the one the model was trained on) or, with
     `data_dir`, from the raw image folder and its Data_Entry table. Returns notes for the user.
+    Under torchrun each process predicts its shard and every process gets the whole split.
     """
     from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
-    from cxrdx.engine import resolve_device, run_inference
+    from cxrdx.engine import distributed, inference_sampler, run_inference
 
     ckpt = load_checkpoint(checkpoint)
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
@@ -201,10 +203,11 @@ def predict_split(
         rows = None if series is None else rows_for_split(opened, series, split)
         dataset = CacheDataset(opened, rows, transform)
         patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))
-    torch_device = resolve_device(device)
-    model = ckpt.build_model(torch_device)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
-    probs, targets, names = run_inference(model, _Progress(loader, f"predict {split}", progress), torch_device, hflip=hflip)
+    with distributed(device) as (info, torch_device):
+        model = ckpt.build_model(torch_device)
+        loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(dataset))
+        shown = _Progress(loader, f"predict {split}", progress and info.main)
+        probs, targets, names = run_inference(model, shown, torch_device, hflip=hflip)
     probs = metrics.apply_temperature(probs, ckpt.temperature)
     return ckpt, SplitPredictions(list(names), probs, targets, np.array([patients[n] for n in names])), notes
 
@@ -270,12 +273,20 @@ def evaluate_checkpoint(
     expert_labels: str | Path | None = None,
     name: str | None = None,
     **predict_kwargs: Any,
-) -> dict[str, Any]:
-    """Predict `split` with the checkpoint and write the evaluation folder `out` (see module docstring)."""
-    ckpt, preds, notes = predict_split(checkpoint, split=split, **predict_kwargs)
-    validation = None
-    if thresholds in metrics.THRESHOLD_METHODS:
-        validation = predict_split(checkpoint, split="val", **predict_kwargs)[1]
+) -> dict[str, Any] | None:
+    """Predict `split` with the checkpoint and write the evaluation folder `out` (see module docstring).
+
+    Under torchrun every process predicts its shard; rank 0 alone writes and gets the result, the others None.
+    """
+    from cxrdx.engine import distributed
+
+    with distributed(predict_kwargs.get("device", "auto")) as (info, _):  # one process group for both splits
+        ckpt, preds, notes = predict_split(checkpoint, split=split, **predict_kwargs)
+        validation = None
+        if thresholds in metrics.THRESHOLD_METHODS:
+            validation = predict_split(checkpoint, split="val", **predict_kwargs)[1]
+    if not info.main:
+        return None
     chosen = resolve_thresholds(thresholds, ckpt, validation)
     settings = {
         "checkpoint": str(checkpoint),
@@ -292,6 +303,35 @@ def evaluate_checkpoint(
 
 
 # --- compare ---------------------------------------------------------------------------------------
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    """An evaluation folder's metrics.json as `cxrdx evaluate` wrote it; {} when missing or unreadable."""
+    try:
+        result = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return result if isinstance(result, dict) else {}
+
+
+def stored_thresholds(folder: str | Path) -> np.ndarray | None:
+    """The per-finding decision thresholds in an evaluation folder's metrics.json; None when absent or unusable."""
+    try:
+        per = read_metrics(folder)["per_finding"]
+        values = np.array([float(per[f]["threshold"]) for f in FINDINGS])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return values if np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all() else None
+
+
+def run_thresholds(paths: Sequence[str | Path], models: Sequence[str]) -> dict[str, np.ndarray | float]:
+    """{model: the thresholds stored beside its predictions, else 0.5}, for runs given as to `load_runs`."""
+    stored = [stored_thresholds(find_predictions(p).parent) for p in paths]
+    lacking = [m for m, s in zip(models, stored) if s is None]
+    if lacking and len(lacking) < len(models):  # mixed: say so, Table 4 is then not like for like
+        warnings.warn(f"no thresholds in metrics.json for {', '.join(lacking)}: Table 4 uses 0.5 for them, "
+                      "each other run's own thresholds for the rest", stacklevel=2)
+    return {m: 0.5 if s is None else s for m, s in zip(models, stored)}
 
 
 def load_runs(
@@ -334,13 +374,18 @@ def compare_runs(
     paths: Sequence[str | Path],
     names: Sequence[str] | None = None,
     labels: str | Path | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     out: str | Path | None = None,
     formats: Sequence[str] = report.FORMATS,
 ) -> tuple[metrics.Comparison, list[report.Table]]:
-    """Tables 3-5 and the model-vs-model tests for prediction files; writes tables and roc.png into `out`."""
+    """Tables 3-5 and the model-vs-model tests for prediction files; writes tables and roc.png into `out`.
+
+    Table 4 applies `threshold` to every model when given; by default each run's own thresholds
+    (its metrics.json, as `cxrdx evaluate` chose them), else 0.5.
+    """
     _, probs, y, _ = load_runs(paths, names, labels)
-    cmp = metrics.compare_models(y, probs, thresholds=threshold)
+    thresholds = run_thresholds(paths, list(probs)) if threshold is None else threshold
+    cmp = metrics.compare_models(y, probs, thresholds=thresholds)
     tables = report.comparison_tables(cmp)
     if out is not None:
         report.write_tables(tables, out, formats)
