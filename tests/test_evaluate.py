@@ -183,6 +183,53 @@ def test_prediction_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert "nowhere: no such file or folder" in capsys.readouterr().err
 
 
+def _store_thresholds(folder: Path, thresholds: np.ndarray) -> None:
+    """metrics.json's per-finding thresholds, as `cxrdx evaluate --thresholds youden` leaves them."""
+    per = {f: {"auroc": 0.7, "threshold": float(t)} for f, t in zip(FINDINGS, thresholds)}
+    (folder / "metrics.json").write_text(json.dumps({"settings": {"thresholds": "youden"}, "per_finding": per}))
+
+
+def test_compare_uses_each_runs_own_thresholds(tmp_path: Path, capsys: pytest.CaptureFixture):
+    rng = np.random.default_rng(1)
+    names = [f"{i:08d}_000.png" for i in range(200)]
+    y = (rng.random((200, 14)) < 0.3).astype(np.uint8)
+    pa, pb, pc = (np.clip(s * y + (1 - s) * rng.random(y.shape), 0, 1) for s in (0.4, 0.2, 0.3))
+    a, b, c = (_write_run(tmp_path / n, names, p, y) for n, p in (("a", pa), ("b", pb), ("c", pc)))
+    ta, tb = np.linspace(0.2, 0.6, 14), np.linspace(0.7, 0.3, 14)
+    _store_thresholds(a, ta)
+    _store_thresholds(b, tb)
+    accuracy = lambda p, t: ((p >= t) == y).mean(axis=0)  # noqa: E731
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both runs have thresholds: nothing to warn about
+        cmp, _ = evaluation.compare_runs([a, b])
+    for model, p, t in (("a", pa, ta), ("b", pb, tb)):
+        per = cmp.evaluations[model].per_finding
+        np.testing.assert_allclose(per["threshold"], t)
+        np.testing.assert_allclose(per["accuracy"], accuracy(p, t))
+    forced, _ = evaluation.compare_runs([a, b], threshold=0.45)
+    for model, p in (("a", pa), ("b", pb)):
+        np.testing.assert_allclose(forced.evaluations[model].per_finding["threshold"], 0.45)
+        np.testing.assert_allclose(forced.evaluations[model].per_finding["accuracy"], accuracy(p, 0.45))
+
+    (b / "metrics.json").write_text("{damaged")  # unusable and absent (c) both mean 0.5, with a note
+    with pytest.warns(UserWarning, match="no thresholds in metrics.json for b, c: Table 4 uses 0.5"):
+        mixed, _ = evaluation.compare_runs([a, b / "predictions.csv", c])
+    np.testing.assert_allclose(mixed.evaluations["a"].per_finding["threshold"], ta)
+    for model in ("b", "c"):
+        np.testing.assert_allclose(mixed.evaluations[model].per_finding["threshold"], 0.5)
+
+    out = tmp_path / "tables"
+    assert main(["compare", str(a), str(c), "--out", str(out), "--format", "csv"]) == 0
+    assert "cxrdx compare: note: no thresholds in metrics.json for c" in capsys.readouterr().err
+    table4 = pd.read_csv(out / "table4.csv").set_index(["Metric", "Finding"])
+    assert table4.loc[("Accuracy", "Mass"), "a"] == pytest.approx(accuracy(pa, ta)[FINDINGS.index("Mass")])
+    assert main(["compare", str(a), str(c), "--threshold", "0.45", "--out", str(out), "--format", "csv"]) == 0
+    assert "no thresholds" not in capsys.readouterr().err
+    table4 = pd.read_csv(out / "table4.csv").set_index(["Metric", "Finding"])
+    assert table4.loc[("Accuracy", "Mass"), "a"] == pytest.approx(accuracy(pa, 0.45)[FINDINGS.index("Mass")])
+
+
 def test_missing_split_file_is_explained(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     lone = tmp_path / "lone.pt"
     shutil.copy(run_dir / "checkpoints" / "best.pt", lone)

@@ -200,6 +200,61 @@ def test_runs_on_different_images_are_shown_one_by_one(tmp_path: Path, runs: lis
     assert "id='table-delong'" not in text and text.count("id='table-table3'") == 2
 
 
+def test_bootstrap_and_expert_label_results_are_shown(tmp_path: Path, runs: list[Path]):
+    from cxrdx.evaluation import SplitPredictions, evaluate_predictions, read_labels, read_predictions
+
+    run = tmp_path / "boot"
+    shutil.copytree(runs[1], run)
+    probs = read_predictions(run / "eval" / "predictions.csv")
+    truth = read_labels(run / "eval" / "labels.csv").loc[probs.index]
+    names = list(probs.index)
+    yes = lambda flags: np.where(flags, "YES", "NO")  # noqa: E731
+    expert = pd.DataFrame({"Image Index": names, "Pneumothorax": yes(truth["Pneumothorax"] == 1),
+                           "Nodule or mass": yes(np.arange(len(names)) % 2 == 0)})
+    expert.to_csv(tmp_path / "expert.csv", index=False)
+    preds = SplitPredictions(names, probs.to_numpy(), truth[list(FINDINGS)].to_numpy(np.uint8), truth["Patient ID"].to_numpy())
+    with pytest.warns(Warning):  # tiny test split: some findings lack positives
+        result = evaluate_predictions(preds, run / "eval", "boot", 0.5, n_bootstrap=30, expert_labels=tmp_path / "expert.csv")
+    seed_table2(tmp_path / "out")
+    text = report_html.write_report([run], tmp_path / "out", progress=False).read_text()
+    start = text.index("<section id='performance'>")
+    performance = text[start : text.index("</section>", start)]
+    assert "id='table-bootstrap-boot'" in performance and "id='table-expert-boot'" in performance
+    f = report.format_value
+    boot = result["overall"]["auroc_bootstrap"]
+    assert "patient-level bootstrap CIs: boot" in performance and "30 resamples of the test patients" in performance
+    mean = result["overall"]["auroc"]
+    assert (f"<th scope='row'>Overall (mean over findings)</th><td class='num'>{f(mean['mean'])}</td><td class='num'>{f(mean['low'])}–"
+            f"{f(mean['high'])}</td><td class='num'>{f(boot['low'])}–{f(boot['high'])}</td>") in performance
+    for k, row in result["per_finding"].items():
+        if row["auroc_boot_low"] is None:
+            assert f"<th scope='row'>{k}</th><td class='num'>–</td><td class='num'>–</td><td class='num'>–</td>" in performance
+        else:
+            assert (f"<th scope='row'>{k}</th><td class='num'>{f(row['auroc'])}</td><td class='num'>{f(row['auroc_low'])}–{f(row['auroc_high'])}"
+                    f"</td><td class='num'>{f(row['auroc_boot_low'])}–{f(row['auroc_boot_high'])}</td>") in performance
+    assert any(row["auroc_boot_low"] is not None for row in result["per_finding"].values())
+    for finding, row in result["expert_labels"].items():
+        assert f"<th scope='row'>{finding}</th><td class='num'>{row['images']}</td>" in performance
+        assert f"{f(row['expert_auroc'])} ({f(row['expert_low'])}, {f(row['expert_high'])})" in performance
+    assert f(result["expert_labels"]["Nodule or mass"]["label_agreement"]) in performance
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{}, {"overall": None}, {"overall": {"auroc": {"mean": 0.7}}, "per_finding": {"Mass": {"threshold": 0.5}}},
+     {"overall": {"auroc_bootstrap": {"low": 0.6}}, "per_finding": []}, {"expert_labels": [1, 2]},
+     {"expert_labels": {"Pneumothorax": {"images": 3}}}, {"expert_labels": {"Pneumothorax": 1}}, {"expert_labels": {}}],
+)
+def test_missing_or_damaged_extras_show_nothing(tmp_path: Path, result: dict):
+    run = report_html.Run("r", tmp_path, {})
+    assert report_html.bootstrap_table(run, result) is None and report_html.expert_labels_table(run, result) is None
+
+
+def test_plain_evaluations_have_no_extra_tables(page: tuple[Path, str]):
+    _, text = page
+    assert "id='table-bootstrap" not in text and "id='table-expert" not in text
+
+
 def test_model_rows_are_cached(tmp_path: Path):
     calls = []
 

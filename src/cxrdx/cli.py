@@ -324,6 +324,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import warnings
 
+    from cxrdx.engine import leave_torchrun_worker
     from cxrdx.evaluation import evaluate_checkpoint
     from cxrdx.report import format_mean_ci
 
@@ -331,11 +332,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         result = evaluate_checkpoint(args.checkpoint, args.out, args.split, args.thresholds, args.bootstrap,
                                      args.expert_labels, args.name, **_inference_kwargs(args))
-    _report_notes("evaluate", caught)
-    overall = result["overall"]
-    print(f"{result['settings']['images']} images; mean AUROC {format_mean_ci(overall['auroc'])}; "
-          f"exact-match accuracy {overall['exact_match_accuracy']:.3f}")
-    print(f"wrote {args.out}/ (predictions.csv, labels.csv, metrics.json, report.md, roc.png, reliability.png)")
+    if result is not None:  # under torchrun: rank 0 alone
+        _report_notes("evaluate", caught)
+        overall = result["overall"]
+        print(f"{result['settings']['images']} images; mean AUROC {format_mean_ci(overall['auroc'])}; "
+              f"exact-match accuracy {overall['exact_match_accuracy']:.3f}")
+        print(f"wrote {args.out}/ (predictions.csv, labels.csv, metrics.json, report.md, roc.png, reliability.png)")
+    leave_torchrun_worker()
     return 0
 
 
@@ -343,7 +346,9 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluation folders (or predictions.csv files) of the same images")
     parser.add_argument("--names", nargs="+", help="model names, one per RUN (default: folder names)")
     parser.add_argument("--labels", help="labels: evaluate's labels.csv or a Data_Entry table (default: labels.csv beside the first RUN)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold for Table 4 (default 0.5)")
+    parser.add_argument("--threshold", type=float,
+                        help="one decision threshold for Table 4, for every model (default: each run's own thresholds "
+                        "from the metrics.json beside its predictions, else 0.5)")
     parser.add_argument("--out", help="folder for the tables and roc.png")
     parser.add_argument("--format", nargs="+", choices=["md", "csv", "json"], default=["md", "csv", "json"],
                         help="table formats written to --out (default: all three); Markdown is always printed")
@@ -473,9 +478,15 @@ def _explain(args: argparse.Namespace) -> int:
     table = write_explanations(
         predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, **options
     )
-    flat = int(table["flat"].sum())
-    print(f"{len(table)} map(s) of {count} image(s) written to {args.out}" + (f"; {flat} flat (nothing highlighted)" if flat else ""))
-    return 0
+    failed = table[table["error"] != ""]
+    for name, reason in zip(failed["Image Index"], failed["error"]):
+        print(f"cxrdx explain: {name}: {reason}", file=sys.stderr)
+    maps = table[table["error"] == ""]
+    flat = int(maps["flat"].sum())
+    print(f"{len(maps)} map(s) of {count - len(failed)} image(s) written to {args.out}" + (f"; {flat} flat (nothing highlighted)" if flat else ""))
+    if len(failed):
+        print(f"cxrdx explain: {len(failed)} of {count} images could not be read", file=sys.stderr)
+    return 1 if len(failed) else 0
 
 
 def _localize_args(parser: argparse.ArgumentParser) -> None:

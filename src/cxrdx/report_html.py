@@ -156,12 +156,10 @@ def open_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
 
 def _thresholds(run: Run) -> np.ndarray | float:
     """The decision thresholds `cxrdx evaluate` used (RUN/eval/metrics.json), else 0.5."""
-    path = run.path / EVAL / "metrics.json"
-    try:
-        per = json.loads(path.read_text(encoding="utf-8"))["per_finding"]
-        return np.array([float(per[f]["threshold"]) for f in FINDINGS])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.5
+    from cxrdx.evaluation import stored_thresholds
+
+    stored = stored_thresholds(run.path / EVAL)
+    return 0.5 if stored is None else stored
 
 
 def _score(runs: list[Run]) -> Scores:
@@ -561,6 +559,54 @@ def _ece_table(cmp: metrics.Comparison) -> report.Table:
     return report.Table("ece", "Calibration: ECE by finding", data, display, notes)
 
 
+def bootstrap_table(run: Run, result: dict[str, Any]) -> report.Table | None:
+    """AUROC with its DeLong and its bootstrap CI per finding (`cxrdx evaluate --bootstrap N`); None without them."""
+    try:
+        boot, overall = result["overall"]["auroc_bootstrap"], result["overall"]["auroc"]
+        per = pd.DataFrame.from_dict(result["per_finding"], orient="index")
+        data = per[["auroc", "auroc_low", "auroc_high", "auroc_boot_low", "auroc_boot_high"]].apply(pd.to_numeric, errors="coerce")
+        data.loc["Overall (mean over findings)"] = [overall["mean"], overall["low"], overall["high"], boot["low"], boot["high"]]
+        data = data.astype(np.float64)
+        replicates, unit, level = int(boot["replicates"]), str(boot["unit"]), float(result["overall"].get("level", 0.95))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    data.index.name = "Finding"
+    interval = lambda lo, hi: f"{report.format_value(lo)}–{report.format_value(hi)}" if np.isfinite(lo) and np.isfinite(hi) else report.DASH  # noqa: E731
+    display = pd.DataFrame(
+        {
+            "AUROC": data["auroc"].map(report.format_value),
+            f"{round(level * 100)}% CI (DeLong)": [interval(lo, hi) for lo, hi in data[["auroc_low", "auroc_high"]].to_numpy()],
+            f"{round(level * 100)}% CI (bootstrap)": [interval(lo, hi) for lo, hi in data[["auroc_boot_low", "auroc_boot_high"]].to_numpy()],
+        },
+        index=data.index,
+    )
+    whole = " (a drawn patient brings all their images)" if unit == "patient" else ""
+    notes = [f"Bootstrap: percentile interval over {replicates} resamples of the test {unit}s{whole}.",
+             "Overall row: the mean AUROC over findings; its first interval is the t-interval over findings."]
+    return report.Table(f"bootstrap-{_slug(run.name)}", f"AUROC with {unit}-level bootstrap CIs: {run.name}", data, display, notes)
+
+
+def expert_labels_table(run: Run, result: dict[str, Any]) -> report.Table | None:
+    """AUROC against expert labels beside the NLP labels (`cxrdx evaluate --expert-labels`); None without them."""
+    expert = result.get("expert_labels")
+    if not isinstance(expert, dict) or not expert:
+        return None
+    try:
+        table = report.expert_table(pd.DataFrame.from_dict(expert, orient="index").apply(pd.to_numeric, errors="coerce"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return report.Table(f"expert-{_slug(run.name)}", f"{table.title}: {run.name}", table.data, table.display, table.notes)
+
+
+def _evaluate_extras(run: Run) -> str:
+    """What `cxrdx evaluate` stored beyond the basics: bootstrap CIs and expert-label AUROCs, when present."""
+    from cxrdx.evaluation import read_metrics
+
+    result = read_metrics(run.path / EVAL)
+    tables = [t for t in (bootstrap_table(run, result), expert_labels_table(run, result)) if t is not None]
+    return "".join(report.html(t) for t in tables)
+
+
 def results_sections(groups: list[Scores], notes: list[str]) -> list[Section]:
     if not groups:
         text = "No evaluation: run `cxrdx evaluate --checkpoint RUN/checkpoints/best.pt --out RUN/eval` for Tables 3–5, ROC curves and calibration."
@@ -573,6 +619,7 @@ def results_sections(groups: list[Scores], notes: list[str]) -> list[Section]:
         perf += [label, _notes_box(cmp.notes), report.html(_keep_ci_together(report.table3(cmp)), _auroc_shade(cmp)),
                  f"<details><summary>AUROC per finding with its 95% DeLong CI, threshold and ECE</summary>{per_finding}</details>",
                  report.html(_keep_ci_together(wide_table4(report.table4(cmp))))]
+        perf += [_evaluate_extras(run) for run in group.runs]
         tests.append(label)
         if len(cmp.models) > 1:
             tests += [report.html(report.delong_table(cmp)), report.html(report.anova_table(cmp))]

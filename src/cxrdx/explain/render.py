@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxrdx.atomic import atomic_path, write_text
-from cxrdx.errors import CxrdxError
+from cxrdx.errors import CxrdxError, ImageReadError
 
 if TYPE_CHECKING:
     from cxrdx.predict import ImageSource, Predictor
@@ -84,8 +84,9 @@ def write_explanations(
     """For each (name, image) and chosen finding: out/FINDING/STEM.METHOD.png (panel) and .npy (map).
 
     Images are prepared as the predictor does (read, resize to the cache size, eval transform).
-    Returns one row per map (Image Index, Finding, probability, flat, png, npy), also written to
-    out/explanations.csv.
+    Returns one row per map (Image Index, Finding, probability, flat, png, npy, error), also written to
+    out/explanations.csv. An unreadable image does not stop the others: it gets one row with only
+    Image Index and `error` (the reason) filled in.
     """
     from cxrdx.explain.registry import FlatSaliencyWarning, explain
 
@@ -94,7 +95,13 @@ def write_explanations(
     with tqdm(total=total, desc=f"explain ({method})", unit="img", disable=not progress) as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", FlatSaliencyWarning)  # reported in the table and the caption
         for name, source in images:
-            pixels = predictor.load(source, name=name)
+            try:
+                pixels = predictor.load(source, name=name)
+            except ImageReadError as exc:
+                rows.append({"Image Index": name, "Finding": "", "probability": np.nan, "flat": False, "png": "", "npy": "",
+                             "error": exc.reason})
+                bar.update(1)
+                continue
             probabilities = predictor.predict_proba(pixels[None])[0]
             image = predictor.to_tensor(pixels[None])
             stem = str(Path(name).with_suffix(""))
@@ -108,9 +115,9 @@ def write_explanations(
                 npy = save_map(saliency, base.with_name(base.name + ".npy"))
                 rows.append(
                     {"Image Index": name, "Finding": finding, "probability": float(probabilities[index]),
-                     "flat": flat, "png": str(png), "npy": str(npy)}
+                     "flat": flat, "png": str(png), "npy": str(npy), "error": ""}
                 )
             bar.update(1)
-    table = pd.DataFrame(rows, columns=["Image Index", "Finding", "probability", "flat", "png", "npy"])
+    table = pd.DataFrame(rows, columns=["Image Index", "Finding", "probability", "flat", "png", "npy", "error"])
     write_text(out / "explanations.csv", table.to_csv(index=False))
     return table
