@@ -56,3 +56,21 @@ def phantom_split(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("split") / "split.csv"
     write_split(make_split(index, strategy="patient", seed=0), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def cam_model():
+    """A tiny random 1-channel, 14-output timm ResNet in eval mode, for explanation tests."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=14, in_chans=1, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def cam_image():
+    """One seeded 1x1x64x64 random input."""
+    import torch
+
+    return torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,17 +17,6 @@ from cxrdx.explain import FlatSaliencyWarning, explain, group_cam
 from cxrdx.explain.groupcam import blur_parameters, expected_forwards
 
 SIZE, FINDING, GROUPS, LAYER = 64, 0, 32, "layer3"
-
-
-@pytest.fixture(scope="module")
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("test_resnet", num_classes=14, in_chans=1, pretrained=False).eval()
-
-
-@pytest.fixture(scope="module")
-def image() -> torch.Tensor:
-    return torch.randn(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
 
 def transcription(model: nn.Module, x: torch.Tensor, finding: int, layer: str, groups: int) -> tuple[np.ndarray, list[float]]:
@@ -74,27 +62,27 @@ def transcription(model: nn.Module, x: torch.Tensor, finding: int, layer: str, g
 
 
 @pytest.fixture(scope="module")
-def reference(model: nn.Module, image: torch.Tensor) -> tuple[np.ndarray, list[float]]:
-    return transcription(model, image, FINDING, LAYER, GROUPS)
+def reference(cam_model: nn.Module, cam_image: torch.Tensor) -> tuple[np.ndarray, list[float]]:
+    return transcription(cam_model, cam_image, FINDING, LAYER, GROUPS)
 
 
-def test_equals_unbatched_transcription(model, image, reference):
+def test_equals_unbatched_transcription(cam_model, cam_image, reference):
     expected, scores = reference
     assert sum(s > 0 for s in scores) >= 3  # a real map, not a degenerate case
-    result = group_cam(model, image, FINDING, model.get_submodule(LAYER), groups=GROUPS, batch_size=5)
+    result = group_cam(cam_model, cam_image, FINDING, cam_model.get_submodule(LAYER), groups=GROUPS, batch_size=5)
     assert not result.flat
     np.testing.assert_allclose(result.scores, scores, atol=1e-6)
     np.testing.assert_allclose(result.saliency, expected, atol=1e-5)
     with torch.no_grad():
-        probability = float(torch.sigmoid(model(image))[0, FINDING])
+        probability = float(torch.sigmoid(cam_model(cam_image))[0, FINDING])
     assert result.probability == pytest.approx(probability, abs=1e-6)
 
 
 @pytest.mark.parametrize("batch_size", [4, 64])
-def test_forward_passes_are_as_claimed(model, image, reference, monkeypatch, batch_size):
-    kept = sum(1 for s in transcription_kept(model, image))
+def test_forward_passes_are_as_claimed(cam_model, cam_image, reference, monkeypatch, batch_size):
+    kept = sum(1 for s in transcription_kept(cam_model, cam_image))
     calls = {"forward": 0, "grad": 0}
-    handle = model.register_forward_hook(lambda *args: calls.__setitem__("forward", calls["forward"] + 1))
+    handle = cam_model.register_forward_hook(lambda *args: calls.__setitem__("forward", calls["forward"] + 1))
     grad = torch.autograd.grad
 
     def counting_grad(*args, **kwargs):
@@ -103,7 +91,7 @@ def test_forward_passes_are_as_claimed(model, image, reference, monkeypatch, bat
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     try:
-        result = group_cam(model, image, FINDING, model.get_submodule(LAYER), groups=GROUPS, batch_size=batch_size)
+        result = group_cam(cam_model, cam_image, FINDING, cam_model.get_submodule(LAYER), groups=GROUPS, batch_size=batch_size)
     finally:
         handle.remove()
     assert calls == {"forward": expected_forwards(kept, batch_size), "grad": 1}
@@ -125,33 +113,33 @@ def transcription_kept(model: nn.Module, x: torch.Tensor) -> list[int]:
     return [g for g, s in enumerate(sums) if s.max() > s.min()]
 
 
-def test_map_has_input_size_and_lies_in_unit_range(model):
+def test_map_has_input_size_and_lies_in_unit_range(cam_model):
     x = torch.randn(1, 1, 48, 80, generator=torch.Generator().manual_seed(2))
-    result = group_cam(model, x, FINDING, model.layer4, groups=8, batch_size=16)
+    result = group_cam(cam_model, x, FINDING, cam_model.layer4, groups=8, batch_size=16)
     assert result.saliency.shape == (48, 80) and result.saliency.dtype == np.float32
     assert result.saliency.min() == 0.0 and result.saliency.max() == pytest.approx(1.0)
 
 
-def test_leaves_the_model_as_it_was(model, image):
-    trained = copy.deepcopy(model).train()
+def test_leaves_the_model_as_it_was(cam_model, cam_image):
+    trained = copy.deepcopy(cam_model).train()
     marker = [torch.full_like(p, 7.0) for p in trained.parameters()]
     for p, g in zip(trained.parameters(), marker):
         p.grad = g
-    result = group_cam(trained, image, FINDING, trained.get_submodule(LAYER), groups=GROUPS, batch_size=64)
+    result = group_cam(trained, cam_image, FINDING, trained.get_submodule(LAYER), groups=GROUPS, batch_size=64)
     assert trained.training
     assert all(p.requires_grad and p.grad is g for p, g in zip(trained.parameters(), marker))
     assert all(not m._forward_hooks for m in trained.modules())
-    eval_result = group_cam(model, image, FINDING, model.get_submodule(LAYER), groups=GROUPS, batch_size=64)
+    eval_result = group_cam(cam_model, cam_image, FINDING, cam_model.get_submodule(LAYER), groups=GROUPS, batch_size=64)
     np.testing.assert_allclose(result.saliency, eval_result.saliency, atol=1e-6)  # ran in eval mode
 
 
-def test_flat_map_is_reported_not_stretched(model, image):
-    silent = copy.deepcopy(model)
+def test_flat_map_is_reported_not_stretched(cam_model, cam_image):
+    silent = copy.deepcopy(cam_model)
     nn.init.zeros_(silent.fc.weight)  # the logit ignores the image: no gradient, no group
-    result = group_cam(silent, image, FINDING, silent.layer4, groups=8)
+    result = group_cam(silent, cam_image, FINDING, silent.layer4, groups=8)
     assert result.flat and not result.saliency.any() and not result.scores.any()
     with pytest.warns(FlatSaliencyWarning):
-        saliency = explain(silent, image, FINDING, target_layers=[silent.layer4], groups=8)
+        saliency = explain(silent, cam_image, FINDING, target_layers=[silent.layer4], groups=8)
     assert saliency.shape == (SIZE, SIZE) and not saliency.any()
 
 
@@ -162,9 +150,9 @@ def test_blur_scales_with_the_input():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_same_map_on_cuda(model, image, reference):
-    gpu = copy.deepcopy(model).cuda()
+def test_same_map_on_cuda(cam_model, cam_image, reference):
+    gpu = copy.deepcopy(cam_model).cuda()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = group_cam(gpu, image, FINDING, gpu.get_submodule(LAYER), groups=GROUPS, batch_size=7)
+        result = group_cam(gpu, cam_image, FINDING, gpu.get_submodule(LAYER), groups=GROUPS, batch_size=7)
     np.testing.assert_allclose(result.saliency, reference[0], atol=1e-3)
