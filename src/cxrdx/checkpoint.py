@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,9 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     """Write atomically: a crash mid-write leaves the previous file intact."""
+    payload = {f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)}  # asdict() would deep-copy every tensor
     with atomic_path(path) as tmp:
-        torch.save(asdict(checkpoint), tmp)
+        torch.save(payload, tmp)
     return Path(path)
 
 

@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.special import expit
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -102,13 +103,15 @@ def _init_distributed(device_name: str) -> tuple[Dist, torch.device, bool]:
 @contextlib.contextmanager
 def distributed(device_name: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
     """torchrun's process group for the block (gloo on the CPU, NCCL on CUDA, device per LOCAL_RANK):
-    created when absent and, after a barrier, torn down on leaving. One process: Dist() and its device."""
+    created when absent and torn down on leaving (after a barrier when the block succeeded). One process:
+    Dist() and its device."""
     info, device, created = _init_distributed(device_name)
     try:
         yield info, device
+        if created:
+            dist.barrier()  # only on success: a failed rank must exit, not wait for peers stuck in a collective
     finally:
         if created and dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -285,19 +288,23 @@ def _logits(
     return out_all, tgt_all, names_all
 
 
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits))
-
-
 def run_inference(
-    model: nn.Module, loader: DataLoader, device: torch.device | str, amp: bool | str = True, hflip: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    amp: bool | str = True,
+    hflip: bool = False,
+    temperature: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Probabilities (N,14) float64, targets (N,14) uint8 and image names, in dataset order, gathered
     over all ranks under DDP (DistributedSampler padding dropped). `amp`: autocast as resolve_amp
-    decides (True = "auto": on CUDA only); `hflip`: average the logits of each image and its mirror."""
+    decides (True = "auto": on CUDA only); `hflip`: average the logits of each image and its mirror;
+    `temperature`: per-finding divisor of the logits before the sigmoid."""
     device = torch.device(device)
     logits, targets, names = _logits(model, loader, device, resolve_amp("auto" if amp is True else amp, device), hflip)
-    return _sigmoid(logits), targets, names.tolist()
+    if temperature is not None:
+        logits = logits / np.asarray(temperature, dtype=np.float64)
+    return expit(logits), targets, names.tolist()
 
 
 def mean_auroc(probs: np.ndarray, targets: np.ndarray) -> tuple[float, list[float | None]]:
@@ -411,10 +418,11 @@ def _all_rng_states(device: torch.device, info: Dist) -> list[dict[str, Any]]:
 
 
 def _better(value: float, best: float | None, monitor: str) -> bool:
+    """The first epoch always counts, so best.pt exists; a NaN never replaces a number."""
+    if best is None or math.isnan(best):
+        return True
     if math.isnan(value):
         return False
-    if best is None:
-        return True
     return value < best if monitor == "val_loss" else value > best
 
 
@@ -554,16 +562,21 @@ def _train_epoch(run: Run, progress: bool) -> tuple[float, float]:
         seen += batch * info.world_size
         if info.main and progress and (run.state.step % 5 == 0 or seen == batch * info.world_size):
             value = loss.item()
-            if not math.isfinite(value):
-                raise CxrdxError(f"the training loss became {value} at step {run.state.step}; lower optim.lr or set runtime.amp=off")
+            _check_finite(value, f"at step {run.state.step}")
             bar.set_postfix(loss=f"{_per_image(value, batch, criterion):.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
                             img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.1f}")
     bar.close()
     if info.enabled:
         dist.all_reduce(total)
     loss_sum, batches = total.tolist()
+    _check_finite(loss_sum, f"in epoch {run.state.epoch + 1}")  # every rank, with or without a progress bar
     mean_loss = _per_image(loss_sum / max(batches, 1), run.config.optim.batch_size // info.world_size, criterion)
     return mean_loss, seen / max(time.perf_counter() - start, 1e-9)
+
+
+def _check_finite(loss: float, where: str) -> None:
+    if not math.isfinite(loss):
+        raise CxrdxError(f"the training loss became {loss} {where}; lower optim.lr or set runtime.amp=off")
 
 
 def _validate(run: Run, model: nn.Module) -> dict[str, Any]:
@@ -571,7 +584,7 @@ def _validate(run: Run, model: nn.Module) -> dict[str, Any]:
     with torch.no_grad():
         loss = run.criterion(torch.as_tensor(logits, dtype=torch.float32, device=run.device),
                              torch.as_tensor(targets, dtype=torch.float32, device=run.device)).item()
-    auroc, per = mean_auroc(_sigmoid(logits), targets)
+    auroc, per = mean_auroc(expit(logits), targets)
     return {"loss": _per_image(loss, len(targets), run.criterion), "mean_auroc": auroc, "auroc": dict(zip(FINDINGS, per))}
 
 

@@ -163,8 +163,9 @@ def predict_split(
     workers: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    apply_temperature: bool = True,
 ) -> tuple[Checkpoint, SplitPredictions, list[str]]:
-    """Model probabilities (temperature applied when the checkpoint has one) for one split.
+    """Model probabilities (the checkpoint's temperature applied unless `apply_temperature` is off) for one split.
 
     Images come from the prepared cache (default: the one the model was trained on) or, with
     `data_dir`, from the raw image folder and its Data_Entry table. Returns notes for the user.
@@ -207,8 +208,9 @@ def predict_split(
         model = ckpt.build_model(torch_device)
         loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(dataset))
         shown = _Progress(loader, f"predict {split}", progress and info.main)
-        probs, targets, names = run_inference(model, shown, torch_device, hflip=hflip)
-    probs = metrics.apply_temperature(probs, ckpt.temperature)
+        # fp32 as Predictor: thresholds and temperatures fitted here must hold for what predict/serve output
+        temperature = ckpt.temperature if apply_temperature else None
+        probs, targets, names = run_inference(model, shown, torch_device, amp=False, hflip=hflip, temperature=temperature)
     return ckpt, SplitPredictions(list(names), probs, targets, np.array([patients[n] for n in names])), notes
 
 
@@ -411,10 +413,14 @@ def calibrate_checkpoint(
     """
     if thresholds is None and not temperature:
         raise CxrdxError("nothing to calibrate: pass --thresholds youden|f1 and/or --temperature")
-    ckpt, preds, _ = predict_split(checkpoint, split=split, **predict_kwargs)
-    raw = metrics.apply_temperature(preds.probs, 1.0 / np.asarray(ckpt.temperature)) if ckpt.temperature else preds.probs
-    summary = pd.DataFrame({"ece_before": metrics.expected_calibration_error(preds.labels, preds.probs)}, index=list(FINDINGS))
-    probs = preds.probs
+    if split in ("test", "all"):
+        raise CxrdxError(f"calibrating on the '{split}' split would leak it into the test results; use 'val'")
+    if predict_kwargs.get("hflip"):
+        raise CxrdxError("--tta-hflip: predict, serve and export do not flip, so thresholds fitted on flipped averages would not hold")
+    ckpt, preds, _ = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
+    raw = preds.probs
+    probs = metrics.apply_temperature(raw, ckpt.temperature)
+    summary = pd.DataFrame({"ece_before": metrics.expected_calibration_error(preds.labels, probs)}, index=list(FINDINGS))
     if temperature:
         ckpt.temperature = [float(t) for t in metrics.fit_temperature(preds.labels, raw)]
         probs = metrics.apply_temperature(raw, ckpt.temperature)
