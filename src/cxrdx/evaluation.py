@@ -192,7 +192,7 @@ def predict_split(
         if located.empty:
             raise CxrdxError(f"{data_dir}: none of the {len(index)} images of split '{split}' was found")
         labels = located[list(FINDINGS)].to_numpy(np.uint8)
-        dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or 256, transform)
+        dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform)  # as Predictor
         patients = dict(zip(located["Image Index"], located["Patient ID"]))
     else:
         from cxrdx.data.cache import open_cache
@@ -201,6 +201,11 @@ def predict_split(
         if not cache_path:
             raise CxrdxError(f"{checkpoint}: the checkpoint names no cache; pass --cache DIR or --data-dir DIR")
         opened = open_cache(cache_path)
+        if ckpt.cache_size is not None and opened.size != ckpt.cache_size:
+            raise CxrdxError(
+                f"{cache_path}: a {opened.size}-px cache, but {checkpoint} was trained on {ckpt.cache_size}-px images; "
+                f"prepare a {ckpt.cache_size}-px cache or use --data-dir (predict resizes files the same way)"
+            )
         rows = None if series is None else rows_for_split(opened, series, split)
         dataset = CacheDataset(opened, rows, transform)
         patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))

@@ -157,11 +157,12 @@ class BasePredictor:
                 probs = self._proba_pixels(np.stack(pixels), False) if pixels else []
                 row = dict(zip(ok, probs, strict=True))
                 for i in chunk:
-                    results.append(self._prediction(names[i], row.get(i), failed.get(i)))
+                    results.append(self.prediction(names[i], row.get(i), failed.get(i)))
                 bar.update(len(chunk))
         return results
 
-    def _prediction(self, name: str, probs: np.ndarray | None, error: str | None) -> Prediction:
+    def prediction(self, name: str, probs: np.ndarray | None, error: str | None = None) -> Prediction:
+        """The Prediction for one image's probabilities at the checkpoint's thresholds (or its error)."""
         if probs is None:
             return Prediction(name=name, error=error)
         probabilities = {f: float(p) for f, p in zip(self.findings, probs, strict=True)}

@@ -332,7 +332,7 @@ def _decode(predictor: BasePredictor, data: bytes) -> np.ndarray:
 
 def _predict_job(predictor: BasePredictor, data: bytes, with_image: bool) -> dict[str, Any]:
     pixels = _decode(predictor, data)
-    prediction = predictor.predict(pixels[None])[0]
+    prediction = predictor.prediction(UPLOAD_NAME, predictor.predict_proba(pixels[None])[0])  # pixels already decoded
     result: dict[str, Any] = {
         "probabilities": prediction.probabilities,
         "thresholds": prediction.thresholds,
