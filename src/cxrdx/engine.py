@@ -89,7 +89,7 @@ def _init_distributed(device_name: str) -> tuple[Dist, torch.device, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = resolve_device(device_name)
-    if device.type == "cuda" and info.enabled and device.index is None:
+    if device.type == "cuda" and info.enabled:  # one GPU per process, even when a fixed index was asked for
         device = torch.device("cuda", info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -209,10 +209,11 @@ def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
     return _Data(cache, split, source, train_rows, val_rows, as_list(mean), as_list(std))
 
 
-def _loaders(config: TrainConfig, data: _Data, info: Dist) -> tuple[DataLoader, DataLoader, _EpochSampler]:
+def _loaders(config: TrainConfig, data: _Data, info: Dist, device: torch.device) -> tuple[DataLoader, DataLoader, _EpochSampler]:
     from cxrdx.data.dataset import CacheDataset, eval_transform, make_loader, train_transform
 
     cfg = config.data
+    pin = device.type == "cuda"
     size = cfg.input_size
     train_set = CacheDataset(
         data.cache,
@@ -224,12 +225,12 @@ def _loaders(config: TrainConfig, data: _Data, info: Dist) -> tuple[DataLoader, 
     sampler = _EpochSampler(DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=config.seed))
     train_loader = make_loader(
         _SeededDataset(train_set, config.seed), per_rank, shuffle=False, workers=cfg.workers,
-        sampler=sampler, drop_last=len(sampler) >= per_rank,
+        sampler=sampler, drop_last=len(sampler) >= per_rank, pin_memory=pin,
     )
     # The loader's own generator: creating its iterator must not consume the global RNG (exact resume).
     train_loader.generator = torch.Generator().manual_seed(config.seed)
     val_sampler = DistributedSampler(val_set, info.world_size, info.rank, shuffle=False) if info.enabled else None
-    val_loader = make_loader(val_set, per_rank, shuffle=False, workers=cfg.workers, sampler=val_sampler)
+    val_loader = make_loader(val_set, per_rank, shuffle=False, workers=cfg.workers, sampler=val_sampler, pin_memory=pin)
     return train_loader, val_loader, sampler
 
 
@@ -685,7 +686,7 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
     _seed_everything(config.seed)  # identical initial weights on every rank
     model = _build_model(config, device, info)
     _seed_everything(config.seed + info.rank)  # per-rank dropout
-    train_loader, val_loader, sampler = _loaders(config, data, info)
+    train_loader, val_loader, sampler = _loaders(config, data, info, device)
     if len(train_loader) == 0:
         raise CxrdxError(f"the training split ({len(data.train_rows)} images) is smaller than one batch")
     amp = resolve_amp(config.runtime.amp, device)

@@ -211,7 +211,8 @@ def predict_split(
         patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))
     with distributed(device) as (info, torch_device):
         model = ckpt.build_model(torch_device)
-        loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(dataset))
+        loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(dataset),
+                             pin_memory=torch_device.type == "cuda")
         shown = _Progress(loader, f"predict {split}", progress and info.main)
         # fp32 as Predictor: thresholds and temperatures fitted here must hold for what predict/serve output
         temperature = ckpt.temperature if apply_temperature else None
