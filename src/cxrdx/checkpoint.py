@@ -65,4 +65,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CxrdxError(f"{path}: not a cxrdx checkpoint (expected format {FORMAT!r})")
     known = Checkpoint.__dataclass_fields__.keys()
-    return Checkpoint(**{k: v for k, v in payload.items() if k in known})
+    try:
+        return Checkpoint(**{k: v for k, v in payload.items() if k in known})
+    except TypeError as exc:  # a required field is missing
+        raise CxrdxError(f"{path}: incomplete cxrdx checkpoint ({exc})") from None

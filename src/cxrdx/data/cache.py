@@ -88,7 +88,11 @@ def open_cache(path: str | Path) -> Cache:
         if (path / PLAN).is_file():
             raise CxrdxError(f"{path}: unfinished cache (an interrupted 'cxrdx prepare'); run the same command again to finish it")
         raise CxrdxError(f"{path}: not a cxrdx cache ({META} is missing)")
-    meta = json.loads((path / META).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        int(meta["size"]), int(meta["count"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CxrdxError(f"{path / META}: damaged cache description ({exc.__class__.__name__}: {exc}); prepare it again") from None
     if meta.get("format") != FORMAT:
         raise CxrdxError(f"{path}: cache format {meta.get('format')} is not supported (expected {FORMAT}); prepare it again")
     try:
