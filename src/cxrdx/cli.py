@@ -419,16 +419,6 @@ def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, d
     return predictor, layers, {"groups": args.groups, "batch_size": args.batch_size}
 
 
-def _run_default(args: argparse.Namespace, checkpoint: object, name: str) -> str | None:
-    """RUN/split.csv or the training cache of the run a checkpoint comes from."""
-    from pathlib import Path
-
-    if name == "split":
-        path = Path(args.checkpoint).resolve().parent.parent / "split.csv"
-        return str(path) if path.is_file() else None
-    return (checkpoint.config.get("data") or {}).get("cache")
-
-
 def _explain_args(parser: argparse.ArgumentParser) -> None:
     _cam_args(parser)
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG or DICOM files, or folders of them")
@@ -445,35 +435,16 @@ def _explain_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from cxrdx.explain import METHODS
     from cxrdx.explain.render import write_explanations
-    from cxrdx.predict import collect_images
+    from cxrdx.explain.runs import explain_inputs
 
     if args.method not in METHODS:
         raise CxrdxError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
     if bool(args.images) == bool(args.split):
         raise CxrdxError("give IMAGE files, or --split NAME (with --cache) for a cache split, not both")
     predictor, layers, options = _cam_setup(args)
-    if args.split:
-        from cxrdx.data.cache import open_cache
-        from cxrdx.data.dataset import rows_for_split
-        from cxrdx.data.splits import read_split
-
-        cache_path = args.cache or _run_default(args, predictor.checkpoint, "cache")
-        split_path = args.split_file or _run_default(args, predictor.checkpoint, "split")
-        if not cache_path or not split_path:
-            raise CxrdxError("batch mode needs --cache and --split-file (no run folder defaults beside the checkpoint)")
-        cache = open_cache(cache_path)
-        rows = rows_for_split(cache, read_split(split_path), args.split)[: args.limit]
-        names = cache.index["Image Index"].to_numpy()
-        count, items = len(rows), ((str(names[r]), np.asarray(cache.images[r])) for r in rows)  # lazily: a split can be large
-    else:
-        files = collect_images(args.images)
-        if not files:
-            raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(args.images)}")
-        count, items = len(files), ((name, path) for path, name in files)
+    count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.cache, args.split_file, args.limit)
     how = args.finding or ("all" if args.all else "predicted")
     table = write_explanations(
         predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, **options
@@ -507,40 +478,18 @@ def _localize_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _localize(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from cxrdx.atomic import write_text
     from cxrdx.explain import METHODS
-    from cxrdx.explain.localization import boxed_images, localize, markdown_tables, read_boxes, summarize
+    from cxrdx.explain.localization import box_file, localize, markdown_tables, read_boxes, summarize, write_localization
+    from cxrdx.explain.runs import localization_inputs
 
-    boxes_path = args.boxes
-    if boxes_path is None and args.data_dir:
-        boxes_path = next((p for p in (Path(args.data_dir) / n for n in ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")) if p.is_file()), None)
-    if boxes_path is None:
-        raise CxrdxError("no box file: pass --boxes BBox_List_2017.csv")
+    boxes_path = box_file(args.boxes, args.data_dir)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise CxrdxError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     boxes = read_boxes(boxes_path)
     predictor, layers, options = _cam_setup(args)
-    if args.split:
-        from cxrdx.data.splits import read_split
-
-        split_path = args.split_file or _run_default(args, predictor.checkpoint, "split")
-        if not split_path:
-            raise CxrdxError("--split needs --split-file (no RUN/split.csv beside the checkpoint)")
-        split = read_split(split_path)
-        boxes = boxes[boxes["Image Index"].isin(split.index[split.to_numpy() == args.split])]
-    cache = None
-    if not args.data_dir:
-        from cxrdx.data.cache import open_cache
-
-        cache_path = args.cache or _run_default(args, predictor.checkpoint, "cache")
-        if not cache_path:
-            raise CxrdxError("give the boxed images: --data-dir D or --cache C")
-        cache = open_cache(cache_path)
-    names, load, missing = boxed_images(boxes, predictor, args.data_dir, cache, args.box_size, args.limit)
+    boxes, names, load, missing = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file,
+                                                      args.data_dir, args.cache, args.box_size, args.limit)
     if missing:
         print(f"cxrdx localize: {len(missing)} boxed image(s) not found, e.g. {', '.join(missing[:3])}", file=sys.stderr)
     if not names:
@@ -554,12 +503,9 @@ def _localize(args: argparse.Namespace) -> int:
     text = markdown_tables(summary, args.threshold, args.threshold_mode)
     sys.stdout.write(text)
     if args.out:
-        out = Path(args.out)
         settings = {"split": args.split, "threshold": args.threshold, "threshold_mode": args.threshold_mode, "tolerance": args.tolerance,
                     "boxes": str(boxes_path), "checkpoint": str(args.checkpoint), "images": len(names)}
-        write_text(out / "localization.md", text)
-        write_text(out / "localization.json", json.dumps({**settings, "summary": summary.to_dict(orient="records")}, indent=2))
-        write_text(out / "localization_records.csv", records.to_csv(index=False))
+        out = write_localization(args.out, text, summary, records, settings)
         print(f"written to {out}/localization.md, localization.json, localization_records.csv")
     return 0
 # </section explain>

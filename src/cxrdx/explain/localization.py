@@ -8,6 +8,7 @@ A pixel (row r, column c) covers [c, c+1) x [r, r+1); it belongs to a box when i
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cxrdx.atomic import write_text
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 
@@ -27,9 +29,24 @@ if TYPE_CHECKING:
     from cxrdx.predict import Predictor
 
 BOX_FIELDS = ("x", "y", "w", "h")
+BOX_FILES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
 FINDING_ALIASES = {"Infiltrate": "Infiltration"}  # the NIH box file's spelling
 NIH_SIZE = 1024  # side of the images the NIH boxes refer to
 THRESHOLD_MODES = ("relative", "top")
+
+
+def box_file(boxes: str | Path | None, data_dir: str | Path | None = None) -> str | Path:
+    """`boxes` as given, else the NIH box file in `data_dir`."""
+    if boxes is None and data_dir:
+        boxes = next((p for p in (Path(data_dir) / n for n in BOX_FILES) if p.is_file()), None)
+    if boxes is None:
+        raise CxrdxError("no box file: pass --boxes BBox_List_2017.csv")
+    return boxes
+
+
+def boxes_in_split(boxes: pd.DataFrame, split: pd.Series, name: str) -> pd.DataFrame:
+    """The boxes of the images that `split` (Image Index -> split name, as read_split gives) puts in `name`."""
+    return boxes[boxes["Image Index"].isin(split.index[split.to_numpy() == name])]
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:
@@ -223,6 +240,17 @@ def markdown_tables(summary: pd.DataFrame, threshold: float, mode: str) -> str:
             lines.append(f"| {row.Finding} | {row.n} | {row.pointing_game:.3f} | {row.iou:.3f} | {row.flat} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def write_localization(
+    out: str | Path, text: str, summary: pd.DataFrame, records: pd.DataFrame, settings: Mapping[str, object]
+) -> Path:
+    """out/localization.md (the tables), localization.json (`settings` and the "summary" rows), localization_records.csv."""
+    out = Path(out)
+    write_text(out / "localization.md", text)
+    write_text(out / "localization.json", json.dumps({**settings, "summary": summary.to_dict(orient="records")}, indent=2))
+    write_text(out / "localization_records.csv", records.to_csv(index=False))
+    return out
 
 
 def boxed_images(
