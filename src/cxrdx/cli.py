@@ -13,19 +13,7 @@ from cxrdx.errors import CxrdxError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _pending(name: str) -> Handler:
-    def run(args: argparse.Namespace) -> int:
-        raise CxrdxError(f"'cxrdx {name}' is not available in this build yet")
-
-    return run
-
-
-def _no_args(parser: argparse.ArgumentParser) -> None:
-    return None
-
-
 # --- data: download, split, stats (cxrdx.data.download / splits / metadata) -------------------
-# <section data>
 def _download_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, help="dataset folder; the images land in TO/images/")
     parser.add_argument("--archives", help="which archives, e.g. 1-12, 3 or 1,4-6 (default: all of the links table)")
@@ -147,10 +135,8 @@ def _pixel_stats(args: argparse.Namespace) -> int:
     else:
         print(f"mean {mean:.4f}  std {std:.4f}  ({images:,} images, {which} of {args.cache})")
     return 0
-# </section data>
 
 # --- images: prepare (cxrdx.data.cache) --------------------------------------------------------
-# <section prepare>
 def _prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, help="folder with the images (flat, images/ or images_0XX/images/)")
     parser.add_argument("--metadata", help="Data_Entry table (default: found in --data-dir)")
@@ -179,10 +165,8 @@ def _prepare(args: argparse.Namespace) -> int:
         return 1
     print(summary)
     return 0
-# </section prepare>
 
 # --- phantoms (cxrdx.data.phantoms) ------------------------------------------------------------
-# <section phantoms>
 def _phantoms_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write images/, Data_Entry_2017.csv, BBox_List_2017.csv")
     parser.add_argument("--n", type=int, default=3000, help="number of images (default 3000)")
@@ -201,10 +185,8 @@ def _phantoms(args: argparse.Namespace) -> int:
     boxes = sum(1 for _ in open(out / "BBox_List_2017.csv", encoding="utf-8")) - 1
     print(f"wrote {args.n} phantom images ({args.size}x{args.size}) and {boxes} boxes to {out}")
     return 0
-# </section phantoms>
 
 # --- models (cxrdx.models) ---------------------------------------------------------------------
-# <section models>
 def _models_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="timm model names (default: the paper's three)")
     parser.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
@@ -244,10 +226,8 @@ def _models(args: argparse.Namespace) -> int:
             if r["note"]:
                 print(f"{r['model']}: {r['note']}", file=sys.stderr)
     return 0
-# </section models>
 
 # --- train (cxrdx.engine) ----------------------------------------------------------------------
-# <section train>
 def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML preset, e.g. configs/paper/coatnet0_ours.yaml (default: the paper's recipe)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -262,7 +242,7 @@ def _train(args: argparse.Namespace) -> int:
     import os
 
     from cxrdx.config import apply_overrides, config_from_dict, load_config
-    from cxrdx.engine import load_run_config, train
+    from cxrdx.engine import leave_torchrun_worker, load_run_config, train
 
     if args.resume:
         if args.config:
@@ -274,16 +254,10 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = train(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(run_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # gloo workers can abort in interpreter teardown after a successful run; leave at once instead
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_torchrun_worker()
     return 0
-# </section train>
 
 # --- evaluate, compare (cxrdx.metrics / stats / report) ----------------------------------------
-# <section evaluate>
 def _inference_args(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint, e.g. RUN/checkpoints/best.pt")
     parser.add_argument("--cache", help="prepared cache (default: the one named in the checkpoint's config)")
@@ -390,10 +364,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(summary.round(4).to_string())
     print(f"wrote {args.out or args.checkpoint}")
     return 0
-# </section evaluate>
 
 # --- explain, localize (cxrdx.explain) ---------------------------------------------------------
-# <section explain>
 _METHOD_NAMES = "groupcam (default), gradcam, gradcam++, xgradcam, scorecam, eigencam, layercam, hirescam"
 
 
@@ -508,10 +480,8 @@ def _localize(args: argparse.Namespace) -> int:
         out = write_localization(args.out, text, summary, records, settings)
         print(f"written to {out}/localization.md, localization.json, localization_records.csv")
     return 0
-# </section explain>
 
 # --- predict, serve, export (cxrdx.predict / serve / export) -----------------------------------
-# <section predict>
 def _model_source_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a cxrdx checkpoint (e.g. RUN/checkpoints/best.pt): PyTorch")
@@ -616,10 +586,8 @@ def _export(args: argparse.Namespace) -> int:
         f"(max abs probability difference {result.max_abs_diff:.2g})"
     )
     return 0
-# </section predict>
 
 # --- report, demo (cxrdx.report / cxrdx.demo) --------------------------------------------------
-# <section report>
 def _report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run folders (config.yaml, split.csv, curves.png, eval/, explain/, localize/; see cxrdx.report_html)")
@@ -659,7 +627,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed))
     return 0
-# </section report>
 
 
 def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]]:
