@@ -469,7 +469,8 @@ def _localize(args: argparse.Namespace) -> int:
     images = ((name, *load(name)) for name in names)
     records = localize(
         predictor.model, images, boxes, methods=args.methods, findings=predictor.findings, threshold=args.threshold,
-        mode=args.threshold_mode, tolerance=args.tolerance, progress=True, total=len(names), target_layers=layers, **options,
+        mode=args.threshold_mode, tolerance=args.tolerance, progress=True, total=len(names), target_layers=layers,
+        temperature=predictor.info.temperature, **options,
     )
     summary = summarize(records)
     text = markdown_tables(summary, args.threshold, args.threshold_mode)

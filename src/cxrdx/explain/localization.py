@@ -173,9 +173,11 @@ def localize(
     tolerance: float = 0.0,
     progress: bool = False,
     total: int | None = None,
+    temperature: Sequence[float] | None = None,
     **options: object,
 ) -> pd.DataFrame:
-    """One row per (image, boxed finding, method): the model's sigmoid probability, hit, iou, flat.
+    """One row per (image, boxed finding, method): the model's probability (logits divided by the
+    checkpoint's `temperature` when it has one, as prediction does), hit, iou, flat.
 
     `images` yields (Image Index, model input (1, C, H, W), (width, height) of the pixels its
     boxes are written in); the boxes are scaled to the input. `findings` are the model's outputs
@@ -197,7 +199,10 @@ def localize(
                 continue
             scaled = scale_boxes(per_image[name], source_size, (image.shape[-1], image.shape[-2]))
             with explaining(model), torch.no_grad():
-                probabilities = torch.sigmoid(model(image.to(next(model.parameters()).device)))[0].tolist()
+                logits = model(image.to(next(model.parameters()).device))[0].double().cpu()
+                if temperature is not None:
+                    logits = logits / torch.as_tensor(temperature, dtype=torch.float64)
+                probabilities = torch.sigmoid(logits).tolist()
             for finding, group in scaled.groupby("Finding", sort=False):
                 xywh = group[list(BOX_FIELDS)].to_numpy()
                 for method in methods:
