@@ -238,3 +238,12 @@ def test_missing_split_file_is_explained(run_dir: Path, tmp_path: Path, capsys: 
     assert main(["evaluate", "--checkpoint", str(lone), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "split.csv: split file not found; pass --split-file FILE, or --split all" in err
+
+
+def test_expert_labels_default_to_the_packaged_file(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    # bare --expert-labels: Google's 2019 labels shipped with cxrdx (no phantom has one, hence 0 images)
+    args = ["evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--out", str(tmp_path), "--quiet", "--expert-labels"]
+    assert main(args) == 0
+    expert = json.loads((tmp_path / "metrics.json").read_text())["expert_labels"]
+    assert {finding: row["images"] for finding, row in expert.items()} == {"Pneumothorax": 0, "Nodule or mass": 0}
+    assert "none of the evaluated images has an expert label" in capsys.readouterr().err
