@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxrdx.data import packaged
 from cxrdx.data.metadata import find_metadata, locate_images, read_metadata
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS, format_labels
@@ -91,8 +92,8 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_find_metadata_prefers_the_2020_labels(tmp_path: Path) -> None:
-    with pytest.raises(CxrdxError, match="no metadata table"):
-        find_metadata(tmp_path)
+    # a folder without a table (images downloaded alone) and no folder at all: NIH's shipped table
+    assert find_metadata(tmp_path) == find_metadata() == packaged.nih_metadata()
     write(tmp_path / "Data_Entry_2017.csv", DATA_ENTRY_2017)
     assert find_metadata(tmp_path) == tmp_path / "Data_Entry_2017.csv"
     write(tmp_path / "Data_Entry_2017_v2020.csv.gz", DATA_ENTRY_2017)
@@ -140,3 +141,21 @@ def test_locate_real_sample(nih_sample: Path) -> None:
     assert len(located) == 120 and missing == []
     with pytest.raises(CxrdxError, match="no such folder"):
         locate_images(index, nih_sample / "absent")
+
+
+def test_packaged_files_ship_with_the_package() -> None:
+    from cxrdx.data.splits import _read_list
+    from cxrdx.explain.localization import box_file, read_boxes
+    from cxrdx.metrics import read_expert_labels
+
+    index = read_metadata(packaged.nih_metadata())
+    assert len(index) == 112120 and index["Patient ID"].nunique() == 30805
+    assert list(index.columns[:3]) == ["Image Index", "Patient ID", "Finding Labels"]
+    train_val, test = (_read_list(path) for path in packaged.official_lists())
+    assert (len(train_val), len(test)) == (86524, 25596)
+    assert set(train_val) | set(test) == set(index["Image Index"])
+    boxes = read_boxes(box_file(None))
+    assert box_file(None) == packaged.nih_boxes()
+    assert (len(boxes), boxes["Image Index"].nunique()) == (984, 880)
+    assert len(read_expert_labels(packaged.google2019_labels())) == 4376
+    assert pd.read_csv(packaged.paper_split())["split"].value_counts().to_dict() == {"train": 78484, "test": 22425, "val": 11211}

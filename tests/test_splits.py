@@ -1,8 +1,9 @@
-"""Splits, leakage report and Table 1 — on the real ChestX-ray14 metadata where ../shared has it."""
+"""Splits, leakage report and Table 1 — on the real ChestX-ray14 metadata shipped with the package."""
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import re
@@ -13,13 +14,16 @@ import pandas as pd
 import pytest
 
 from cxrdx.cli import main
+from cxrdx.data import packaged
 from cxrdx.data.metadata import read_metadata
+from cxrdx.data.phantoms import sample_specs
 from cxrdx.data.splits import (
     format_table1,
     import_split,
     leakage_report,
     make_split,
     read_split,
+    resolve_split_file,
     split_summary,
     table1,
     write_split,
@@ -61,14 +65,14 @@ def chestxray14(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nih_index(chestxray14: Path) -> pd.DataFrame:
-    """The official 112,120-row table, read once for this module."""
-    return read_metadata(chestxray14 / "Data_Entry_2017_v2020.csv.gz")
+def nih_index() -> pd.DataFrame:
+    """The official 112,120-row table shipped with the package, read once for this module."""
+    return read_metadata(packaged.nih_metadata())
 
 
 @pytest.fixture(scope="module")
-def paper_split(chestxray14: Path, nih_index: pd.DataFrame) -> pd.Series:
-    return read_split(chestxray14 / "paper_split.csv.gz", nih_index)
+def paper_split(nih_index: pd.DataFrame) -> pd.Series:
+    return read_split("paper", nih_index)
 
 
 def small_index(patients: list[int]) -> pd.DataFrame:
@@ -78,6 +82,34 @@ def small_index(patients: list[int]) -> pd.DataFrame:
     for finding in FINDINGS:
         frame[finding] = np.uint8(0)
     return frame
+
+
+def phantom_index(n: int, tail_floor: float) -> pd.DataFrame:
+    """The metadata of `n` phantoms (patients with follow-ups, Table 1 prevalences), no images rendered."""
+    specs = sample_specs(n, seed=0, tail_floor=tail_floor)
+    frame = pd.DataFrame({"Image Index": [s.image_index for s in specs], "Patient ID": [s.patient for s in specs]})
+    labels = np.array([s.labels for s in specs], dtype=np.uint8)
+    return frame.assign(**{finding: labels[:, j] for j, finding in enumerate(FINDINGS)})
+
+
+def positives(index: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
+    """Positive images per finding (rows) and split (columns)."""
+    names = split.reindex(index["Image Index"]).to_numpy()
+    return pd.DataFrame({name: index.loc[names == name, list(FINDINGS)].sum() for name in ("train", "val", "test")})
+
+
+def check_patient_split(index: pd.DataFrame, split: pd.Series, ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> None:
+    """No patient in two splits, image fractions within 1 point of `ratios`."""
+    patients = index["Patient ID"].to_numpy()
+    names = split.reindex(index["Image Index"]).to_numpy()
+    groups = {name: set(patients[names == name]) for name in ("train", "val", "test")}
+    assert not groups["train"] & groups["val"]
+    assert not groups["train"] & groups["test"]
+    assert not groups["val"] & groups["test"]
+    assert leakage_report(index, split) == {"val_images_with_train_patient": 0, "test_images_with_train_patient": 0}
+    summary = split_summary(index, split)
+    for name, ratio in zip(("train", "val", "test"), ratios):
+        assert abs(summary[name]["fraction"] - ratio) <= 0.01, (name, summary[name])
 
 
 def test_full_table(nih_index: pd.DataFrame) -> None:
@@ -125,17 +157,42 @@ def test_leakage_of_the_paper_split(nih_index: pd.DataFrame, paper_split: pd.Ser
 def test_patient_split_of_the_real_metadata(nih_index: pd.DataFrame) -> None:
     split = make_split(nih_index, strategy="patient", ratios=(0.7, 0.1, 0.2), seed=0)
     assert split.index.equals(pd.Index(nih_index["Image Index"]))
-    patients = nih_index["Patient ID"].to_numpy()
-    groups = {name: set(patients[split.to_numpy() == name]) for name in ("train", "val", "test")}
-    assert not groups["train"] & groups["val"]
-    assert not groups["train"] & groups["test"]
-    assert not groups["val"] & groups["test"]
-    summary = split_summary(nih_index, split)
-    for name, ratio in zip(("train", "val", "test"), (0.7, 0.1, 0.2)):
-        assert abs(summary[name]["fraction"] - ratio) <= 0.01
-    assert leakage_report(nih_index, split) == {"val_images_with_train_patient": 0, "test_images_with_train_patient": 0}
+    check_patient_split(nih_index, split)
+    # stratified by finding: each split holds its share of every finding's positives, Hernia included
+    counts = positives(nih_index, split)
+    shares = counts.div(counts.sum(axis=1), axis=0)
+    assert (shares - [0.7, 0.1, 0.2]).abs().to_numpy().max() < 0.01
+    assert counts.loc["Hernia"].tolist() == [159, 23, 45]  # 227 positives: 70/10/20 rounded
     assert make_split(nih_index, seed=0).equals(split)
     assert not make_split(nih_index, seed=1).equals(split)
+
+
+@pytest.mark.parametrize(("n", "tail_floor"), [(240, 0.05), (3000, 0.0)])
+def test_patient_split_of_phantoms_has_every_finding_everywhere(n: int, tail_floor: float) -> None:
+    index = phantom_index(n, tail_floor)
+    for seed in (0, 1):
+        split = make_split(index, strategy="patient", seed=seed)
+        check_patient_split(index, split)
+        assert (positives(index, split) > 0).all(axis=None), positives(index, split)
+
+
+def test_patient_split_spreads_a_rare_finding_over_the_splits() -> None:
+    # Hernia on 3 single-image patients: one in each split; Mass on 2 patients: train and test;
+    # Edema on one patient: train, so that training always sees a finding that exists
+    index = small_index([p for p in range(60) for _ in range(2)])
+    rows = {"Hernia": [0, 2, 4], "Mass": [6, 8], "Edema": [10]}
+    for finding, patients in rows.items():
+        index.loc[[2 * p for p in patients], finding] = 1
+    for seed in range(4):
+        counts = positives(index, make_split(index, strategy="patient", seed=seed))
+        assert counts.loc["Hernia"].tolist() == [1, 1, 1]
+        assert counts.loc["Mass"].tolist() == [1, 0, 1]
+        assert counts.loc["Edema"].tolist() == [1, 0, 0]
+
+
+def test_patient_split_needs_the_findings() -> None:
+    with pytest.raises(CxrdxError, match="missing Atelectasis"):
+        make_split(small_index([1, 2, 3]).drop(columns="Atelectasis"), strategy="patient")
 
 
 def test_random_split_is_image_level(nih_index: pd.DataFrame) -> None:
@@ -145,22 +202,41 @@ def test_random_split_is_image_level(nih_index: pd.DataFrame) -> None:
     assert leak["test_images_with_train_patient"] > 15000
 
 
-def test_official_split(nih_index: pd.DataFrame, chestxray14: Path) -> None:
-    split = make_split(nih_index, strategy="official", lists_dir=chestxray14, seed=0)
+def test_official_split(nih_index: pd.DataFrame) -> None:
+    split = make_split(nih_index, strategy="official", seed=0)  # the lists shipped with the package
     counts = split.value_counts()
     assert counts["train"] + counts["val"] == 86524
     assert counts["test"] == 25596
-    test_list = (chestxray14 / "test_list.txt").read_text().split()
+    test_list = gzip.decompress(packaged.official_lists()[1].read_bytes()).decode().split()
     assert set(split.index[split == "test"]) == set(test_list)
     assert counts["val"] / 86524 == pytest.approx(0.1 / 0.8, abs=0.01)
     assert leakage_report(nih_index, split) == {"val_images_with_train_patient": 0, "test_images_with_train_patient": 0}
+    assert (positives(nih_index, split) > 0).all(axis=None)
 
 
-def test_official_split_needs_the_lists(nih_index: pd.DataFrame, tmp_path: Path) -> None:
-    with pytest.raises(CxrdxError, match="train_val_list.txt"):
-        make_split(nih_index, strategy="official")
-    with pytest.raises(CxrdxError, match="no such file"):
-        make_split(nih_index, strategy="official", lists_dir=tmp_path)
+def test_official_lists_from_a_folder(tmp_path: Path) -> None:
+    index = small_index([90001, 90001, 90002, 90003, 90004, 90005])  # patients that NIH's lists do not have
+    names = index["Image Index"].tolist()
+    with pytest.raises(CxrdxError, match="train_val_list.txt: no such file"):
+        make_split(index, strategy="official", lists_dir=tmp_path)
+    (tmp_path / "train_val_list.txt").write_text("\n".join(names[:4]) + "\n")
+    (tmp_path / "test_list.txt.gz").write_bytes(gzip.compress("\n".join(names[4:]).encode()))
+    split = make_split(index, strategy="official", ratios=(0.5, 0.5, 0.0), lists_dir=tmp_path)
+    assert split[names[4:]].tolist() == ["test", "test"]
+    assert set(split[names[:4]]) == {"train", "val"}
+    with pytest.raises(CxrdxError, match="the packaged official lists: 6 images of the metadata are in neither list"):
+        make_split(index, strategy="official")
+    (tmp_path / "test_list.txt").write_bytes(b"\x1f\x8b broken")
+    (tmp_path / "test_list.txt.gz").unlink()
+    with pytest.raises(CxrdxError, match="test_list.txt: not a readable list"):
+        make_split(index, strategy="official", lists_dir=tmp_path)
+
+
+def test_resolve_split_file(tmp_path: Path) -> None:
+    assert resolve_split_file("paper") == packaged.paper_split()
+    assert resolve_split_file(Path("paper")) == packaged.paper_split()
+    assert resolve_split_file("./paper") == Path("paper")
+    assert resolve_split_file(tmp_path / "s.csv") == tmp_path / "s.csv"
 
 
 def test_yaml_import_round_trip(chestxray14: Path, nih_index: pd.DataFrame, paper_split: pd.Series, tmp_path: Path) -> None:
@@ -243,26 +319,42 @@ def test_table1_of_a_partial_split_counts_only_its_images() -> None:
     assert table["leakage"] == {"val_images_with_train_patient": 1, "test_images_with_train_patient": 0}
 
 
-def test_cli_split_and_stats(chestxray14: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    metadata = str(chestxray14 / "Data_Entry_2017_v2020.csv.gz")
+def test_cli_reproduces_table1_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # a user who installed cxrdx and has no dataset files: everything comes from the package
+    monkeypatch.chdir(tmp_path)
+    assert main(["split", "--from", "paper", "--out", "p.csv"]) == 0
+    assert "leakage: 9,110 val and 18,337 test images" in capsys.readouterr().out
+    assert main(["stats", "--split-file", "p.csv", "--format", "json"]) == 0
+    splits = json.loads(capsys.readouterr().out)["splits"]
+    assert [splits[c]["images"] for c in COLUMNS] == list(PAPER_IMAGES)
+    for finding, (*counts, _) in PAPER_TABLE1.items():
+        assert [splits[c]["findings"][finding] for c in COLUMNS] == counts, finding
+    assert [splits[c]["findings"]["Infiltration"] for c in COLUMNS] == [13915, 1929, 4050, 19894]
+    assert [splits[c]["findings"]["Hernia"] for c in COLUMNS] == [163, 28, 36, 227]
+
+
+def test_cli_split_and_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metadata = str(packaged.nih_metadata())
     out = tmp_path / "split.csv"
     assert main(["split", "--metadata", metadata, "--strategy", "patient", "--seed", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "leakage: 0 val and 0 test images" in printed
     assert "train   78,484 images" in printed
-    assert main(["split", "--metadata", metadata, "--from", str(chestxray14 / "paper_split.csv.gz"), "--out", str(out)]) == 0
+    assert main(["split", "--data-dir", str(tmp_path), "--from", "paper", "--out", str(out)]) == 0  # no table there
     assert "leakage: 9,110 val and 18,337 test images" in capsys.readouterr().out
     assert main(["stats", "--metadata", metadata, "--split-file", str(out), "--format", "json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert table["splits"]["all"]["findings"]["Hernia"] == 227
     assert table["leakage"]["test_images_with_train_patient"] == 18337
-    assert main(["split", "--metadata", metadata, "--strategy", "official", "--out", str(out)]) == 0
+    assert main(["split", "--strategy", "official", "--out", str(out)]) == 0
     assert re.search(r"test +25,596 images", capsys.readouterr().out)
 
 
 def test_cli_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["split", "--out", str(tmp_path / "s.csv")]) == 2
-    assert "give --metadata FILE or --data-dir DIR" in capsys.readouterr().err
+    assert main(["split", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "absent: no such folder" in capsys.readouterr().err
+    assert main(["split", "--from", "paper", "--strategy", "patient", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "--from imports an existing split; leave out --strategy" in capsys.readouterr().err
     assert main(["stats", "--metadata", str(tmp_path / "absent.csv"), "--split-file", "x.csv"]) == 2
     assert "absent.csv: no such file" in capsys.readouterr().err
     assert main(["stats", "--pixels"]) == 2

@@ -33,18 +33,15 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _metadata_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metadata", help="Data_Entry table, plain or .gz (default: the one in --data-dir)")
-    parser.add_argument("--data-dir", help="dataset folder holding the Data_Entry table (and the official lists)")
+    parser.add_argument("--metadata", help="Data_Entry table, plain or .gz (default: the one in --data-dir, "
+                        "else NIH's table shipped with cxrdx)")
+    parser.add_argument("--data-dir", help="dataset folder holding a Data_Entry table")
 
 
 def _metadata_path(args: argparse.Namespace) -> str:
     from cxrdx.data.metadata import find_metadata
 
-    if args.metadata:
-        return args.metadata
-    if args.data_dir:
-        return str(find_metadata(args.data_dir))
-    raise CxrdxError("give --metadata FILE or --data-dir DIR")
+    return args.metadata or str(find_metadata(args.data_dir))
 
 
 def _split_args(parser: argparse.ArgumentParser) -> None:
@@ -55,16 +52,15 @@ def _split_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", nargs=3, type=float, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
                         help="image fractions (default 0.7 0.1 0.2); official keeps NIH's test list and uses TRAIN:VAL")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lists", help="folder with train_val_list.txt and test_list.txt "
-                        "(default: --data-dir, else the metadata's folder)")
+    parser.add_argument("--lists", help="folder with train_val_list.txt and test_list.txt, plain or .gz "
+                        "(default: NIH's lists shipped with cxrdx)")
     parser.add_argument("--from", dest="from_file", metavar="FILE",
-                        help="import a split: a split CSV, or the paper's YAML lists (their folder or one file)")
+                        help="import a split: 'paper' (the paper's exact split, shipped with cxrdx), a split CSV, "
+                        "or the paper's YAML lists (their folder or one file)")
     parser.add_argument("--out", required=True, help="split file to write (CSV Image Index,split)")
 
 
 def _split(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cxrdx.data.metadata import read_metadata
     from cxrdx.data.splits import leakage_report, make_split, read_split, split_summary, write_split
 
@@ -76,8 +72,7 @@ def _split(args: argparse.Namespace) -> int:
         split, how = read_split(args.from_file, index), f"imported from {args.from_file}"
     else:
         strategy = args.strategy or "patient"
-        lists = args.lists or args.data_dir or Path(metadata).parent
-        split = make_split(index, strategy, args.ratios, args.seed, lists_dir=lists)
+        split = make_split(index, strategy, args.ratios, args.seed, lists_dir=args.lists)
         how = f"{strategy}, seed {args.seed}"
     write_split(split, args.out)
     print(f"wrote {args.out} ({how})")
@@ -93,7 +88,8 @@ def _split(args: argparse.Namespace) -> int:
 
 def _stats_args(parser: argparse.ArgumentParser) -> None:
     _metadata_args(parser)
-    parser.add_argument("--split-file", help="split file (CSV Image Index,split, or the paper's YAML lists)")
+    parser.add_argument("--split-file", help="split file (CSV Image Index,split, or the paper's YAML lists), "
+                        "or 'paper' for the paper's split shipped with cxrdx")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
     parser.add_argument("--pixels", action="store_true", help="print the pixel mean/std of a prepared cache instead")
     parser.add_argument("--cache", help="with --pixels: the cache folder made by 'cxrdx prepare'")
@@ -291,21 +287,24 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
                         help="decision thresholds: a number (default 0.5, the paper), checkpoint (stored by calibrate), "
                         "or youden / f1 chosen per finding on the val split")
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates")
-    parser.add_argument("--expert-labels", metavar="CSV", help="google2019_nih-chest-xray-labels.csv.gz: AUROC against adjudicated labels")
+    parser.add_argument("--expert-labels", metavar="CSV", nargs="?", const="",
+                        help="AUROC against Google's 2019 adjudicated labels (no CSV: the copy shipped with cxrdx)")
     parser.add_argument("--name", help="model name in the tables (default: run folder and model)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     import warnings
 
+    from cxrdx.data.packaged import google2019_labels
     from cxrdx.engine import leave_torchrun_worker
     from cxrdx.evaluation import evaluate_checkpoint
     from cxrdx.report import format_mean_ci
 
+    expert = google2019_labels() if args.expert_labels == "" else args.expert_labels
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate_checkpoint(args.checkpoint, args.out, args.split, args.thresholds, args.bootstrap,
-                                     args.expert_labels, args.name, **_inference_kwargs(args))
+                                     expert, args.name, **_inference_kwargs(args))
     if result is not None:  # under torchrun: rank 0 alone
         _report_notes("evaluate", caught)
         overall = result["overall"]
@@ -434,7 +433,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _localize_args(parser: argparse.ArgumentParser) -> None:
     _cam_args(parser)
-    parser.add_argument("--boxes", help="BBox_List_2017.csv(.gz) (default: the one in --data-dir)")
+    parser.add_argument("--boxes", help="BBox_List_2017.csv(.gz) (default: the one in --data-dir, else NIH's shipped with cxrdx)")
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--data-dir", help="folder with the boxed images (NIH layout or phantoms)")
     images.add_argument("--cache", help="a prepared cache holding the boxed images (default: the run's training cache)")

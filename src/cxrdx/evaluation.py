@@ -144,9 +144,9 @@ class _Progress:
 def _split_series(checkpoint: Path, split_file: str | Path | None, split: str) -> pd.Series | None:
     if split == "all":
         return None
-    from cxrdx.data.splits import read_split
+    from cxrdx.data.splits import read_split, resolve_split_file
 
-    path = Path(split_file) if split_file else run_dir_of(checkpoint) / "split.csv"
+    path = resolve_split_file(split_file) if split_file else run_dir_of(checkpoint) / "split.csv"
     if not path.exists():
         raise CxrdxError(f"{path}: split file not found; pass --split-file FILE, or --split all for every image")
     return read_split(path)

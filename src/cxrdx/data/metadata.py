@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrdx.data import packaged
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS, parse_labels
 
@@ -69,15 +70,18 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def find_metadata(data_dir: str | Path) -> Path:
-    """The Data_Entry table in `data_dir`, preferring the 2020 revision of the labels."""
+def find_metadata(data_dir: str | Path | None = None) -> Path:
+    """The Data_Entry table in `data_dir` (the 2020 revision of the labels first), else the NIH
+    table shipped with cxrdx: images downloaded alone need no label file."""
+    if data_dir is None:
+        return packaged.nih_metadata()
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise CxrdxError(f"{data_dir}: no such folder")
     for name in METADATA_NAMES:
         if (data_dir / name).is_file():
             return data_dir / name
-    raise CxrdxError(f"{data_dir}: no metadata table; expected one of {', '.join(METADATA_NAMES)}")
+    return packaged.nih_metadata()
 
 
 def locate_images(index: pd.DataFrame, data_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:

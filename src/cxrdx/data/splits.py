@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,12 +14,14 @@ import pandas as pd
 import yaml
 
 from cxrdx.atomic import atomic_path
+from cxrdx.data import packaged
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 
 SPLITS = ("train", "val", "test")
 STRATEGIES = ("random", "patient", "official")
 OFFICIAL_LISTS = ("train_val_list.txt", "test_list.txt")
+BUILTIN_SPLITS = {"paper": packaged.paper_split}  # names accepted wherever a split file is
 LABEL_COUNT_ROWS = ("0", "1", "2", "3", ">=4")
 _YAML_NAME = re.compile(r"^(?P<prefix>.*)(?P<split>train|val|test)(?P<suffix>\.ya?ml)$")
 
@@ -32,17 +36,19 @@ def make_split(
     """Assign every image of `index` to train / val / test.
 
     random: image-level, as in the paper (one patient's images can land in several splits).
-    patient: no patient in two splits; image fractions follow `ratios` (balanced greedy
-    assignment of patients, largest first, seeded tie order).
-    official: NIH's train_val_list.txt / test_list.txt from `lists_dir`; validation is carved
-    out of train_val by patient with the share ratios[1] / (ratios[0] + ratios[1]).
+    patient: no patient in two splits, stratified by finding: every finding gets positives in
+    each split where it has enough patients, and image fractions follow `ratios` (see
+    _patient_split). Deterministic for a seed.
+    official: NIH's train_val_list.txt / test_list.txt (plain or .gz) from `lists_dir`, by default
+    the lists shipped with cxrdx; validation is carved out of train_val by patient, stratified,
+    with the share ratios[1] / (ratios[0] + ratios[1]).
     """
     fractions = _check_ratios(ratios)
     rng = np.random.default_rng(seed)
     if strategy == "random":
         labels = _random_split(len(index), fractions, rng)
     elif strategy == "patient":
-        labels = _patient_split(index["Patient ID"].to_numpy(), fractions, rng)
+        labels = _patient_split(index["Patient ID"].to_numpy(), _findings(index), fractions, rng)
     elif strategy == "official":
         labels = _official_split(index, fractions, rng, lists_dir)
     else:
@@ -54,9 +60,10 @@ def read_split(path: str | Path, index: pd.DataFrame | None = None) -> pd.Series
     """A split file -> Series (index "Image Index", values train/val/test).
 
     Reads the CSV `Image Index,split`, or the paper code release's YAML lists (a folder or one of
-    the three files, see import_split). With `index`, names that are not in it are an error.
+    the three files, see import_split), or a built-in split name (see resolve_split_file).
+    With `index`, names that are not in it are an error.
     """
-    path = Path(path)
+    path = resolve_split_file(path)
     if path.is_dir() or path.suffix.lower() in (".yaml", ".yml"):
         split = import_split(path)
     else:
@@ -64,6 +71,15 @@ def read_split(path: str | Path, index: pd.DataFrame | None = None) -> pd.Series
     if index is not None:
         _join(index, split, source=path)
     return split
+
+
+def resolve_split_file(name_or_path: str | Path) -> Path:
+    """A built-in split name -> its packaged file ("paper": the paper's exact split); anything else is a path.
+
+    The name wins over a file of the same name in the working folder; write ./paper for that file.
+    """
+    builtin = BUILTIN_SPLITS.get(str(name_or_path))
+    return builtin() if builtin is not None else Path(name_or_path)
 
 
 def import_split(path: str | Path) -> pd.Series:
@@ -206,50 +222,100 @@ def _random_split(n: int, fractions: np.ndarray, rng: np.random.Generator) -> np
     return np.asarray(SPLITS, dtype=object)[np.searchsorted(bounds, position, side="right")]
 
 
-def _patient_split(patients: np.ndarray, fractions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Give whole patients, largest first, to the split that is least filled relative to its target."""
+def _findings(index: pd.DataFrame) -> np.ndarray:
+    missing = [f for f in FINDINGS if f not in index.columns]
+    if missing:
+        raise CxrdxError(f"the patient split needs the finding columns of the metadata; missing {', '.join(missing)}")
+    return index[list(FINDINGS)].to_numpy(dtype=np.int64)
+
+
+def _patient_split(
+    patients: np.ndarray, labels: np.ndarray, fractions: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Whole patients to train / val / test, stratified by finding.
+
+    Iterative multi-label stratification (Sechidis, Tsoumakas & Vlahavas 2011) with patients in
+    place of samples: take the finding with the fewest positive images among unassigned patients,
+    give each of its patients (largest first, seeded tie order) to the split that has none of it
+    yet, else to the split that most lacks it, else to the split that most lacks images. Patients
+    without findings then fill each split towards its share of images.
+    """
     ids, inverse, sizes = np.unique(patients, return_inverse=True, return_counts=True)
+    counts = np.stack([np.bincount(inverse, weights=labels[:, j], minlength=len(ids)) for j in range(labels.shape[1])], axis=1)
     order = rng.permutation(len(ids))
     order = order[np.argsort(-sizes[order], kind="stable")]
-    targets = [f * len(patients) for f in fractions]
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[order] = np.arange(len(ids))
+    tie = rng.random((len(ids), 3))
+
+    splits = [k for k in range(3) if fractions[k] > 0]
+    want_images = (fractions * len(patients)).tolist()
+    want_labels = fractions[:, None] * counts.sum(axis=0)[None, :]  # (3, findings) positive images still wanted
+    have_labels = np.zeros_like(want_labels)
+    choice = np.full(len(ids), -1, dtype=np.int64)
     filled = [0.0, 0.0, 0.0]
-    choice = np.empty(len(ids), dtype=np.int64)
-    for patient in order.tolist():
-        k = min((k for k in range(3) if targets[k] > 0), key=lambda k: filled[k] / targets[k])
+
+    def give(patient: int, k: int) -> None:
         choice[patient] = k
         filled[k] += sizes[patient]
+        have_labels[k] += counts[patient]
+        want_labels[k] -= counts[patient]
+
+    while True:
+        open_ = choice < 0
+        remaining = counts[open_].sum(axis=0)
+        if not remaining.any():
+            break
+        finding = int(np.argmin(np.where(remaining > 0, remaining, np.inf)))
+        members = np.flatnonzero(open_ & (counts[:, finding] > 0))
+        for patient in members[np.argsort(rank[members])].tolist():
+            lacking, wanted = have_labels[:, finding] == 0, want_labels[:, finding]
+            give(patient, max(splits, key=lambda k: (lacking[k], wanted[k], want_images[k] - filled[k], tie[patient, k])))
+
+    rest = np.flatnonzero(choice < 0)
+    for patient in rest[np.argsort(rank[rest])].tolist():
+        give(patient, min(splits, key=lambda k: (filled[k] / want_images[k], tie[patient, k])))
     return np.asarray(SPLITS, dtype=object)[choice[inverse]]
 
 
 def _official_split(
     index: pd.DataFrame, fractions: np.ndarray, rng: np.random.Generator, lists_dir: str | Path | None
 ) -> np.ndarray:
-    if lists_dir is None:
-        raise CxrdxError(f"the official split needs the folder holding {' and '.join(OFFICIAL_LISTS)}")
-    folder = Path(lists_dir)
-    train_val, test = (set(_read_list(folder / name)) for name in OFFICIAL_LISTS)
+    files = packaged.official_lists() if lists_dir is None else tuple(_list_file(Path(lists_dir), n) for n in OFFICIAL_LISTS)
+    train_val, test = (set(_read_list(file)) for file in files)
+    where = lists_dir if lists_dir is not None else "the packaged official lists"
     names = index["Image Index"]
     in_train_val, in_test = names.isin(train_val).to_numpy(), names.isin(test).to_numpy()
     for mask, problem in ((in_train_val & in_test, "in both lists"), (~(in_train_val | in_test), "in neither list")):
         if mask.any():
             raise CxrdxError(
-                f"{folder}: {int(mask.sum())} images of the metadata are {problem} "
+                f"{where}: {int(mask.sum())} images of the metadata are {problem} "
                 f"({', '.join(OFFICIAL_LISTS)}); first: {', '.join(names[mask][:3])}"
             )
     labels = np.where(in_test, "test", "train").astype(object)
     val_share = fractions[1] / (fractions[0] + fractions[1])
     rows = np.flatnonzero(in_train_val)
     labels[rows] = _patient_split(
-        index["Patient ID"].to_numpy()[rows], np.array([1 - val_share, val_share, 0.0]), rng
+        index["Patient ID"].to_numpy()[rows], _findings(index)[rows], np.array([1 - val_share, val_share, 0.0]), rng
     )
     return labels
 
 
+def _list_file(folder: Path, name: str) -> Path:
+    """`folder/name`, or its gzipped copy when only that exists."""
+    plain = folder / name
+    packed = folder / f"{name}.gz"
+    return packed if packed.is_file() and not plain.is_file() else plain
+
+
 def _read_list(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
     except FileNotFoundError:
         raise CxrdxError(f"{path}: no such file (the official split lists come with ChestX-ray14)") from None
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise CxrdxError(f"{path}: not a readable list of image names ({exc})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxrdx.atomic import write_text
+from cxrdx.data.packaged import nih_boxes
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 
@@ -36,12 +37,10 @@ THRESHOLD_MODES = ("relative", "top")
 
 
 def box_file(boxes: str | Path | None, data_dir: str | Path | None = None) -> str | Path:
-    """`boxes` as given, else the NIH box file in `data_dir`."""
+    """`boxes` as given, else the box file in `data_dir`, else NIH's box file shipped with cxrdx."""
     if boxes is None and data_dir:
         boxes = next((p for p in (Path(data_dir) / n for n in BOX_FILES) if p.is_file()), None)
-    if boxes is None:
-        raise CxrdxError("no box file: pass --boxes BBox_List_2017.csv")
-    return boxes
+    return nih_boxes() if boxes is None else boxes
 
 
 def boxes_in_split(boxes: pd.DataFrame, split: pd.Series, name: str) -> pd.DataFrame:
