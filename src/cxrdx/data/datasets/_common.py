@@ -106,7 +106,10 @@ def label_values(table: pd.DataFrame, column: str, path: Path, allowed: Sequence
     """A label column as float64 (blank -> NaN); any value outside `allowed` raises naming its line."""
     column_values = table[column]
     values = pd.to_numeric(column_values, errors="coerce").to_numpy(dtype=np.float64, copy=True)
-    written = (column_values.notna() & (column_values.astype(str).str.strip() != "")).to_numpy()
+    if pd.api.types.is_numeric_dtype(column_values):
+        written = column_values.notna().to_numpy()
+    else:
+        written = (column_values.notna() & (column_values.astype(str).str.strip() != "")).to_numpy()
     bad = np.where(np.isnan(values), written, ~np.isin(values, allowed))
     if bad.any():
         row = int(np.argmax(bad))
