@@ -114,7 +114,7 @@ def label_values(table: pd.DataFrame, column: str, path: Path, allowed: Sequence
     if bad.any():
         row = int(np.argmax(bad))
         raise CxrdxError(
-            f"{path}: line {row + 2}: {column} {table[column].iloc[row]!r}; expected one of "
+            f"{path}: line {row + 2}: {column} {str(column_values.iloc[row])!r}; expected one of "
             f"{', '.join(f'{v:g}' for v in allowed)} or blank"
         )
     return values

@@ -52,8 +52,14 @@ def read_labels(path: str | Path, headers: str | Path | pd.DataFrame | None = No
     # one image per patientId: the challenge published no patient identifiers beyond it
     return index_frame(
         "rsna", image, image, labels, EXTRA_LABELS, view=normalise_view(info["ViewPosition"]),
-        sex=normalise_sex(info["PatientSex"]), age=pd.to_numeric(info["PatientAge"], errors="coerce").to_numpy(),
+        sex=normalise_sex(info["PatientSex"]), age=_years(info["PatientAge"]),
     )
+
+
+def _years(ages: pd.Series) -> np.ndarray:
+    """DICOM ages ("051Y", or plain "51" as the challenge wrote them) -> years; anything else NaN."""
+    text = ages.fillna("").astype(str).str.extract(r"^\s*(\d+)\s*[Yy]?\s*$", expand=False)
+    return pd.to_numeric(text, errors="coerce").to_numpy(np.float64)
 
 
 def _header_table(headers: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -77,7 +83,7 @@ def dicom_headers(paths: pd.Series) -> pd.DataFrame:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_COLUMNS))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             raise CxrdxError(f"{path}: unreadable DICOM header ({exc})") from None
-        rows[image] = [str(header.get(tag).value) if tag in header else "" for tag in _HEADER_COLUMNS]
+        rows[image] = [str(header.get(tag, "")) for tag in _HEADER_COLUMNS]
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(_HEADER_COLUMNS))
 
 
