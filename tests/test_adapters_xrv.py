@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrdx.data.datasets import chexpert, padchest, rsna, vindr
+from cxrdx.data.datasets import chexpert, mimic, padchest, rsna, vindr
 from cxrdx.findings import FINDINGS
 
 xrv = pytest.importorskip("torchxrayvision")
@@ -125,3 +125,25 @@ def test_rsna_labels_equal_torchxrayvision() -> None:
     assert (ours["Pneumonia"] == 1).sum() == 6_012
     assert ours["View Position"].value_counts().to_dict() == {"PA": 14_511, "AP": 12_173}
     assert pd.Series([f for f in FINDINGS if ours[f].isna().all()]).tolist() == [f for f in FINDINGS if f != "Pneumonia"]
+
+
+def test_mimic_rule_matches_torchxrayvision_except_support_devices(tmp_path: Path) -> None:
+    """torchxrayvision ships no MIMIC labels: both read the same small tables in the published format."""
+    header = ("subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Enlarged Cardiomediastinum,Fracture,"
+              "Lung Lesion,Lung Opacity,No Finding,Pleural Effusion,Pleural Other,Pneumonia,Pneumothorax,Support Devices\n")
+    (tmp_path / "chexpert.csv").write_text(
+        header + "1,11,,,,,,,,,1.0,,,,,\n2,21,,-1.0,,1.0,,,,,,0.0,,,,1.0\n3,31,1.0,,0.0,,,,,,,,,-1.0,,\n"
+    )
+    (tmp_path / "metadata.csv").write_text(
+        "dicom_id,subject_id,study_id,ViewPosition,StudyDate\na,1,11,PA,1\nb,2,21,AP,1\nc,3,31,PA,1\nd,3,31,LATERAL,1\n"
+    )
+    theirs = xrv.datasets.MIMIC_Dataset(str(tmp_path), str(tmp_path / "chexpert.csv"), str(tmp_path / "metadata.csv"),
+                                        views=FRONTAL, unique_patients=False)
+    ours = mimic.read_labels(tmp_path / "chexpert.csv", tmp_path / "metadata.csv")
+    ours = ours[ours["View Position"].isin(FRONTAL)]
+    for name in [*chexpert.TO_FINDING.values(), *chexpert.EXTRA_LABELS]:
+        expected = xrv_labels(theirs, name)
+        if name == "Support Devices":  # torchxrayvision zeroes it for No Finding too; the labeller does not
+            assert np.isnan(ours[name].iloc[0]) and expected[0] == 0
+            expected = np.r_[np.nan, expected[1:]]
+        np.testing.assert_array_equal(ours[name].to_numpy(np.float64), expected, err_msg=name)

@@ -234,6 +234,7 @@ def test_thresholds_temperatures_and_comparison_with_unlabelled_findings():
     k = FINDINGS.index("Effusion")
     with pytest.warns(metrics.MetricWarning, match="Hernia"):
         chosen = metrics.choose_thresholds(y, probs, "f1")
+    with pytest.warns(metrics.MetricWarning, match="Hernia"):
         temperatures = metrics.fit_temperature(y, probs)
     rows = labelled[:, k]
     with warnings.catch_warnings():
