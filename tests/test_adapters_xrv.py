@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from cxrdx.data.datasets import chexpert, mimic, padchest, rsna, vindr
+from cxrdx.data.splits import make_split
 from cxrdx.findings import FINDINGS
 
 xrv = pytest.importorskip("torchxrayvision")
@@ -48,6 +49,10 @@ def test_chexpert_train_labels_equal_torchxrayvision(empty_dir: str) -> None:
     assert (frontal["Effusion"] == 1).sum() == 76_894 and (frontal["Effusion"] == 0).sum() == 34_376
     assert ours["Patient ID"].nunique() == 64_540 and frontal["Patient ID"].nunique() == 64_534
     assert set(ours["Patient Gender"]) == {"M", "F", ""}
+    # the patient-wise split of ChestX-ray14 works on the adapter's table as it is
+    split = make_split(frontal, "patient").to_numpy()
+    assert pd.Series(split).groupby(frontal["Patient ID"].to_numpy()).nunique().max() == 1
+    assert abs((split == "test").mean() - 0.2) < 0.01
 
 
 def test_padchest_labels_match_torchxrayvision_up_to_the_documented_terms(empty_dir: str) -> None:
