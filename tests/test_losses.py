@@ -10,7 +10,7 @@ import torch
 
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
-from cxrdx.losses import LOSSES, class_weights, create_loss
+from cxrdx.losses import LOSSES, class_weights, create_loss, label_counts
 
 POSITIVES = np.array([11559, 2776, 4667, 2303, 13317, 2516, 1686, 227, 19894, 5782, 6331, 3385, 1431, 5302])
 NEGATIVES = 112120 - POSITIVES
@@ -192,3 +192,61 @@ def test_bad_requests_raise_user_errors():
         class_weights([1, 2], [3, 4, 5])
     with pytest.raises(CxrdxError, match="shape"):
         create_loss("bce")(torch.zeros(2, 14), torch.zeros(2, 13))
+
+
+# --- NaN targets: findings a dataset does not label --------------------------------------------------
+
+
+def _nan_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 14, generator=g, dtype=torch.float64) * 3
+    targets = (torch.rand(6, 14, generator=g) < 0.3).double()
+    labelled = torch.rand(6, 14, generator=g) < 0.6
+    labelled[:, FINDINGS.index("Hernia")] = False  # a finding the dataset does not label at all
+    return logits, targets, labelled
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_masked_loss_equals_unmasked_loss_on_fully_labelled_targets(name, reduction):
+    loss = create_loss(name, POSITIVES, NEGATIVES, reduction=reduction) if name in ("wbce", "ours") else create_loss(name, reduction=reduction)
+    logits, targets, _ = _nan_batch()
+    per_element = loss.elementwise(logits, targets)
+    unmasked = per_element.sum() if reduction == "sum" else per_element.mean()
+    torch.testing.assert_close(loss(logits, targets), unmasked, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_nan_targets_are_ignored_exactly(name, reduction):
+    loss = create_loss(name, POSITIVES, NEGATIVES, reduction=reduction) if name in ("wbce", "ours") else create_loss(name, reduction=reduction)
+    logits, targets, labelled = _nan_batch()
+    with_nan = torch.where(labelled, targets, torch.full_like(targets, float("nan")))
+    z = logits.clone().requires_grad_(True)
+    value = loss(z, with_nan)
+    value.backward()
+    # the labelled entries alone, summed (or averaged over their count)
+    kept = loss.elementwise(logits, targets)[labelled]
+    torch.testing.assert_close(value.detach(), kept.sum() if reduction == "sum" else kept.sum() / labelled.sum())
+    assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+    assert (z.grad[~labelled] == 0).all() and (z.grad[labelled] != 0).any()
+    # whatever the logits of unlabelled entries are, the loss is the same
+    moved = torch.where(labelled, logits, logits + 50.0)
+    assert loss(moved, with_nan).item() == value.item()
+
+
+def test_a_batch_without_any_label_costs_nothing():
+    z = torch.zeros(3, 14, requires_grad=True)
+    value = create_loss("bce", reduction="mean")(z, torch.full((3, 14), float("nan")))
+    value.backward()
+    assert value.item() == 0.0 and (z.grad == 0).all()
+
+
+def test_counts_and_weights_skip_unlabelled_entries():
+    labels = np.array([[1, 0, np.nan], [0, np.nan, np.nan], [1, 1, np.nan], [np.nan, 0, np.nan]])
+    positives, negatives = label_counts(labels)
+    assert positives.tolist() == [2, 1, 0] and negatives.tolist() == [1, 2, 0]
+    # a finding labelled nowhere in training gets weight 1 (its targets are masked); one without positives still fails
+    np.testing.assert_allclose(class_weights(positives, negatives), [0.5, 2.0, 1.0])
+    with pytest.raises(CxrdxError, match="finding 1"):
+        class_weights([2, 0, 0], [1, 2, 0])

@@ -169,3 +169,87 @@ def test_expert_label_counts_on_the_official_and_paper_test_splits(shared_data: 
     assert expert.index.isin(list(paper_test)).sum() == 900
     assert (expert["Set Id"] == "test").sum() == 1962
     assert set(np.unique(expert["Pneumothorax"])) == {0, 1}
+
+
+# --- NaN labels: findings a dataset does not label ---------------------------------------------------
+
+
+def _with_gaps(seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels with NaN where the image's dataset does not label the finding; Hernia labelled nowhere."""
+    y, probs = _data(seed=seed)
+    rng = np.random.default_rng(seed)
+    labelled = rng.random(y.shape) < 0.7
+    labelled[:, FINDINGS.index("Hernia")] = False
+    return np.where(labelled, y, np.nan), probs, labelled
+
+
+def test_fully_labelled_float_labels_give_the_same_evaluation():
+    y, probs = _data()
+    as_uint8 = metrics.evaluate(y, probs, np.linspace(0.3, 0.7, 14), n_bootstrap=20)
+    as_float = metrics.evaluate(y.astype(np.float32), probs, np.linspace(0.3, 0.7, 14), n_bootstrap=20)
+    pd.testing.assert_frame_equal(as_uint8.per_finding, as_float.per_finding)
+    assert as_uint8.overall == as_float.overall
+
+
+def test_each_finding_is_scored_on_the_images_that_label_it():
+    y, probs, labelled = _with_gaps()
+    thresholds = np.linspace(0.3, 0.7, 14)
+    with pytest.warns(metrics.MetricWarning, match="Hernia: no labelled images"):
+        evaluation = metrics.evaluate(y, probs, thresholds)
+    table = evaluation.per_finding
+    for k, name in enumerate(FINDINGS):
+        if name == "Hernia":
+            continue
+        rows = labelled[:, k]
+        yk, pk = y[rows, k], probs[rows, k]
+        alone = metrics.evaluate(yk[:, None], pk[:, None], thresholds[k], names=[name]).per_finding.loc[name]
+        pd.testing.assert_series_equal(table.loc[name], alone)
+        assert table.loc[name, "auroc"] == pytest.approx(roc_auc_score(yk, pk))
+        assert table.loc[name, "images"] == rows.sum() and table.loc[name, "positives"] == yk.sum()
+        assert table.loc[name, "accuracy"] == pytest.approx(accuracy_score(yk, pk >= thresholds[k]))
+    # the finding labelled nowhere is n/a everywhere, not 0, and out of the means
+    hernia = table.loc["Hernia"]
+    assert hernia["images"] == 0 and hernia["positives"] == 0
+    for column in ("positive_ratio", "auroc", "auroc_low", "accuracy", "macro_f1", "ece"):
+        assert np.isnan(hernia[column]), column
+    assert evaluation.overall["left_out_of_auroc_mean"] == ["Hernia"] and evaluation.overall["auroc"]["n"] == 13
+    assert evaluation.overall["auroc"]["mean"] == pytest.approx(table["auroc"].drop("Hernia").mean())
+    assert evaluation.to_dict()["per_finding"]["Hernia"]["auroc"] is None
+
+
+def test_exact_match_and_calibration_skip_unlabelled_entries():
+    y = np.array([[1, np.nan], [0, 1], [np.nan, np.nan], [1, 0]])
+    probs = np.array([[0.9, 0.9], [0.2, 0.1], [0.9, 0.9], [0.4, 0.1]])
+    # row 0: labelled finding right; row 1: second wrong; row 2: no labels, left out; row 3: first wrong
+    assert metrics.exact_match_accuracy(y, probs, 0.5) == pytest.approx(1 / 3)
+    np.testing.assert_allclose(metrics.expected_calibration_error(y, probs, 10), [(0.1 + 0.2 + 0.6) / 3, abs(0.9 - 0.1) / 2])  # one bin: gaps cancel
+    assert metrics.expected_calibration_error(np.full((2, 1), np.nan), np.full((2, 1), 0.5)).tolist() == [pytest.approx(np.nan, nan_ok=True)]
+    assert metrics.reliability(y[:, 0], probs[:, 0])["count"].sum() == 3
+    tp = metrics.confusion(y, probs, 0.5)
+    assert [tp[k].tolist() for k in ("tp", "fp", "tn", "fn")] == [[1, 0], [0, 0], [1, 1], [1, 1]]
+
+
+def test_thresholds_temperatures_and_comparison_with_unlabelled_findings():
+    y, probs, labelled = _with_gaps()
+    k = FINDINGS.index("Effusion")
+    with pytest.warns(metrics.MetricWarning, match="Hernia"):
+        chosen = metrics.choose_thresholds(y, probs, "f1")
+    with pytest.warns(metrics.MetricWarning, match="Hernia"):
+        temperatures = metrics.fit_temperature(y, probs)
+    rows = labelled[:, k]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the labelled subset alone has both classes
+        assert chosen[k] == metrics.choose_thresholds(y[rows][:, [k]], probs[rows][:, [k]], "f1", names=["Effusion"])[0]
+        assert temperatures[k] == pytest.approx(metrics.fit_temperature(y[rows][:, [k]], probs[rows][:, [k]], names=["Effusion"])[0])
+    assert chosen[7] == 0.5 and temperatures[7] == 1.0
+    with pytest.warns(metrics.MetricWarning, match="Hernia: no labelled images"):
+        cmp = metrics.compare_models(y, {"a": probs, "b": np.clip(probs + 0.05 * np.sin(np.arange(600))[:, None], 0, 1)},
+                                     groups=np.arange(600) // 3, n_bootstrap=30)
+    assert np.isnan(cmp.auc[:, 7]).all() and np.isfinite(np.delete(cmp.auc, 7, axis=1)).all()
+    assert np.isnan(cmp.positive_ratio[7]) and cmp.positive_ratio[k] == pytest.approx(np.nanmean(y[:, k]))
+    assert np.isnan(cmp.findings_p["a"][7]).all() and np.isnan(cmp.delong_p[7]).all()
+    assert cmp.anova.subjects == 13  # findings with an AUROC for every model
+    boot = cmp.evaluations["a"].per_finding
+    assert np.isnan(boot.loc["Hernia", "auroc_boot_low"]) and (boot["auroc_boot_low"].drop("Hernia") < boot["auroc"].drop("Hernia")).all()
+    with pytest.raises(CxrdxError, match="labels must be 0, 1 or NaN"):
+        metrics.evaluate(np.full((3, 14), 2.0), np.zeros((3, 14)))

@@ -1,8 +1,10 @@
 """Multi-label losses on logits: BCE, the paper's WBCE and L_ours, focal loss and ASL.
 
 Every loss is an `nn.Module` called as `loss(logits, targets)` with (N, C) logits and (N, C) 0/1
-targets, returning a scalar. The paper sums over findings and images (Eq. 5, 9, 10); that is the
-default `reduction="sum"`, and `reduction="mean"` divides by N*C. Computation runs in float32 with
+targets, returning a scalar. A NaN target (a finding the image's dataset does not label) is masked:
+it adds nothing to the loss or its gradient. The paper sums over findings and images (Eq. 5, 9, 10);
+that is the default `reduction="sum"`, and `reduction="mean"` divides by the number of labelled
+entries (N*C when every entry is labelled). Computation runs in float32 with
 autocast off, from log-sigmoids, so logits of any dtype and size (|z| = 100 in float16) give finite
 values and gradients.
 """
@@ -24,28 +26,39 @@ from cxrdx.findings import FINDINGS
 REDUCTIONS = ("sum", "mean")
 
 
+def label_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positives and negatives per column of an (N, C) 0/1 label matrix; NaN (not labelled) counts as neither."""
+    labels = np.asarray(labels, dtype=np.float64)
+    return (labels == 1).sum(axis=0), (labels == 0).sum(axis=0)
+
+
 def class_weights(
     positives: Sequence[float] | np.ndarray, negatives: Sequence[float] | np.ndarray
 ) -> np.ndarray:
-    """Per-finding weights w_c = negatives / positives (the paper's Eq. 11) from training-split counts."""
+    """Per-finding weights w_c = negatives / positives (the paper's Eq. 11) from training-split counts.
+
+    A finding with neither positives nor negatives (not labelled in the training data) gets weight 1:
+    its targets are all NaN, so the loss masks it anyway.
+    """
     pos = np.asarray(positives, dtype=np.float64).reshape(-1)
     neg = np.asarray(negatives, dtype=np.float64).reshape(-1)
     if pos.shape != neg.shape:
         raise CxrdxError(f"positive and negative counts differ in length: {pos.size} vs {neg.size}")
     if not (np.isfinite(pos).all() and np.isfinite(neg).all()) or (pos < 0).any() or (neg < 0).any():
         raise CxrdxError("positive and negative counts must be finite and non-negative")
-    empty = np.flatnonzero(pos == 0)
+    unlabelled = (pos == 0) & (neg == 0)
+    empty = np.flatnonzero((pos == 0) & ~unlabelled)
     if empty.size:
         names = FINDINGS if pos.size == len(FINDINGS) else [f"finding {i}" for i in range(pos.size)]
         raise CxrdxError(
             f"no positive training image for {', '.join(names[i] for i in empty)}: its weight "
             "negatives/positives would be infinite; use a split whose train part contains every finding"
         )
-    return neg / pos
+    return np.where(unlabelled, 1.0, neg / np.where(unlabelled, 1.0, pos))
 
 
 class _MultiLabelLoss(nn.Module):
-    """Casts to float32 outside autocast, checks shapes, reduces the per-element loss."""
+    """Casts to float32 outside autocast, checks shapes, masks NaN targets, reduces the per-element loss."""
 
     def __init__(self, reduction: str = "sum"):
         super().__init__()
@@ -58,8 +71,11 @@ class _MultiLabelLoss(nn.Module):
             raise CxrdxError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         with torch.autocast(logits.device.type, enabled=False):
-            per_element = self.elementwise(logits.to(dtype), targets.to(dtype))
-            return per_element.sum() if self.reduction == "sum" else per_element.mean()
+            y = targets.to(dtype)
+            labelled = ~torch.isnan(y)
+            per_element = self.elementwise(logits.to(dtype), torch.where(labelled, y, torch.zeros_like(y)))
+            total = torch.where(labelled, per_element, torch.zeros_like(per_element)).sum()
+            return total if self.reduction == "sum" else total / labelled.sum().clamp(min=1)
 
     def elementwise(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -1,8 +1,10 @@
 """Metrics from probabilities: the paper's Tables 3 and 4, decision thresholds, calibration, expert labels.
 
 Inputs are arrays: `y` (N, K) 0/1 labels and `probs` (N, K) probabilities, one column per finding
-in `names` order. A finding without positives (or without negatives) gets a NaN AUROC, a
-`MetricWarning` naming it, and is left out of the means with a note; nothing raises for it.
+in `names` order. A NaN label (a finding the image's dataset does not label) is masked: each
+finding is scored on the images that label it. A finding without positives (or without negatives,
+or not labelled at all) gets a NaN AUROC ("n/a"), a `MetricWarning` naming it, and is left out of
+the means with a note; nothing raises for it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,32 @@ class MetricWarning(UserWarning):
 
 
 def _arrays(y: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    y, probs = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    """Labels as float64 (1, 0, NaN = not labelled) and probabilities, checked against `names`."""
+    y, probs = np.asarray(y, dtype=np.float64), np.asarray(probs, dtype=np.float64)
     if y.ndim != 2 or y.shape != probs.shape or y.shape[1] != len(names):
         raise CxrdxError(f"labels {y.shape} and probabilities {probs.shape} must both be (images, {len(names)})")
-    return y.astype(np.uint8), probs
+    if not np.isin(y[~np.isnan(y)], (0, 1)).all():
+        raise CxrdxError("labels must be 0, 1 or NaN (not labelled)")
+    return y, probs
+
+
+def _labelled(y: np.ndarray) -> np.ndarray:
+    return ~np.isnan(np.asarray(y, dtype=np.float64))
+
+
+def _delong(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """stats.delong_covariance of (M, N, K) scores, each finding on the images that label it."""
+    labelled = _labelled(y)
+    if labelled.all():
+        return stats.delong_covariance(y, probs)
+    m, k = probs.shape[0], y.shape[1]
+    auc, cov = np.full((m, k), np.nan), np.full((k, m, m), np.nan)
+    for c in range(k):
+        rows = labelled[:, c]
+        if rows.any():
+            a, v = stats.delong_covariance(y[rows, c : c + 1], probs[:, rows, c : c + 1])
+            auc[:, c], cov[c] = a[:, 0], v[0]
+    return auc, cov
 
 
 def degenerate(
@@ -42,13 +66,13 @@ def degenerate(
     where: str = "",
     consequence: str = "AUROC is undefined (NaN) and left out of the means",
 ) -> dict[str, str]:
-    """{finding: note} for findings with no positives or no negatives; warns once per finding."""
-    y = np.asarray(y)
-    positives, n = y.sum(axis=0), y.shape[0]
+    """{finding: note} for findings with no positives, no negatives or no labels; warns once per finding."""
+    y = np.asarray(y, dtype=np.float64)
+    positives, labelled = np.nansum(y, axis=0), _labelled(y).sum(axis=0)
     notes = {}
-    for name, count in zip(names, positives):
+    for name, count, n in zip(names, positives, labelled):
         if count == 0 or count == n:
-            missing = "positive" if count == 0 else "negative"
+            missing = "labelled" if n == 0 else "positive" if count == 0 else "negative"
             notes[name] = f"{name}: no {missing} images{f' in {where}' if where else ''}; {consequence}"
             warnings.warn(notes[name], MetricWarning, stacklevel=3)
     return notes
@@ -69,14 +93,15 @@ def _thresholds(thresholds: float | Sequence[float] | np.ndarray, k: int) -> np.
 
 
 def confusion(y: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray) -> dict[str, np.ndarray]:
-    """tp, fp, tn, fn per finding; a probability at or above its threshold is a positive call."""
-    y = np.asarray(y).astype(bool)
+    """tp, fp, tn, fn per finding over its labelled images; a probability at or above its threshold is a positive call."""
+    y = np.asarray(y, dtype=np.float64)
+    positive, negative = y == 1, y == 0
     pred = np.asarray(probs) >= _thresholds(thresholds, y.shape[1])
     return {
-        "tp": (pred & y).sum(axis=0),
-        "fp": (pred & ~y).sum(axis=0),
-        "tn": (~pred & ~y).sum(axis=0),
-        "fn": (~pred & y).sum(axis=0),
+        "tp": (pred & positive).sum(axis=0),
+        "fp": (pred & negative).sum(axis=0),
+        "tn": (~pred & negative).sum(axis=0),
+        "fn": (~pred & positive).sum(axis=0),
     }
 
 
@@ -100,12 +125,17 @@ def macro_scores(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray)
 
 
 def exact_match_accuracy(y: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray) -> float:
-    """Fraction of images with all findings called correctly (the paper's 'overall accuracy')."""
-    y = np.asarray(y).astype(bool)
-    if y.shape[0] == 0:
+    """Fraction of images with all findings called correctly (the paper's 'overall accuracy').
+
+    Only labelled findings are judged; images without any label are left out.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    labelled = _labelled(y)
+    rows = labelled.any(axis=1)
+    if not rows.any():
         return float("nan")
     pred = np.asarray(probs) >= _thresholds(thresholds, y.shape[1])
-    return float((pred == y).all(axis=1).mean())
+    return float(((pred == (y == 1)) | ~labelled).all(axis=1)[rows].mean())
 
 
 def choose_thresholds(
@@ -122,15 +152,17 @@ def choose_thresholds(
     y, probs = _arrays(y, probs, names)
     skip = degenerate(y, names, "the calibration split", "its threshold stays 0.5")
     out = np.full(len(names), 0.5)
+    labelled = _labelled(y)
     for k, name in enumerate(names):
         if name in skip:
             continue
+        yk, pk = y[labelled[:, k], k], probs[labelled[:, k], k]
         if method == "youden":
-            fpr, tpr, thr = roc_curve(y[:, k], probs[:, k])
+            fpr, tpr, thr = roc_curve(yk, pk)
             best = int(np.argmax(tpr - fpr))
             out[k] = min(float(thr[best]), 1.0)
         else:
-            precision, recall, thr = precision_recall_curve(y[:, k], probs[:, k])
+            precision, recall, thr = precision_recall_curve(yk, pk)
             f1 = _ratio(2 * precision * recall, precision + recall)[:-1]
             out[k] = float(thr[int(np.argmax(f1))])
     return out
@@ -144,8 +176,9 @@ def _bins(probs: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 def reliability(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """One finding's reliability diagram: per equal-width bin, count, mean probability, positive fraction."""
+    """One finding's reliability diagram over its labelled images: per equal-width bin, count, mean probability, positive fraction."""
     y, prob = np.asarray(y, float), np.asarray(prob, float)
+    y, prob = y[~np.isnan(y)], prob[~np.isnan(y)]
     b = _bins(prob, n_bins)
     count = np.bincount(b, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -158,12 +191,15 @@ def reliability(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> pd.DataFra
 
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> np.ndarray:
-    """ECE per finding: sum over equal-width bins of (bin share) x |positive fraction - mean probability|."""
+    """ECE per finding over its labelled images: sum over equal-width bins of (bin share) x |positive fraction - mean probability|."""
     y, probs = np.asarray(y, float), np.asarray(probs, float)
-    n, k = probs.shape
+    k = probs.shape[1]
+    labelled = _labelled(y)
     flat = (_bins(probs, n_bins) + n_bins * np.arange(k)).ravel()
-    gap = np.bincount(flat, weights=(y - probs).ravel(), minlength=n_bins * k).reshape(k, n_bins)
-    return np.abs(gap).sum(axis=1) / n if n else np.full(k, np.nan)
+    gap = np.bincount(flat, weights=np.where(labelled, y - probs, 0.0).ravel(), minlength=n_bins * k).reshape(k, n_bins)
+    n = labelled.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.abs(gap).sum(axis=1) / n, np.nan)
 
 
 def logit(probs: np.ndarray) -> np.ndarray:
@@ -185,13 +221,14 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray, names: Sequence[str] = FIN
     y, probs = _arrays(y, probs, names)
     skip = degenerate(y, names, "the calibration split", "its temperature stays 1")
     z = logit(probs)
+    labelled = _labelled(y)
     out = np.ones(len(names))
     for k, name in enumerate(names):
         if name in skip:
             continue
-        target = y[:, k].astype(float)
+        rows = labelled[:, k]
 
-        def nll(log_t: float, zk: np.ndarray = z[:, k], t: np.ndarray = target) -> float:
+        def nll(log_t: float, zk: np.ndarray = z[rows, k], t: np.ndarray = y[rows, k]) -> float:
             s = zk / np.exp(log_t)
             return float(np.mean(np.logaddexp(0.0, s) - t * s))
 
@@ -248,21 +285,24 @@ def evaluate(
     notes = list(degenerate(y, names).values())
     thr = _thresholds(thresholds, len(names))
     if auroc is None:
-        auc, cov = stats.delong_covariance(y, probs[None])
+        auc, cov = _delong(y, probs[None])
         auroc = auc[0], cov[:, 0, 0]
     auc, var = auroc
     low, high = stats.normal_ci(auc, var, level)
+    labelled = _labelled(y).sum(axis=0)
+    scores = macro_scores(**confusion(y, probs, thr))
+    scores = {m: np.where(labelled > 0, v, np.nan) for m, v in scores.items()}  # n/a, not 0, for an unlabelled finding
     table = pd.DataFrame(
         {
-            "positives": y.sum(axis=0).astype(int),
-            "images": np.full(len(names), y.shape[0]),
-            "positive_ratio": y.mean(axis=0) if y.shape[0] else np.nan,
+            "positives": np.nansum(y, axis=0).astype(int),
+            "images": labelled,
+            "positive_ratio": _positive_ratio(y),
             "auroc": auc,
             "auroc_low": low,
             "auroc_high": high,
             "auroc_se": np.sqrt(var),
             "threshold": thr,
-            **macro_scores(**confusion(y, probs, thr)),
+            **scores,
             "ece": expected_calibration_error(y, probs, n_bins),
         },
         index=pd.Index(list(names), name="finding"),
@@ -286,6 +326,13 @@ def evaluate(
             "unit": "patient" if groups is not None else "image",
         }
     return Evaluation(table, overall, notes)
+
+
+def _positive_ratio(y: np.ndarray) -> np.ndarray:
+    """Positives over labelled images per finding; NaN where none is labelled."""
+    labelled = _labelled(y).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(labelled > 0, np.nansum(y, axis=0) / labelled, np.nan)
 
 
 # --- several models on the same images (Tables 3-5, `cxrdx compare`) --------------------------------
@@ -331,7 +378,7 @@ def compare_models(
     arrays = [_arrays(y, probs[m], names)[1] for m in models]
     y = _arrays(y, arrays[0], names)[0]
     notes = list(degenerate(y, names).values())
-    auc, cov = stats.delong_covariance(y, np.stack(arrays))
+    auc, cov = _delong(y, np.stack(arrays))
     var = np.einsum("kmm->mk", cov)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)  # said once above for all models
@@ -342,7 +389,7 @@ def compare_models(
             )
             for i, (m, a) in enumerate(zip(models, arrays))
         }
-    ratio = y.mean(axis=0) if y.shape[0] else np.full(len(names), np.nan)
+    ratio = _positive_ratio(y)
     diff, pair_p = stats.pairwise_paired_t(auc.T)
     return Comparison(
         models=models,

@@ -302,23 +302,27 @@ def bootstrap_auroc(
     """Percentile CIs of per-column AUROCs and of their mean, resampling groups (patients) with replacement.
 
     Images of one patient are not independent, so whole patients are drawn; `groups=None` resamples
-    images. Each replicate reweights the one pre-sorted score matrix (no re-sort).
+    images. Each replicate reweights the one pre-sorted score matrix (no re-sort). A NaN label
+    (finding not labelled for that image) has weight 0.
     """
     if n_boot < 1:
         raise CxrdxError(f"bootstrap needs at least one replicate, got {n_boot}")
-    yb, s, _ = _check(y, score)
+    labelled = ~np.isnan(np.asarray(y, dtype=np.float64))
+    yb, s, _ = _check(np.where(labelled, y, 0), score)
+    labelled = labelled.reshape(yb.shape)
     codes = pd.factorize(np.asarray(groups))[0] if groups is not None else np.arange(yb.shape[0])
     if codes.size != yb.shape[0]:
         raise CxrdxError(f"{codes.size} group ids for {yb.shape[0]} images")
     t = _tie_groups(s)
     pos = np.take_along_axis(yb, t.order, axis=0).T.ravel().astype(np.float64)
     codes_sorted = codes[t.order].T.ravel()
+    labelled_sorted = np.take_along_axis(labelled, t.order, axis=0).T.ravel()
     n_groups = int(codes.max()) + 1 if codes.size else 0
     rng = np.random.default_rng(seed)
     aucs = np.empty((n_boot, t.k))
     for r in range(n_boot):
         weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups).astype(np.float64)
-        pos_in, neg_in, _, neg_below, m_pos, m_neg = _group_counts(t, pos, weight[codes_sorted])
+        pos_in, neg_in, _, neg_below, m_pos, m_neg = _group_counts(t, pos, weight[codes_sorted] * labelled_sorted)
         with np.errstate(invalid="ignore", divide="ignore"):
             aucs[r] = np.bincount(t.column, weights=pos_in * (neg_below + 0.5 * neg_in), minlength=t.k) / (m_pos * m_neg)
     tail = 100 * (1 - level) / 2
