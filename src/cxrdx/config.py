@@ -221,7 +221,7 @@ def save_config(config: TrainConfig, path: str | Path) -> Path:
 # --- value checks: counts positive, rates finite and in range ------------------------------------
 _POSITIVE = ("data.input_size", "optim.batch_size", "optim.epochs", "optim.div_factor",
              "optim.final_div_factor", "optim.grad_clip", "runtime.threads", "selection.patience")
-_NONNEGATIVE = ("seed", "data.workers", "optim.lr", "optim.weight_decay")  # lr 0: a frozen model, as tests use
+_NONNEGATIVE = ("seed", "data.workers", "optim.lr", "optim.weight_decay")  # lr 0 keeps the weights fixed
 _RANGES = {"data.random_erasing": (0.0, 1.0), "model.drop_rate": (0.0, 1.0), "optim.pct_start": (0.0, 1.0),
            "ema.decay": (0.0, 1.0)}
 

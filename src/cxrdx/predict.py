@@ -109,7 +109,7 @@ class BasePredictor:
         from cxrdx.data.cache import resize_square
         from cxrdx.data.imageio import read_image
 
-        return resize_square(read_image(source, name=name), self.info.image_size)
+        return resize_square(read_image(source, name=name), self.info.image_size, name or _name(source, 0))
 
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (N, S, S) → the model's float32 input (N, 1, H, W)."""

@@ -113,7 +113,7 @@ class FileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        image = resize_square(read_image(self.paths[i]), self.cache_size)
+        image = resize_square(read_image(self.paths[i]), self.cache_size, str(self.paths[i]))
         return self.transform(torch.from_numpy(image)[None]), self.labels[i], self.paths[i].name
 
 
