@@ -19,6 +19,7 @@ from cxrdx.errors import CxrdxError
 class DataConfig:
     cache: str = "cache/chestxray14-256"  # made by `cxrdx prepare`
     split_file: str | None = None  # None: patient-wise 70/10/20 split of the cache index with `seed`
+    allow_missing: bool = False  # True: leave out split images the cache lacks (with a warning) instead of stopping
     input_size: int = 224
     workers: int = 4
     mean: list[float] | None = None  # None: computed on the training split

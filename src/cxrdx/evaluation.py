@@ -20,7 +20,7 @@ import pandas as pd
 from cxrdx import metrics, report
 from cxrdx.atomic import write_text
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cxrdx.errors import CxrdxError
+from cxrdx.errors import CxrdxError, MissingImagesWarning
 from cxrdx.findings import FINDINGS
 
 PREDICTIONS, LABELS, METRICS, REPORT = "predictions.csv", "labels.csv", "metrics.json", "report.md"
@@ -164,11 +164,13 @@ def predict_split(
     device: str = "auto",
     progress: bool = True,
     apply_temperature: bool = True,
+    allow_missing: bool = False,
 ) -> tuple[Checkpoint, SplitPredictions, list[str]]:
     """Model probabilities (the checkpoint's temperature applied unless `apply_temperature` is off) for one split.
 
     Images come from the prepared cache (default: the one the model was trained on) or, with
-    `data_dir`, from the raw image folder and its Data_Entry table. Returns notes for the user.
+    `data_dir`, from the raw image folder and its Data_Entry table. Images of the split that are not
+    there are an error, or with `allow_missing` left out with a note. Returns notes for the user.
     Under torchrun each process predicts its shard and every process gets the whole split.
     """
     from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
@@ -187,10 +189,13 @@ def predict_split(
         if series is not None:
             index = index[index["Image Index"].isin(series.index[series.to_numpy() == split])]
         located, missing = locate_images(index, data_dir)
-        if missing:
-            notes.append(f"{len(missing)} image(s) of the split are not in {data_dir} and were skipped (first: {', '.join(missing[:3])})")
         if located.empty:
             raise CxrdxError(f"{data_dir}: none of the {len(index)} images of split '{split}' was found")
+        if missing:
+            text = f"{len(missing):,} image(s) of split '{split}' are not in {data_dir}: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+            if not allow_missing:
+                raise CxrdxError(f"{text}; leave them out with --allow-missing")
+            notes.append(f"{text} (left out)")
         labels = located[list(FINDINGS)].to_numpy(np.uint8)
         dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform)  # as Predictor
         patients = dict(zip(located["Image Index"], located["Patient ID"]))
@@ -206,7 +211,10 @@ def predict_split(
                 f"{cache_path}: a {opened.size}-px cache, but {checkpoint} was trained on {ckpt.cache_size}-px images; "
                 f"prepare a {ckpt.cache_size}-px cache or use --data-dir (predict resizes files the same way)"
             )
-        rows = None if series is None else rows_for_split(opened, series, split)
+        with warnings.catch_warnings(record=True) as left_out:  # into the report's notes
+            warnings.simplefilter("always", MissingImagesWarning)
+            rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
+        notes += [str(w.message) for w in left_out if issubclass(w.category, MissingImagesWarning)]
         dataset = CacheDataset(opened, rows, transform)
         patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))
     with distributed(device) as (info, torch_device):
