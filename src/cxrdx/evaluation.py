@@ -20,7 +20,7 @@ import pandas as pd
 from cxrdx import metrics, report
 from cxrdx.atomic import write_text
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cxrdx.errors import CxrdxError, MissingImagesWarning
+from cxrdx.errors import CxrdxError, CxrdxWarning, MissingImagesWarning
 from cxrdx.findings import FINDINGS
 
 PREDICTIONS, LABELS, METRICS, REPORT = "predictions.csv", "labels.csv", "metrics.json", "report.md"
@@ -304,7 +304,9 @@ def evaluate_checkpoint(
     if not info.main:
         return None
     chosen = resolve_thresholds(thresholds, ckpt, validation)
+    label = name or run_dir_of(checkpoint).name
     settings = {
+        "name": label,
         "checkpoint": str(checkpoint),
         "model": ckpt.model_name,
         "split": split,
@@ -314,7 +316,6 @@ def evaluate_checkpoint(
         "tta_hflip": bool(predict_kwargs.get("hflip", False)),
         "bootstrap": n_bootstrap,
     }
-    label = name or run_dir_of(checkpoint).name
     return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
 
 
@@ -350,6 +351,18 @@ def run_thresholds(paths: Sequence[str | Path], models: Sequence[str]) -> dict[s
     return {m: 0.5 if s is None else s for m, s in zip(models, stored)}
 
 
+def run_name(predictions: Path) -> str:
+    """The model name `cxrdx evaluate` recorded beside a predictions file, else its checkpoint's run
+    folder, else the name of the folder holding the file."""
+    settings = read_metrics(predictions.parent).get("settings")
+    settings = settings if isinstance(settings, dict) else {}
+    if isinstance(settings.get("name"), str) and settings["name"]:
+        return settings["name"]
+    if isinstance(settings.get("checkpoint"), str) and settings["checkpoint"]:
+        return run_dir_of(settings["checkpoint"]).name
+    return predictions.parent.name
+
+
 def load_runs(
     paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None
 ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
@@ -360,8 +373,9 @@ def load_runs(
     files = [find_predictions(p) for p in paths]
     if names is not None and len(names) != len(files):
         raise CxrdxError(f"{len(names)} names for {len(files)} prediction files")
-    default = [Path(p).name if Path(p).is_dir() else f.parent.name for p, f in zip(paths, files)]
-    models = list(names) if names is not None else default
+    models = list(names) if names is not None else [run_name(f) for f in files]
+    if len(set(models)) != len(models):
+        models = [f"{m} ({f.parent.name})" for m, f in zip(models, files)]
     if len(set(models)) != len(models):
         models = [str(f.parent) for f in files]
     tables = [read_predictions(f) for f in files]
@@ -438,6 +452,7 @@ def calibrate_checkpoint(
     if temperature:
         ckpt.temperature = [float(t) for t in metrics.fit_temperature(preds.labels, raw)]
         probs = metrics.apply_temperature(raw, ckpt.temperature)
+        _warn_stuck_temperatures(ckpt.temperature, split)
     if thresholds is not None:
         ckpt.thresholds = [float(t) for t in metrics.choose_thresholds(preds.labels, probs, thresholds)]
     summary["ece_after"] = metrics.expected_calibration_error(preds.labels, probs)
@@ -446,3 +461,15 @@ def calibrate_checkpoint(
     ckpt.val_metrics = {**(ckpt.val_metrics or {}), "calibration": {"split": split, "thresholds": thresholds, "temperature": temperature}}
     save_checkpoint(out or checkpoint, ckpt)
     return ckpt, summary
+
+
+def _warn_stuck_temperatures(temperatures: Sequence[float], split: str) -> None:
+    """A fitted temperature at the edge of its search range is no calibration: say which."""
+    low, high = metrics.TEMPERATURE_BOUNDS
+    stuck = [f"{f} ({t:.3g})" for f, t in zip(FINDINGS, temperatures) if not low * 1.01 < t < high / 1.01]
+    if stuck:
+        warnings.warn(
+            f"temperature at the limit of [{low:g}, {high:g}] for {', '.join(stuck)}: the '{split}' split does not "
+            "calibrate it (too few positives, or scores that do not separate them); treat its probabilities with care",
+            CxrdxWarning, stacklevel=2,
+        )
