@@ -57,7 +57,7 @@ def explain_inputs(
 
     files = collect_images(images)
     if not files:
-        raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(images)}")
+        raise CxrdxError(f"no image files in {', '.join(images)}")
     return len(files), ((name, path) for path, name in files)
 
 
@@ -82,7 +82,16 @@ def localization_inputs(
         split_path = split_file or run_split_file(checkpoint)
         if not split_path:
             raise CxrdxError("--split needs --split-file (no RUN/split.csv beside the checkpoint)")
-        boxes = boxes_in_split(boxes, read_split(split_path), split)
+        table = read_split(split_path)
+        chosen = boxes_in_split(boxes, table, split)
+        if chosen.empty:
+            names = boxes["Image Index"].unique()
+            where = table.reindex(names).fillna("no split").value_counts()
+            raise CxrdxError(
+                f"none of the {len(names)} boxed image(s) is in the '{split}' split of {split_path} "
+                f"({', '.join(f'{n} in {s}' for s, n in where.items())}); choose one of those splits or leave out --split"
+            )
+        boxes = chosen
     opened = None
     if not data_dir:
         from cxrdx.data.cache import open_cache
