@@ -215,10 +215,10 @@ def predict_split(
             warnings.simplefilter("always", MissingImagesWarning)
             rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
         notes += [str(w.message) for w in left_out if issubclass(w.category, MissingImagesWarning)]
-    for note in notes:  # shown now, and kept in the evaluation's notes
-        warnings.warn(note, MissingImagesWarning, stacklevel=2)
         dataset = CacheDataset(opened, rows, transform)
         patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))
+    for note in notes:  # shown now, and kept in the evaluation's notes
+        warnings.warn(note, MissingImagesWarning, stacklevel=2)
     with distributed(device) as (info, torch_device):
         model = ckpt.build_model(torch_device)
         loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(dataset),
