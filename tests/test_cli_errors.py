@@ -451,3 +451,16 @@ def test_help_speaks_to_users_and_shows_defaults(capsys: pytest.CaptureFixture) 
         assert done.value.code == 0
         printed = capsys.readouterr().out
         assert needle in printed and "cxrdx.report_html" not in printed and "thin argument parsing" not in printed
+
+
+def test_a_system_error_midway_is_one_line(monkeypatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    import cxrdx.data.phantoms
+
+    def disk_full(out, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(out) / "images" / "x.png"))
+
+    monkeypatch.setattr(cxrdx.data.phantoms, "generate_phantoms", disk_full)
+    code, _, err = run_cli(["phantoms", "--out", tmp_path / "p"], capsys)
+    assert code == 1 and err == f"cxrdx phantoms: error: {tmp_path / 'p' / 'images' / 'x.png'}: No space left on device\n"

@@ -330,7 +330,8 @@ def _failed_run_cleanup(run_dir: Path, main: bool) -> Iterator[None]:
                 from cxrdx.atomic import write_text
 
                 reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-                write_text(run_dir / FAILED, reason + "\n")
+                with contextlib.suppress(OSError):  # the run's own error is the one to report
+                    write_text(run_dir / FAILED, reason + "\n")
         raise
     if main:
         (run_dir / FAILED).unlink(missing_ok=True)
@@ -483,7 +484,7 @@ def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, d
 
 def _explain_args(parser: argparse.ArgumentParser) -> None:
     _cam_args(parser)
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG or DICOM files, or folders of them")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG, TIFF, BMP or DICOM files, or folders of them")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--finding", action="append", help="explain this finding, in any case, e.g. effusion (repeatable)")
     which.add_argument("--predicted", action="store_true", help="the findings at or above the threshold (default; the most probable one when none is)")
@@ -806,6 +807,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CxrdxError as exc:
         print(f"cxrdx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused a read or write midway (disk full, permissions changed)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cxrdx {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cxrdx {args.command}: interrupted", file=sys.stderr)
         return 130

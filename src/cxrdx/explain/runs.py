@@ -50,7 +50,7 @@ def explain_inputs(
         if not cache_path or not split_path:
             raise CxrdxError("batch mode needs --cache and --split-file (no run folder defaults beside the checkpoint)")
         opened = open_cache(cache_path)
-        rows = rows_for_split(opened, read_split(split_path), split)[:limit]
+        rows = rows_for_split(opened, read_split(split_path), split, allow_missing=True)[:limit]  # maps of those there; the rest named
         names = opened.index["Image Index"].to_numpy()
         return len(rows), ((str(names[r]), np.asarray(opened.images[r])) for r in rows)  # lazily: a split can be large
     from cxrdx.predict import collect_images
