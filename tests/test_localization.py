@@ -200,7 +200,7 @@ def test_explain_command_files_and_cache_split(tiny_checkpoint, phantom_dir, pha
 def test_unknown_finding_is_a_user_error(tiny_checkpoint, phantom_dir, tmp_path, capsys):
     image = sorted((phantom_dir / "images").glob("*.png"))[0]
     assert main(["explain", "--checkpoint", str(tiny_checkpoint), "--finding", "Tumour", "--out", str(tmp_path), str(image)]) == 2
-    assert "unknown finding(s) Tumour" in capsys.readouterr().err
+    assert "unknown finding 'Tumour'" in capsys.readouterr().err
 
 
 def test_findings_cover_the_box_file_of_the_phantoms(phantom_dir):

@@ -1,16 +1,66 @@
-"""The `cxrdx` command: thin argument parsing over the library; one function pair per subcommand."""
+"""The `cxrdx` command: one function pair per subcommand (arguments, handler) over the library."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cxrdx import __version__
-from cxrdx.errors import CxrdxError
+from cxrdx.checks import check_nonnegative, check_output_dir, check_output_file, check_positive, check_range
+from cxrdx.errors import CxrdxError, CxrdxWarning
 
 Handler = Callable[[argparse.Namespace], int]
+FAILED = "FAILED"  # written into a run folder whose training stopped with an error: the error
+DESCRIPTION = ("Multi-label chest X-ray diagnosis on ChestX-ray14: prepare the data, train, evaluate, compare, "
+               "explain and serve models. 'cxrdx COMMAND --help' describes each command.")
+
+
+# --- argument values: checked while parsing, one line per mistake ----------------------------------
+class _UsageError(Exception):
+    """A command line argparse rejects; `main` prints it on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the usage and exits; one line and exit 2 instead
+        raise _UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless its help already names it or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _value(kind: type, check: Callable[[float, str], None]) -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float) passing `check` (one of cxrdx.checks)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{' whole' if kind is int else ''} number, got {text!r}") from None
+        try:
+            check(value, "")
+        except CxrdxError as exc:
+            raise argparse.ArgumentTypeError(str(exc).strip()) from None
+        return value
+
+    return parse
+
+
+_POSITIVE_INT = _value(int, check_positive)
+_COUNT = _value(int, check_nonnegative)  # zero allowed
+_POSITIVE = _value(float, check_positive)
+_NONNEGATIVE = _value(float, check_nonnegative)
+_FRACTION = _value(float, lambda value, what: check_range(value, what, 0.0, 1.0))
 
 
 # --- data: download, split, stats (cxrdx.data.download / splits / metadata) -------------------
@@ -24,6 +74,7 @@ def _download_args(parser: argparse.ArgumentParser) -> None:
 def _download(args: argparse.Namespace) -> int:
     from cxrdx.data.download import download, parse_archives, read_links
 
+    check_output_dir(args.to, "--to")
     numbers = parse_archives(args.archives, len(read_links(args.links))) if args.archives else None
     results = download(args.to, numbers, links=args.links, keep_archives=args.keep_archives)
     for result in results:
@@ -51,7 +102,7 @@ def _split_args(parser: argparse.ArgumentParser) -> None:
                         "official: NIH's train_val/test lists, val carved out by patient")
     parser.add_argument("--ratios", nargs=3, type=float, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
                         help="image fractions (default 0.7 0.1 0.2); official keeps NIH's test list and uses TRAIN:VAL")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_COUNT, default=0, help="random seed; the same seed gives the same split")
     parser.add_argument("--lists", help="folder with train_val_list.txt and test_list.txt, plain or .gz "
                         "(default: NIH's lists shipped with cxrdx)")
     parser.add_argument("--from", dest="from_file", metavar="FILE",
@@ -66,6 +117,7 @@ def _split(args: argparse.Namespace) -> int:
 
     if args.from_file and args.strategy:
         raise CxrdxError("--from imports an existing split; leave out --strategy")
+    check_output_file(args.out, "--out")
     metadata = _metadata_path(args)
     index = read_metadata(metadata)
     if args.from_file:
@@ -90,11 +142,13 @@ def _stats_args(parser: argparse.ArgumentParser) -> None:
     _metadata_args(parser)
     parser.add_argument("--split-file", help="split file (CSV Image Index,split, or the paper's YAML lists), "
                         "or 'paper' for the paper's split shipped with cxrdx")
-    parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format")
     parser.add_argument("--pixels", action="store_true", help="print the pixel mean/std of a prepared cache instead")
     parser.add_argument("--cache", help="with --pixels: the cache folder made by 'cxrdx prepare'")
     parser.add_argument("--split", choices=("train", "val", "test"), default="train",
                         help="with --pixels and --split-file: the split to measure (default train)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="with --pixels: measure the split's images that are in the cache, naming the others, instead of stopping")
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -123,7 +177,7 @@ def _pixel_stats(args: argparse.Namespace) -> int:
         from cxrdx.data.dataset import rows_for_split
         from cxrdx.data.splits import read_split
 
-        rows, which = rows_for_split(cache, read_split(args.split_file), args.split), f"{args.split} split"
+        rows, which = rows_for_split(cache, read_split(args.split_file), args.split, args.allow_missing), f"{args.split} split"
     mean, std = pixel_stats(cache, rows=rows)
     images = len(cache.index) if rows is None else len(rows)
     if args.format == "json":
@@ -136,9 +190,9 @@ def _pixel_stats(args: argparse.Namespace) -> int:
 def _prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, help="folder with the images (flat, images/ or images_0XX/images/)")
     parser.add_argument("--metadata", help="Data_Entry table (default: found in --data-dir)")
-    parser.add_argument("--size", type=int, default=256, help="side of the cached square images (default 256)")
+    parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="side of the cached square images (default 256)")
     parser.add_argument("--out", required=True, help="cache folder to create or to continue")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--workers", type=_COUNT, default=0,
                         help="decoding processes (default 0: in this process; about one per core for the full dataset)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -146,6 +200,7 @@ def _prepare_args(parser: argparse.ArgumentParser) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from cxrdx.data.cache import prepare_cache
 
+    check_output_dir(args.out, "--out")
     try:
         result = prepare_cache(
             args.data_dir, args.out, size=args.size, metadata=args.metadata, workers=args.workers, progress=not args.quiet
@@ -165,11 +220,11 @@ def _prepare(args: argparse.Namespace) -> int:
 # --- phantoms (cxrdx.data.phantoms) ------------------------------------------------------------
 def _phantoms_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write images/, Data_Entry_2017.csv, BBox_List_2017.csv")
-    parser.add_argument("--n", type=int, default=3000, help="number of images (default 3000)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    parser.add_argument("--n", type=_POSITIVE_INT, default=3000, help="number of images (default 3000)")
+    parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--seed", type=_COUNT, default=0, help="random seed; the same seed gives the same files")
     parser.add_argument(
-        "--tail-floor", type=float, default=0.0,
+        "--tail-floor", type=_FRACTION, default=0.0,
         help="raise every finding's prevalence to at least this fraction (default 0: the paper's long tail)",
     )
 
@@ -177,6 +232,7 @@ def _phantoms_args(parser: argparse.ArgumentParser) -> None:
 def _phantoms(args: argparse.Namespace) -> int:
     from cxrdx.data.phantoms import generate_phantoms
 
+    check_output_dir(args.out, "--out")
     out = generate_phantoms(args.out, n=args.n, size=args.size, seed=args.seed, tail_floor=args.tail_floor)
     boxes = sum(1 for _ in open(out / "BBox_List_2017.csv", encoding="utf-8")) - 1
     print(f"wrote {args.n} phantom images ({args.size}x{args.size}) and {boxes} boxes to {out}")
@@ -185,10 +241,10 @@ def _phantoms(args: argparse.Namespace) -> int:
 # --- models (cxrdx.models) ---------------------------------------------------------------------
 def _models_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="timm model names (default: the paper's three)")
-    parser.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
-    parser.add_argument("--in-chans", type=int, default=1, help="input channels (default 1; 3 = ImageNet stem)")
-    parser.add_argument("--num-findings", type=int, default=14, help="outputs (default 14; 1000 = ImageNet head)")
-    parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    parser.add_argument("--input-size", type=_POSITIVE_INT, default=224, help="square input side in pixels (default 224)")
+    parser.add_argument("--in-chans", type=_POSITIVE_INT, default=1, help="input channels (default 1; 3 = ImageNet stem)")
+    parser.add_argument("--num-findings", type=_POSITIVE_INT, default=14, help="outputs (default 14; 1000 = ImageNet head)")
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format")
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -229,7 +285,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.batch_size=64 --set data.cache=cache/x (repeatable)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR/checkpoints/last.pt exactly where it stopped")
-    parser.add_argument("--stop-after-epoch", type=int, metavar="N",
+    parser.add_argument("--stop-after-epoch", type=_POSITIVE_INT, metavar="N",
                         help="stop once N epochs are done (the schedule still spans optim.epochs; continue with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
@@ -247,11 +303,35 @@ def _train(args: argparse.Namespace) -> int:
         config.out = args.resume
     else:
         config = load_config(args.config, args.overrides)
-    run_dir = train(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
+    check_output_dir(config.out, "out")
+    with _failed_run_cleanup(Path(config.out), main=int(os.environ.get("RANK", "0")) == 0):
+        run_dir = train(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(run_dir)
     leave_torchrun_worker()
     return 0
+
+@contextlib.contextmanager
+def _failed_run_cleanup(run_dir: Path, main: bool) -> Iterator[None]:
+    """A run that fails before its first checkpoint leaves no folder behind (when it made the folder);
+    a later failure leaves RUN/FAILED with the error. A successful run removes an earlier FAILED."""
+    created = not run_dir.exists()
+    try:
+        yield
+    except BaseException as exc:
+        if main and run_dir.is_dir():
+            if created and not any((run_dir / "checkpoints").glob("*.pt")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                from cxrdx.atomic import write_text
+
+                reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(OSError):  # the run's own error is the one to report
+                    write_text(run_dir / FAILED, reason + "\n")
+        raise
+    if main:
+        (run_dir / FAILED).unlink(missing_ok=True)
+
 
 # --- evaluate, compare (cxrdx.metrics / stats / report) ----------------------------------------
 def _inference_args(parser: argparse.ArgumentParser, split: str) -> None:
@@ -261,9 +341,11 @@ def _inference_args(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--split-file", help="split CSV (default: RUN/split.csv next to the checkpoint)")
     parser.add_argument("--split", default=split, help=f"split to use: train, val, test or all (default: {split})")
     parser.add_argument("--tta-hflip", action="store_true", help="average the probabilities of each image and its mirror")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, help="data loader processes (default: the checkpoint's data.workers)")
+    parser.add_argument("--batch-size", type=_POSITIVE_INT, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=_COUNT, help="data loader processes (default: the checkpoint's data.workers)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="predict the split's images that are there and name the others, instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -271,6 +353,7 @@ def _inference_kwargs(args: argparse.Namespace) -> dict:
     return {
         "cache": args.cache, "split_file": args.split_file, "data_dir": args.data_dir, "hflip": args.tta_hflip,
         "batch_size": args.batch_size, "workers": args.workers, "device": args.device, "progress": not args.quiet,
+        "allow_missing": args.allow_missing,
     }
 
 
@@ -286,7 +369,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", default="0.5",
                         help="decision thresholds: a number (default 0.5, the paper), checkpoint (stored by calibrate), "
                         "or youden / f1 chosen per finding on the val split")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates")
+    parser.add_argument("--bootstrap", type=_COUNT, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates (default 0: none)")
     parser.add_argument("--expert-labels", metavar="CSV", nargs="?", const="",
                         help="AUROC against Google's 2019 adjudicated labels (no CSV: the copy shipped with cxrdx)")
     parser.add_argument("--name", help="model name in the tables (default: run folder and model)")
@@ -300,6 +383,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cxrdx.evaluation import evaluate_checkpoint
     from cxrdx.report import format_mean_ci
 
+    check_output_dir(args.out, "--out")
     expert = google2019_labels() if args.expert_labels == "" else args.expert_labels
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -317,9 +401,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _compare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluation folders (or predictions.csv files) of the same images")
-    parser.add_argument("--names", nargs="+", help="model names, one per RUN (default: folder names)")
+    parser.add_argument("--names", nargs="+", help="model names, one per RUN (default: the names evaluate recorded, else run folder names)")
     parser.add_argument("--labels", help="labels: evaluate's labels.csv or a Data_Entry table (default: labels.csv beside the first RUN)")
-    parser.add_argument("--threshold", type=float,
+    parser.add_argument("--threshold", type=_FRACTION,
                         help="one decision threshold for Table 4, for every model (default: each run's own thresholds "
                         "from the metrics.json beside its predictions, else 0.5)")
     parser.add_argument("--out", help="folder for the tables and roc.png")
@@ -333,6 +417,8 @@ def _compare(args: argparse.Namespace) -> int:
     from cxrdx.evaluation import compare_runs
     from cxrdx.report import markdown
 
+    if args.out:
+        check_output_dir(args.out, "--out")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, tables = compare_runs(args.runs, args.names, args.labels, args.threshold, args.out, args.format)
@@ -345,7 +431,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _calibrate_args(parser: argparse.ArgumentParser) -> None:
     _inference_args(parser, "val")
-    parser.add_argument("--thresholds", choices=["youden", "f1"], help="choose per-finding thresholds on the split")
+    parser.add_argument("--thresholds", choices=["youden", "f1"],
+                        help="choose per-finding thresholds on the split (default, without either option: youden and --temperature)")
     parser.add_argument("--temperature", action="store_true", help="fit per-finding temperature scaling on the split")
     parser.add_argument("--out", help="write the calibrated checkpoint here (default: replace --checkpoint)")
 
@@ -355,9 +442,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from cxrdx.evaluation import calibrate_checkpoint
 
+    check_output_file(args.out or args.checkpoint, "--out")
+    both = args.thresholds is None and not args.temperature  # no option: calibrate both
+    thresholds, temperature = ("youden", True) if both else (args.thresholds, args.temperature)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, summary = calibrate_checkpoint(args.checkpoint, args.out, args.thresholds, args.temperature, args.split,
+        _, summary = calibrate_checkpoint(args.checkpoint, args.out, thresholds, temperature, args.split,
                                           **_inference_kwargs(args))
     _report_notes("calibrate", caught)
     print(summary.round(4).to_string())
@@ -370,10 +460,11 @@ _METHOD_NAMES = "groupcam (default), gradcam, gradcam++, xgradcam, scorecam, eig
 
 def _cam_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint, e.g. RUN/checkpoints/best.pt")
-    parser.add_argument("--groups", type=int, default=32, help="Group-CAM channel groups (default 32)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass of Group-CAM / Score-CAM (default 32)")
+    parser.add_argument("--groups", type=_POSITIVE_INT, default=32, help="Group-CAM channel groups (default 32)")
+    parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass of Group-CAM / Score-CAM (default 32)")
     parser.add_argument("--target-layer", help="module name to explain, e.g. layer4 (default: chosen for the model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, dict[str, int]]:
@@ -392,16 +483,16 @@ def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, d
 
 def _explain_args(parser: argparse.ArgumentParser) -> None:
     _cam_args(parser)
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG or DICOM files, or folders of them")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG, TIFF, BMP or DICOM files, or folders of them")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--finding", action="append", help="explain this finding (repeatable)")
+    which.add_argument("--finding", action="append", help="explain this finding, in any case, e.g. effusion (repeatable)")
     which.add_argument("--predicted", action="store_true", help="the findings at or above the threshold (default; the most probable one when none is)")
     which.add_argument("--all", action="store_true", help="all findings")
     parser.add_argument("--method", default="groupcam", help=_METHOD_NAMES)
     parser.add_argument("--cache", help="batch mode: a prepared cache (default: the run's training cache)")
     parser.add_argument("--split", help="batch mode: explain this split of the cache (train, val or test)")
     parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
-    parser.add_argument("--limit", type=int, help="batch mode: at most this many images")
+    parser.add_argument("--limit", type=_POSITIVE_INT, help="batch mode: at most this many images")
     parser.add_argument("--out", required=True, help="output folder: FINDING/IMAGE.METHOD.png and .npy, explanations.csv")
 
 
@@ -409,16 +500,20 @@ def _explain(args: argparse.Namespace) -> int:
     from cxrdx.explain import METHODS
     from cxrdx.explain.render import write_explanations
     from cxrdx.explain.runs import explain_inputs
+    from cxrdx.findings import resolve_finding
 
     if args.method not in METHODS:
         raise CxrdxError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
     if bool(args.images) == bool(args.split):
         raise CxrdxError("give IMAGE files, or --split NAME (with --cache) for a cache split, not both")
+    findings = [resolve_finding(name) for name in args.finding or []]
+    check_output_dir(args.out, "--out")
     predictor, layers, options = _cam_setup(args)
     count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.cache, args.split_file, args.limit)
-    how = args.finding or ("all" if args.all else "predicted")
+    how = findings or ("all" if args.all else "predicted")
     table = write_explanations(
-        predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, **options
+        predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, progress=not args.quiet,
+        **options,
     )
     failed = table[table["error"] != ""]
     for name, reason in zip(failed["Image Index"], failed["error"]):
@@ -439,12 +534,13 @@ def _localize_args(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--cache", help="a prepared cache holding the boxed images (default: the run's training cache)")
     parser.add_argument("--split", help="only the boxed images of this split (train, val or test)")
     parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
-    parser.add_argument("--box-size", type=int, help="pixel size of the images the boxes refer to (default: the original files' size, else 1024)")
+    parser.add_argument("--box-size", type=_POSITIVE_INT, help="pixel size of the images the boxes refer to (default: the original files' size, else 1024)")
     parser.add_argument("--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default groupcam gradcam): {_METHOD_NAMES}")
-    parser.add_argument("--threshold", type=float, default=0.5, help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default 0.5)")
-    parser.add_argument("--threshold-mode", choices=("relative", "top"), default="relative")
-    parser.add_argument("--tolerance", type=float, default=0.0, help="pointing game: pixels of slack around each box (default 0)")
-    parser.add_argument("--limit", type=int, help="at most this many boxed images")
+    parser.add_argument("--threshold", type=_FRACTION, default=0.5, help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default 0.5)")
+    parser.add_argument("--threshold-mode", choices=("relative", "top"), default="relative",
+                        help="relative: pixels above the threshold times the map's max; top: that fraction of the hottest pixels")
+    parser.add_argument("--tolerance", type=_NONNEGATIVE, default=0.0, help="pointing game: pixels of slack around each box (default 0)")
+    parser.add_argument("--limit", type=_POSITIVE_INT, help="at most this many boxed images")
     parser.add_argument("--out", help="folder for localization.md, localization.json and the per-map records")
 
 
@@ -457,6 +553,8 @@ def _localize(args: argparse.Namespace) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise CxrdxError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.out:
+        check_output_dir(args.out, "--out")
     boxes = read_boxes(boxes_path)
     predictor, layers, options = _cam_setup(args)
     boxes, names, load, missing = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file,
@@ -464,11 +562,12 @@ def _localize(args: argparse.Namespace) -> int:
     if missing:
         print(f"cxrdx localize: {len(missing)} boxed image(s) not found, e.g. {', '.join(missing[:3])}", file=sys.stderr)
     if not names:
-        raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} found")
+        where = f"the cache {args.cache or 'of the run'}" if not args.data_dir else args.data_dir
+        raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} is in {where}")
     images = ((name, *load(name)) for name in names)
     records = localize(
         predictor.model, images, boxes, methods=args.methods, findings=predictor.findings, threshold=args.threshold,
-        mode=args.threshold_mode, tolerance=args.tolerance, progress=True, total=len(names), target_layers=layers,
+        mode=args.threshold_mode, tolerance=args.tolerance, progress=not args.quiet, total=len(names), target_layers=layers,
         temperature=predictor.info.temperature, **options,
     )
     summary = summarize(records)
@@ -500,20 +599,30 @@ def _load_predictor(args: argparse.Namespace, batch_size: int = 32):
 
 def _predict_args(parser: argparse.ArgumentParser) -> None:
     _model_source_args(parser)
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="PNG, JPEG or DICOM files, or folders of them")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="PNG, JPEG, TIFF, BMP or DICOM files, or folders of them")
     parser.add_argument("--recursive", action="store_true", help="also look in sub-folders")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
     parser.add_argument("--out", help="write the output to this file instead of standard output")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass")
 
 
 def _predict(args: argparse.Namespace) -> int:
     from cxrdx.atomic import write_text
-    from cxrdx.predict import collect_images, format_predictions
+    from cxrdx.predict import format_predictions, printable, scan_images
 
-    files = collect_images(args.paths, recursive=args.recursive)
-    if not files:
-        raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(args.paths)}")
+    if args.out:
+        check_output_file(args.out, "--out")
+    scan = scan_images(args.paths, recursive=args.recursive)
+    for name, reason in scan.skipped:
+        print(f"cxrdx predict: skipped {printable(name)}: {reason}", file=sys.stderr)
+    folders = f"{len(scan.subfolders)} sub-folder(s) ({', '.join(map(printable, scan.subfolders[:3]))}" + (
+        ", ...)" if len(scan.subfolders) > 3 else ")")
+    if not scan.files:
+        hint = f"; add --recursive to look in its {folders}" if scan.subfolders else ""
+        raise CxrdxError(f"no image files in {', '.join(args.paths)}{hint}")
+    if scan.subfolders:
+        print(f"cxrdx predict: note: {folders} not searched; add --recursive to include them", file=sys.stderr)
+    files = scan.files
     predictor = _load_predictor(args, args.batch_size)
     paths, names = zip(*files)
     predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1)
@@ -531,7 +640,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve_args(parser: argparse.ArgumentParser) -> None:
     _model_source_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model (default 1)")
     parser.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads get 413 (default 32)")
     parser.add_argument("--queue-size", type=int, default=16, help="requests admitted per worker before 503 (default 16)")
@@ -580,6 +689,7 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from cxrdx.export import export_onnx
 
+    check_output_file(args.onnx, "--onnx")
     result = export_onnx(args.checkpoint, args.onnx, dynamic_batch=args.dynamic_batch)
     print(
         f"wrote {result.path}: ONNX Runtime matches PyTorch on {result.batch} check images "
@@ -590,7 +700,7 @@ def _export(args: argparse.Namespace) -> int:
 # --- report, demo (cxrdx.report / cxrdx.demo) --------------------------------------------------
 def _report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run folders (config.yaml, split.csv, curves.png, eval/, explain/, localize/; see cxrdx.report_html)")
+                        help="run folders made by train, with what evaluate, explain and localize wrote into them (eval/, explain/, localize/)")
     parser.add_argument("--names", nargs="+", help="model names, one per RUN_DIR (default: folder names)")
     parser.add_argument("--out", help="output folder for report.html (default: RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--title", default="Chest X-ray diagnosis: report", help="page title")
@@ -604,6 +714,7 @@ def _report(args: argparse.Namespace) -> int:
     from cxrdx.report_html import SUMMARY, headline, write_report
 
     out = args.out or (Path(args.runs[0]) / "report" if len(args.runs) == 1 else Path("report"))
+    check_output_dir(out, "--out")
     path = write_report(args.runs, out, args.names, title=args.title, progress=not args.quiet)
     print(headline(json.loads((path.parent / SUMMARY).read_text(encoding="utf-8"))))
     print(path)
@@ -615,16 +726,17 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
     d = DemoSettings()
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
-    parser.add_argument("--n", type=int, default=d.n, help=f"phantom images (default {d.n})")
-    parser.add_argument("--size", type=int, default=d.size, help=f"phantom and cache side in pixels (default {d.size})")
-    parser.add_argument("--input-size", type=int, default=d.input_size, help=f"model input side in pixels (default {d.input_size})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs per loss (default {d.epochs})")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--n", type=_POSITIVE_INT, default=d.n, help=f"phantom images (default {d.n})")
+    parser.add_argument("--size", type=_POSITIVE_INT, default=d.size, help=f"phantom and cache side in pixels (default {d.size})")
+    parser.add_argument("--input-size", type=_POSITIVE_INT, default=d.input_size, help=f"model input side in pixels (default {d.input_size})")
+    parser.add_argument("--epochs", type=_POSITIVE_INT, default=d.epochs, help=f"training epochs per loss (default {d.epochs})")
+    parser.add_argument("--seed", type=_COUNT, default=d.seed, help="random seed; the same seed gives the same results")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from cxrdx.demo import DemoSettings, run_demo
 
+    check_output_dir(args.out, "--out")
     run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed))
     return 0
 
@@ -651,24 +763,53 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
     ]
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """cxrdx's own warnings (left-out images...) as 'cxrdx COMMAND: warning: ...' lines, the moment they happen."""
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (warnings' signature)
+        if issubclass(category, CxrdxWarning):
+            print(f"cxrdx {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrdx", description=__doc__)
+    parser = _Parser(prog="cxrdx", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"cxrdx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, add_args, handler in _commands():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         add_args(command)
         command.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        with _one_line_warnings(args.command):
+            return int(args.handler(args) or 0)
     except CxrdxError as exc:
         print(f"cxrdx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused a read or write midway (disk full, permissions changed)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cxrdx {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cxrdx {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ from cxrdx.errors import CxrdxError
 class DataConfig:
     cache: str = "cache/chestxray14-256"  # made by `cxrdx prepare`
     split_file: str | None = None  # None: patient-wise 70/10/20 split of the cache index with `seed`
+    allow_missing: bool = False  # True: leave out split images the cache lacks (with a warning) instead of stopping
     input_size: int = 224
     workers: int = 4
     mean: list[float] | None = None  # None: computed on the training split
@@ -166,8 +167,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig from nested dicts; missing keys keep their defaults."""
-    return _build(TrainConfig, values or {}, "")
+    """Build a TrainConfig from nested dicts; missing keys keep their defaults. Values are checked by `validate`."""
+    return validate(_build(TrainConfig, values or {}, ""))
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -216,3 +217,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
     return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# --- value checks: counts positive, rates finite and in range ------------------------------------
+_POSITIVE = ("data.input_size", "optim.batch_size", "optim.epochs", "optim.div_factor",
+             "optim.final_div_factor", "optim.grad_clip", "runtime.threads", "selection.patience")
+_NONNEGATIVE = ("seed", "data.workers", "optim.lr", "optim.weight_decay")  # lr 0 keeps the weights fixed
+_RANGES = {"data.random_erasing": (0.0, 1.0), "model.drop_rate": (0.0, 1.0), "optim.pct_start": (0.0, 1.0),
+           "ema.decay": (0.0, 1.0)}
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Raise CxrdxError naming the key for a value no run can use (zero epochs, lr=nan, batch_size=0...)."""
+    from cxrdx.checks import check_nonnegative, check_positive, check_range
+
+    def value(key: str) -> Any:
+        node: Any = config
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    for key in _POSITIVE:
+        if value(key) is not None:
+            check_positive(value(key), key)
+    for key in _NONNEGATIVE:
+        check_nonnegative(value(key), key)
+    for key, (low, high) in _RANGES.items():
+        check_range(value(key), key, low, high)
+    if not 0 < config.optim.pct_start < 1:
+        raise CxrdxError(f"optim.pct_start must lie between 0 and 1 (exclusive), got {config.optim.pct_start}")
+    for i, mean in enumerate(config.data.mean or []):
+        check_range(mean, f"data.mean[{i}]", 0.0, 1.0)
+    for i, std in enumerate(config.data.std or []):
+        check_positive(std, f"data.std[{i}]")
+    return config

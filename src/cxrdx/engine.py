@@ -198,8 +198,8 @@ def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
         split = read_split(split_path)
     else:
         split = make_split(cache.index, strategy="patient", seed=config.seed)
-    train_rows = np.asarray(rows_for_split(cache, split, "train"))
-    val_rows = np.asarray(rows_for_split(cache, split, "val"))
+    train_rows = np.asarray(rows_for_split(cache, split, "train", config.data.allow_missing))
+    val_rows = np.asarray(rows_for_split(cache, split, "val", config.data.allow_missing))
     if config.data.mean is None or config.data.std is None:
         mean, std = pixel_stats(cache, rows=train_rows)
     else:

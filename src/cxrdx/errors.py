@@ -19,3 +19,11 @@ class ImageReadError(CxrdxError):
 
     def __reduce__(self):  # rebuilt intact when a DataLoader worker sends it back
         return (type(self), (self.source, self.reason))
+
+
+class CxrdxWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it on one line."""
+
+
+class MissingImagesWarning(CxrdxWarning):
+    """Images a split or table lists were left out because they are not there (allowed by the user)."""

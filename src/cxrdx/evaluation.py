@@ -20,7 +20,7 @@ import pandas as pd
 from cxrdx import metrics, report
 from cxrdx.atomic import write_text
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cxrdx.errors import CxrdxError
+from cxrdx.errors import CxrdxError, CxrdxWarning, MissingImagesWarning
 from cxrdx.findings import FINDINGS
 
 PREDICTIONS, LABELS, METRICS, REPORT = "predictions.csv", "labels.csv", "metrics.json", "report.md"
@@ -164,11 +164,13 @@ def predict_split(
     device: str = "auto",
     progress: bool = True,
     apply_temperature: bool = True,
+    allow_missing: bool = False,
 ) -> tuple[Checkpoint, SplitPredictions, list[str]]:
     """Model probabilities (the checkpoint's temperature applied unless `apply_temperature` is off) for one split.
 
     Images come from the prepared cache (default: the one the model was trained on) or, with
-    `data_dir`, from the raw image folder and its Data_Entry table. Returns notes for the user.
+    `data_dir`, from the raw image folder and its Data_Entry table. Images of the split that are not
+    there are an error, or with `allow_missing` left out with a note. Returns notes for the user.
     Under torchrun each process predicts its shard and every process gets the whole split.
     """
     from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
@@ -187,10 +189,13 @@ def predict_split(
         if series is not None:
             index = index[index["Image Index"].isin(series.index[series.to_numpy() == split])]
         located, missing = locate_images(index, data_dir)
-        if missing:
-            notes.append(f"{len(missing)} image(s) of the split are not in {data_dir} and were skipped (first: {', '.join(missing[:3])})")
         if located.empty:
             raise CxrdxError(f"{data_dir}: none of the {len(index)} images of split '{split}' was found")
+        if missing:
+            text = f"{len(missing):,} image(s) of split '{split}' are not in {data_dir}: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+            if not allow_missing:
+                raise CxrdxError(f"{text}; leave them out with --allow-missing")
+            notes.append(f"{text} (left out)")
         labels = located[list(FINDINGS)].to_numpy(np.uint8)
         dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform)  # as Predictor
         patients = dict(zip(located["Image Index"], located["Patient ID"]))
@@ -206,9 +211,14 @@ def predict_split(
                 f"{cache_path}: a {opened.size}-px cache, but {checkpoint} was trained on {ckpt.cache_size}-px images; "
                 f"prepare a {ckpt.cache_size}-px cache or use --data-dir (predict resizes files the same way)"
             )
-        rows = None if series is None else rows_for_split(opened, series, split)
+        with warnings.catch_warnings(record=True) as left_out:  # into the report's notes
+            warnings.simplefilter("always", MissingImagesWarning)
+            rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
+        notes += [str(w.message) for w in left_out if issubclass(w.category, MissingImagesWarning)]
         dataset = CacheDataset(opened, rows, transform)
         patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))
+    for note in notes:  # shown now, and kept in the evaluation's notes
+        warnings.warn(note, MissingImagesWarning, stacklevel=2)
     with distributed(device) as (info, torch_device):
         model = ckpt.build_model(torch_device)
         loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(dataset),
@@ -296,7 +306,9 @@ def evaluate_checkpoint(
     if not info.main:
         return None
     chosen = resolve_thresholds(thresholds, ckpt, validation)
+    label = name or run_dir_of(checkpoint).name
     settings = {
+        "name": label,
         "checkpoint": str(checkpoint),
         "model": ckpt.model_name,
         "split": split,
@@ -306,7 +318,6 @@ def evaluate_checkpoint(
         "tta_hflip": bool(predict_kwargs.get("hflip", False)),
         "bootstrap": n_bootstrap,
     }
-    label = name or run_dir_of(checkpoint).name
     return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
 
 
@@ -342,6 +353,18 @@ def run_thresholds(paths: Sequence[str | Path], models: Sequence[str]) -> dict[s
     return {m: 0.5 if s is None else s for m, s in zip(models, stored)}
 
 
+def run_name(predictions: Path) -> str:
+    """The model name `cxrdx evaluate` recorded beside a predictions file, else its checkpoint's run
+    folder, else the name of the folder holding the file."""
+    settings = read_metrics(predictions.parent).get("settings")
+    settings = settings if isinstance(settings, dict) else {}
+    if isinstance(settings.get("name"), str) and settings["name"]:
+        return settings["name"]
+    if isinstance(settings.get("checkpoint"), str) and settings["checkpoint"]:
+        return run_dir_of(settings["checkpoint"]).name
+    return predictions.parent.name
+
+
 def load_runs(
     paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None
 ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
@@ -352,8 +375,9 @@ def load_runs(
     files = [find_predictions(p) for p in paths]
     if names is not None and len(names) != len(files):
         raise CxrdxError(f"{len(names)} names for {len(files)} prediction files")
-    default = [Path(p).name if Path(p).is_dir() else f.parent.name for p, f in zip(paths, files)]
-    models = list(names) if names is not None else default
+    models = list(names) if names is not None else [run_name(f) for f in files]
+    if len(set(models)) != len(models):
+        models = [f"{m} ({f.parent.name})" for m, f in zip(models, files)]
     if len(set(models)) != len(models):
         models = [str(f.parent) for f in files]
     tables = [read_predictions(f) for f in files]
@@ -430,6 +454,7 @@ def calibrate_checkpoint(
     if temperature:
         ckpt.temperature = [float(t) for t in metrics.fit_temperature(preds.labels, raw)]
         probs = metrics.apply_temperature(raw, ckpt.temperature)
+        _warn_stuck_temperatures(ckpt.temperature, split)
     if thresholds is not None:
         ckpt.thresholds = [float(t) for t in metrics.choose_thresholds(preds.labels, probs, thresholds)]
     summary["ece_after"] = metrics.expected_calibration_error(preds.labels, probs)
@@ -438,3 +463,15 @@ def calibrate_checkpoint(
     ckpt.val_metrics = {**(ckpt.val_metrics or {}), "calibration": {"split": split, "thresholds": thresholds, "temperature": temperature}}
     save_checkpoint(out or checkpoint, ckpt)
     return ckpt, summary
+
+
+def _warn_stuck_temperatures(temperatures: Sequence[float], split: str) -> None:
+    """A fitted temperature at the edge of its search range is no calibration: say which."""
+    low, high = metrics.TEMPERATURE_BOUNDS
+    stuck = [f"{f} ({t:.3g})" for f, t in zip(FINDINGS, temperatures) if not low * 1.01 < t < high / 1.01]
+    if stuck:
+        warnings.warn(
+            f"temperature at the limit of [{low:g}, {high:g}] for {', '.join(stuck)}: the '{split}' split does not "
+            "calibrate it (too few positives, or scores that do not separate them); treat its probabilities with care",
+            CxrdxWarning, stacklevel=2,
+        )

@@ -8,6 +8,7 @@ metadata_props under "cxrdx", so the .onnx file alone suffices.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import warnings
@@ -102,6 +103,55 @@ def _check_batch(predictor: BasePredictor, batch: int) -> np.ndarray:
     return np.clip(np.stack(images), 0, 255).astype(np.uint8)
 
 
+def model_info(metadata: dict[str, str], name: str) -> ModelInfo:
+    """The ModelInfo stored in an ONNX file's metadata by `export_onnx`, checked field by field."""
+    from cxrdx.checks import check_positive, check_range
+
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+    except (KeyError, ValueError):
+        raise CxrdxError(f"{name}: not exported by cxrdx (no readable {METADATA_KEY!r} metadata)") from None
+    if not isinstance(info, dict):
+        raise CxrdxError(f"{name}: the {METADATA_KEY!r} metadata is not a JSON object")
+    if info.pop("format", None) != FORMAT:
+        raise CxrdxError(f"{name}: unsupported cxrdx ONNX format (expected {FORMAT!r})")
+    fields = {f.name: f for f in dataclasses.fields(ModelInfo)}
+    unknown = sorted(set(info) - set(fields))
+    lacking = sorted(k for k, f in fields.items() if k not in info and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if unknown or lacking:
+        what = "; ".join(filter(None, [unknown and f"unexpected {', '.join(unknown)}", lacking and f"missing {', '.join(lacking)}"]))
+        raise CxrdxError(f"{name}: unexpected cxrdx metadata ({what})")
+    try:
+        findings = info["findings"]
+        if not (isinstance(findings, list) and findings and all(isinstance(f, str) for f in findings)):
+            raise CxrdxError(f"findings must be a list of names, got {findings!r}")
+        if not isinstance(info["model_name"], str):
+            raise CxrdxError(f"model_name must be a string, got {info['model_name']!r}")
+        per_finding = {"thresholds": info["thresholds"]} | ({} if info.get("temperature") is None else {"temperature": info["temperature"]})
+        for key, values in per_finding.items():
+            if not isinstance(values, list) or len(values) != len(findings):
+                raise CxrdxError(f"{key} must be a list of {len(findings)} numbers, got {values!r}")
+        for i, value in enumerate(info["thresholds"]):
+            check_range(value, f"thresholds[{i}]", 0.0, 1.0)
+        for i, value in enumerate(info.get("temperature") or []):
+            check_positive(value, f"temperature[{i}]")
+        for key in ("input_size", "cache_size"):
+            value = info.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise CxrdxError(f"{key} must be a positive whole number, got {value!r}")
+        for key in ("mean", "std"):
+            if not isinstance(info[key], list) or not info[key]:
+                raise CxrdxError(f"{key} must be a list of numbers, got {info[key]!r}")
+        for i, value in enumerate(info["mean"]):
+            check_range(value, f"mean[{i}]", 0.0, 1.0)
+        for i, value in enumerate(info["std"]):
+            check_positive(value, f"std[{i}]")
+    except CxrdxError as exc:
+        raise CxrdxError(f"{name}: invalid cxrdx metadata: {exc}") from None
+    return ModelInfo(**info)
+
+
 class OnnxPredictor(BasePredictor):
     """A cxrdx .onnx file on ONNX Runtime, with `Predictor`'s interface (`.session` instead of `.model`)."""
 
@@ -125,14 +175,10 @@ class OnnxPredictor(BasePredictor):
             )
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
             raise CxrdxError(f"{name}: not a readable ONNX model ({exc.__class__.__name__}: {exc})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            info = json.loads(meta[METADATA_KEY])
-        except (KeyError, ValueError):
-            raise CxrdxError(f"{name}: not exported by cxrdx (no {METADATA_KEY!r} metadata)") from None
-        if info.pop("format", None) != FORMAT:
-            raise CxrdxError(f"{name}: unsupported cxrdx ONNX format (expected {FORMAT!r})")
-        super().__init__(ModelInfo(**info), batch_size)
+        super().__init__(model_info(self.session.get_modelmeta().custom_metadata_map, name), batch_size)
+        outputs = self.session.get_outputs()[0].shape
+        if len(outputs) != 2 or outputs[1] != len(self.findings):
+            raise CxrdxError(f"{name}: the model outputs shape {outputs}, but its metadata names {len(self.findings)} findings")
         self.input_name = self.session.get_inputs()[0].name
         fixed = self.session.get_inputs()[0].shape[0]
         if isinstance(fixed, int):  # exported without --dynamic-batch: feed exactly that many

@@ -63,3 +63,17 @@ def format_labels(vector: Sequence[int] | np.ndarray) -> str:
     """Length-14 0/1 vector -> 'A|B', or 'No Finding' when all are negative."""
     names = [name for name, flag in zip(FINDINGS, vector) if flag]
     return "|".join(names) if names else NO_FINDING
+
+
+def resolve_finding(name: str, known: Sequence[str] = FINDINGS) -> str:
+    """The finding of `known` that `name` means, whatever its case and with spaces or hyphens for
+    underscores ('pleural thickening' -> 'Pleural_Thickening'); CxrdxError with close matches otherwise."""
+    import difflib
+
+    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    canonical = {f.lower(): f for f in known}
+    if key in canonical:
+        return canonical[key]
+    close = [canonical[c] for c in difflib.get_close_matches(key, list(canonical), n=3, cutoff=0.6)]
+    hint = f"did you mean {' or '.join(close)}?" if close else f"expected one of {', '.join(known)}"
+    raise CxrdxError(f"unknown finding {name!r}; {hint}")

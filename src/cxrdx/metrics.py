@@ -214,8 +214,11 @@ def apply_temperature(probs: np.ndarray, temperature: Sequence[float] | np.ndarr
     return 1.0 / (1.0 + np.exp(-logit(probs) / np.asarray(temperature, dtype=np.float64)))
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # the search range of fit_temperature
+
+
 def fit_temperature(y: np.ndarray, probs: np.ndarray, names: Sequence[str] = FINDINGS) -> np.ndarray:
-    """Per-finding temperature minimising the validation negative log-likelihood (scipy, bounded in [0.05, 20])."""
+    """Per-finding temperature minimising the validation negative log-likelihood (scipy, bounded by TEMPERATURE_BOUNDS)."""
     from scipy.optimize import minimize_scalar
 
     y, probs = _arrays(y, probs, names)
@@ -232,7 +235,7 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray, names: Sequence[str] = FIN
             s = zk / np.exp(log_t)
             return float(np.mean(np.logaddexp(0.0, s) - t * s))
 
-        out[k] = float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+        out[k] = float(np.exp(minimize_scalar(nll, bounds=tuple(np.log(TEMPERATURE_BOUNDS)), method="bounded").x))
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from cxrdx.checkpoint import Checkpoint, load_checkpoint
 from cxrdx.errors import CxrdxError
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet evaluates a CSV cell starting so (OWASP CSV injection)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class BasePredictor:
         from cxrdx.data.cache import resize_square
         from cxrdx.data.imageio import read_image
 
-        return resize_square(read_image(source, name=name), self.info.image_size)
+        return resize_square(read_image(source, name=name), self.info.image_size, name or _name(source, 0))
 
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (N, S, S) → the model's float32 input (N, 1, H, W)."""
@@ -209,19 +211,45 @@ class Predictor(BasePredictor):
             return self.model(batch.to(self.device)).float().cpu().numpy()
 
 
-def collect_images(paths: Iterable[str | Path], recursive: bool = False) -> list[tuple[Path, str]]:
-    """Expand files and folders into (path, display name). A file given by name is taken whatever its
-    suffix; a folder contributes its PNG, JPEG and DICOM files, named relative to the folder."""
+@dataclass(frozen=True)
+class ImageScan:
+    """What `scan_images` found: images as (path, display name), files passed over as (name, reason),
+    and the sub-folders not looked into (without `recursive`)."""
+
+    files: list[tuple[Path, str]]
+    skipped: list[tuple[str, str]]
+    subfolders: list[str]
+
+
+def scan_images(paths: Iterable[str | Path], recursive: bool = False) -> ImageScan:
+    """Expand files and folders. A file given by name is taken whatever its suffix; a folder contributes
+    its image files (IMAGE_SUFFIXES), named relative to the folder, and every other entry is listed
+    as skipped with the reason (another extension, a broken link)."""
     found: list[tuple[Path, str]] = []
+    skipped: list[tuple[str, str]] = []
+    subfolders: list[str] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            found.extend((p, p.relative_to(path).as_posix()) for p in files)
-        else:
+        if not path.is_dir():
             found.append((path, path.name))  # a missing file is reported by the decoder, with the others predicted
-    return found
+            continue
+        for entry in sorted(path.glob("**/*" if recursive else "*")):
+            name = entry.relative_to(path).as_posix()
+            if entry.is_dir():
+                if not recursive:
+                    subfolders.append(name)
+            elif not entry.exists():
+                skipped.append((name, "broken link"))
+            elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((name, f"not an image extension ({', '.join(IMAGE_SUFFIXES)})"))
+            else:
+                found.append((entry, name))
+    return ImageScan(found, skipped, subfolders)
+
+
+def collect_images(paths: Iterable[str | Path], recursive: bool = False) -> list[tuple[Path, str]]:
+    """The (path, display name) pairs of `scan_images`."""
+    return scan_images(paths, recursive).files
 
 
 def _as_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
@@ -244,18 +272,29 @@ def format_predictions(predictions: Sequence[Prediction], fmt: Literal["table", 
     findings = next((list(p.probabilities) for p in predictions if not p.error), [])
     if fmt == "csv":
         rows = [
-            {"Image Index": p.name, **p.probabilities, "positives": "|".join(p.positives), "error": p.error or ""}
+            {"Image Index": csv_safe(p.name), **p.probabilities, "positives": "|".join(p.positives), "error": csv_safe(p.error or "")}
             for p in predictions
         ]
         return pd.DataFrame(rows, columns=["Image Index", *findings, "positives", "error"]).to_csv(index=False, float_format="%.8g")
     if fmt != "table":
         raise CxrdxError(f"unknown format {fmt!r}; choose table, json or csv")
-    width = max([len("image"), *(len(p.name) for p in predictions)])
+    names = [printable(p.name) for p in predictions]
+    width = max([len("image"), *map(len, names)])
     lines = [f"{'image':<{width}}  positive findings (probability ≥ threshold)"]
-    for p in predictions:
+    for name, p in zip(names, predictions):
         if p.error:
-            found = f"ERROR: {p.error}"
+            found = f"ERROR: {printable(p.error)}"
         else:
             found = ", ".join(f"{f} {p.probabilities[f]:.2f}" for f in p.positives) or "none"
-        lines.append(f"{p.name:<{width}}  {found}")
+        lines.append(f"{name:<{width}}  {found}")
     return "\n".join(lines) + "\n"
+
+
+def csv_safe(text: str) -> str:
+    """`text` with a leading ' when a spreadsheet would read it as a formula (=, +, -, @, tab, CR)."""
+    return "'" + text if text.startswith(FORMULA_LEADS) else text
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (newline, tab, escape...) written as Python escapes, one line on a terminal."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c).startswith("C") else c for c in text)

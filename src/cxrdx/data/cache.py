@@ -41,16 +41,21 @@ PARTIAL, DONE, PLAN = "images.partial.npy", "done.npy", "plan.json"
 SAVE_EVERY_S = 2.0
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+def resize_square(image: np.ndarray, size: int, name: str = "image") -> np.ndarray:
     """Resize a 2-D uint8 image to (size, size) with Lanczos (antialiased); the one resize of cache and predict.
 
     A non-square image is scaled to the square without cropping (as the paper's Resize((S, S))).
+    `name` labels the image in the ImageReadError of one too lopsided to resize (e.g. 50,000,000 x 1).
     """
     if image.ndim != 2 or image.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 image, got {image.dtype} {image.shape}")
     if image.shape == (size, size):
         return np.array(image)
-    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+    try:
+        return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+    except MemoryError:  # Lanczos weights grow with the scale factor of each side
+        height, width = image.shape
+        raise ImageReadError(name, f"not enough memory to resize the {width:,} x {height:,} pixel image to {size} x {size}") from None
 
 
 @dataclass
@@ -197,7 +202,7 @@ def _load_row(task: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str]:
     """(row, resized pixels or None, reason of the failure); runs in worker processes."""
     row, path, size = task
     try:
-        return row, resize_square(read_image(path), size), ""
+        return row, resize_square(read_image(path), size, path), ""
     except ImageReadError as exc:
         return row, None, exc.reason
 

@@ -8,6 +8,7 @@ one change for speed: flip, resize to the model size, AutoAugment (ImageNet poli
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torchvision.transforms import v2
 
 from cxrdx.data.cache import Cache, open_cache, resize_square
 from cxrdx.data.imageio import read_image
-from cxrdx.errors import CxrdxError
+from cxrdx.errors import CxrdxError, MissingImagesWarning
 from cxrdx.findings import FINDINGS
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -113,16 +114,28 @@ class FileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        image = resize_square(read_image(self.paths[i]), self.cache_size)
+        image = resize_square(read_image(self.paths[i]), self.cache_size, str(self.paths[i]))
         return self.transform(torch.from_numpy(image)[None]), self.labels[i], self.paths[i].name
 
 
-def rows_for_split(cache: Cache, split: pd.Series, name: str) -> np.ndarray:
-    """Row numbers of the cache whose image is in split `name` (split: Image Index -> train/val/test)."""
+def rows_for_split(cache: Cache, split: pd.Series, name: str, allow_missing: bool = False) -> np.ndarray:
+    """Row numbers of the cache whose image is in split `name` (split: Image Index -> train/val/test).
+
+    Images the split lists but the cache lacks are an error, or with `allow_missing` a
+    MissingImagesWarning giving their number and names.
+    """
     wanted = split.index[split.to_numpy() == name]
-    rows = np.flatnonzero(cache.index["Image Index"].isin(wanted).to_numpy())
+    cached = cache.index["Image Index"]
+    rows = np.flatnonzero(cached.isin(wanted).to_numpy())
     if len(rows) == 0:
         raise CxrdxError(f"no image of the '{name}' split is in the cache {cache.path} ({len(wanted)} listed in the split)")
+    missing = wanted.difference(cached, sort=False)
+    if len(missing):
+        text = (f"{len(missing):,} of the {len(wanted):,} images of the '{name}' split are not in the cache {cache.path}: "
+                f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}")
+        if not allow_missing:
+            raise CxrdxError(f"{text}; prepare them, or leave them out with --allow-missing (train: --set data.allow_missing=true)")
+        warnings.warn(f"{text} (left out)", MissingImagesWarning, stacklevel=2)
     return rows
 
 

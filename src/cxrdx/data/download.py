@@ -16,9 +16,11 @@ import http.client
 import os
 import re
 import shutil
+import socket
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -146,6 +148,12 @@ def fetch(url: str, dest: str | Path, progress: bool = True, retries: int = 5, t
                     raise CxrdxError(f"{url}: HTTP {exc.code} {exc.reason}") from None
                 problem = f"HTTP {exc.code} {exc.reason}"
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                if isinstance(getattr(exc, "reason", None), socket.gaierror):  # offline: retrying cannot help
+                    raise CxrdxError(
+                        f"{url}: cannot resolve {urllib.parse.urlsplit(url).hostname} ({exc.reason.strerror}); connect "
+                        f"this machine to the internet and run the same command again, or run it on a connected machine "
+                        f"and copy its --to folder here"
+                    ) from None
                 problem = str(getattr(exc, "reason", exc))
             after = part.stat().st_size if part.exists() else 0
             if after <= before:  # no progress: count it and back off before the next try

@@ -91,11 +91,15 @@ def _decode_bytes(data: bytes, label: str, max_pixels: int, suffix: str = "") ->
         _check_size(image.width, image.height, label, max_pixels)
         try:
             image.load()
+            if image.format == "JPEG":
+                image = ImageOps.exif_transpose(image)
+            return _decode_pil(image, label)
+        except MemoryError:
+            raise ImageReadError(label, f"not enough memory to decode the {image.width:,} x {image.height:,} pixel image") from None
+        except ImageReadError:
+            raise
         except Exception as exc:
             raise ImageReadError(label, f"corrupt or truncated {image.format} data ({exc})") from None
-        if image.format == "JPEG":
-            image = ImageOps.exif_transpose(image)
-        return _decode_pil(image, label)
 
 
 def _check_size(width: int, height: int, label: str, max_pixels: int) -> None:

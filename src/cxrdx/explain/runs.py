@@ -50,14 +50,14 @@ def explain_inputs(
         if not cache_path or not split_path:
             raise CxrdxError("batch mode needs --cache and --split-file (no run folder defaults beside the checkpoint)")
         opened = open_cache(cache_path)
-        rows = rows_for_split(opened, read_split(split_path), split)[:limit]
+        rows = rows_for_split(opened, read_split(split_path), split, allow_missing=True)[:limit]  # maps of those there; the rest named
         names = opened.index["Image Index"].to_numpy()
         return len(rows), ((str(names[r]), np.asarray(opened.images[r])) for r in rows)  # lazily: a split can be large
     from cxrdx.predict import collect_images
 
     files = collect_images(images)
     if not files:
-        raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(images)}")
+        raise CxrdxError(f"no image files in {', '.join(images)}")
     return len(files), ((name, path) for path, name in files)
 
 
@@ -82,7 +82,16 @@ def localization_inputs(
         split_path = split_file or run_split_file(checkpoint)
         if not split_path:
             raise CxrdxError("--split needs --split-file (no RUN/split.csv beside the checkpoint)")
-        boxes = boxes_in_split(boxes, read_split(split_path), split)
+        table = read_split(split_path)
+        chosen = boxes_in_split(boxes, table, split)
+        if chosen.empty:
+            names = boxes["Image Index"].unique()
+            where = table.reindex(names).fillna("no split").value_counts()
+            raise CxrdxError(
+                f"none of the {len(names)} boxed image(s) is in the '{split}' split of {split_path} "
+                f"({', '.join(f'{n} in {s}' for s, n in where.items())}); choose one of those splits or leave out --split"
+            )
+        boxes = chosen
     opened = None
     if not data_dir:
         from cxrdx.data.cache import open_cache
