@@ -506,6 +506,8 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
     parser.add_argument("--out", help="write the output to this file instead of standard output")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--allow-ood", action="store_true",
+                        help="also predict DICOM images the header rules refuse (not a chest radiograph); they stay marked refused")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -517,12 +519,17 @@ def _predict(args: argparse.Namespace) -> int:
         raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(args.paths)}")
     predictor = _load_predictor(args, args.batch_size)
     paths, names = zip(*files)
-    predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1)
+    predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1,
+                                    allow_ood=args.allow_ood)
     text = format_predictions(predictions, args.format)
     if args.out:
         write_text(args.out, text)
     else:
         sys.stdout.write(text)
+    refused = [p for p in predictions if not p.accepted]
+    if refused:
+        print(f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the DICOM header rules"
+              + ("" if args.allow_ood else " (predict them anyway with --allow-ood)"), file=sys.stderr)
     failed = [p for p in predictions if p.error]
     if failed:
         print(f"cxrdx predict: {len(failed)} of {len(predictions)} images could not be read", file=sys.stderr)
