@@ -57,11 +57,15 @@ def dx_dataset(pixels: np.ndarray, bits_stored: int, photometric: str = "MONOCHR
     region = Dataset()
     region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = codes.SCT.Chest.value, "SCT", "Chest"
     ds.AnatomicRegionSequence = [region]
-    ds.PatientOrientation = ["P", "F"]
+    view = Dataset()
+    view.CodeValue, view.CodingSchemeDesignator, view.CodeMeaning = codes.SCT.PosteroAnterior.value, "SCT", "postero-anterior"
+    ds.ViewCodeSequence, ds.AcquisitionContextSequence = [view], []
+    ds.PatientOrientation, ds.PositionerType = ["P", "F"], ""
     ds.ImagerPixelSpacing = [0.7, 0.7]
     ds.DetectorType, ds.BurnedInAnnotation, ds.LossyImageCompression = "SCINTILLATOR", "NO", "00"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
     ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LOG", 1 if photometric == "MONOCHROME2" else -1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"

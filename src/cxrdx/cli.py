@@ -508,6 +508,8 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--allow-ood", action="store_true",
                         help="also predict DICOM images the header rules refuse (not a chest radiograph); they stay marked refused")
+    parser.add_argument("--dicom-out", metavar="DIR",
+                        help="also write a DICOM Structured Report of each accepted DICOM image's findings into DIR")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -526,6 +528,11 @@ def _predict(args: argparse.Namespace) -> int:
         write_text(args.out, text)
     else:
         sys.stdout.write(text)
+    if args.dicom_out:
+        from cxrdx.dicom_sr import write_srs
+
+        written = write_srs(paths, predictions, predictor.info, args.dicom_out)
+        print(f"cxrdx predict: wrote {len(written)} DICOM SR files to {args.dicom_out}", file=sys.stderr)
     refused = [p for p in predictions if not p.accepted]
     if refused:
         print(f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the DICOM header rules"
