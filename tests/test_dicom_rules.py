@@ -16,13 +16,13 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
 )
+from test_dicom_decode import CORPUS, dx_dataset
+from test_predict import chest_like, make_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.data.dicom_rules import Verdict, check_header, dicom_verdict
 from cxrdx.findings import FINDINGS
-from cxrdx.predict import Predictor
-from test_dicom_decode import CORPUS, dx_dataset
-from test_predict import chest_like, make_checkpoint
+from cxrdx.predict import Predictor, format_predictions
 
 NOT_RADIOGRAPHS = {"CT", "MR", "US", "NM", "SEG", "SR", "RTDOSE", "RTPLAN", "RTSTRUCT", "ECG", "OT"}
 
@@ -142,7 +142,9 @@ def test_cli_predict_marks_refused_dicoms(tmp_path: Path, capsys: pytest.Capture
 def test_predictor_refuses_without_decoding(tmp_path: Path) -> None:
     predictor = Predictor.from_checkpoint(make_checkpoint(tmp_path / "best.pt"), device="cpu")
     broken = dicom_file(chest(Modality="CT"))[:-100]  # truncated pixels: refused before any decoding
-    [refused] = predictor.predict([broken])
+    refused, chest_pa = predictor.predict([broken, dicom_file(chest())])
     assert (refused.accepted, refused.error, refused.probabilities) == (False, None, {})
+    table = pd.read_csv(io.StringIO(format_predictions([refused, chest_pa], "csv")), keep_default_na=False)
+    assert list(table.columns[1:15]) == list(FINDINGS) and list(table["accepted"]) == [False, True]
     [tried] = predictor.predict([broken], errors="report", allow_ood=True)
     assert not tried.accepted and "pixel data" in tried.error

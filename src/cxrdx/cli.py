@@ -510,6 +510,9 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
                         help="also predict DICOM images the header rules refuse (not a chest radiograph); they stay marked refused")
     parser.add_argument("--dicom-out", metavar="DIR",
                         help="also write a DICOM Structured Report of each accepted DICOM image's findings into DIR")
+    parser.add_argument("--heatmaps", action="store_true",
+                        help="with --dicom-out and --checkpoint: also a Secondary Capture of the Group-CAM map of each "
+                             "accepted DICOM image's most probable positive finding")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -519,6 +522,8 @@ def _predict(args: argparse.Namespace) -> int:
     files = collect_images(args.paths, recursive=args.recursive)
     if not files:
         raise CxrdxError(f"no PNG, JPEG or DICOM files in {', '.join(args.paths)}")
+    if args.heatmaps and not (args.dicom_out and args.checkpoint):
+        raise CxrdxError("--heatmaps needs --dicom-out DIR and --checkpoint (Group-CAM runs on the PyTorch model)")
     predictor = _load_predictor(args, args.batch_size)
     paths, names = zip(*files)
     predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1,
@@ -533,6 +538,13 @@ def _predict(args: argparse.Namespace) -> int:
 
         written = write_srs(paths, predictions, predictor.info, args.dicom_out)
         print(f"cxrdx predict: wrote {len(written)} DICOM SR files to {args.dicom_out}", file=sys.stderr)
+    if args.heatmaps:
+        from cxrdx.dicom_sc import write_heatmaps
+
+        heatmaps = write_heatmaps(predictor, paths, predictions, args.dicom_out)
+        print(f"cxrdx predict: wrote {len(heatmaps.written)} DICOM heatmap files to {args.dicom_out}", file=sys.stderr)
+        for name, why in heatmaps.skipped:
+            print(f"cxrdx predict: no heatmap for {name}: {why}", file=sys.stderr)
     refused = [p for p in predictions if not p.accepted]
     if refused:
         print(f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the DICOM header rules"

@@ -98,6 +98,7 @@ def write_srs(sources: Sequence[str | Path], predictions: Sequence[Prediction], 
     """Write one SR per accepted DICOM prediction into folder `out` as `<source SOP Instance UID>.sr.dcm`
     (atomic writes); other inputs (PNG, JPEG, refused or unreadable files) are passed over."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     from cxrdx.data.imageio import DICOM_SUFFIXES
 
@@ -109,7 +110,7 @@ def write_srs(sources: Sequence[str | Path], predictions: Sequence[Prediction], 
             continue
         try:
             header = pydicom.dcmread(source, stop_before_pixels=True, force=Path(source).suffix.lower() in DICOM_SUFFIXES)
-        except Exception:
+        except InvalidDicomError:
             continue  # not a DICOM file: there is no study to attach a report to
         try:
             sr = build_sr(header, prediction, info)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cxrdx import __version__
 from cxrdx.checkpoint import Checkpoint, load_checkpoint
-from cxrdx.data.dicom_rules import Verdict
+from cxrdx.data.dicom_rules import Verdict, dicom_verdict
 from cxrdx.errors import CxrdxError
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
@@ -149,8 +149,6 @@ class BasePredictor:
         with `error` set instead of raising, so the others are still predicted. DICOM inputs pass the
         header rules first: a refused one is not decoded and gets no probabilities unless `allow_ood`
         (it stays marked refused either way)."""
-        from cxrdx.data.dicom_rules import dicom_verdict
-
         items = _as_list(images)
         names = [_name(item, i) for i, item in enumerate(items)] if names is None else list(names)
         if len(names) != len(items):
@@ -264,7 +262,7 @@ def format_predictions(predictions: Sequence[Prediction], fmt: Literal["table", 
     `accepted`, `reason` and `flags`."""
     if fmt == "json":
         return json.dumps([p.to_dict() for p in predictions], indent=2) + "\n"
-    findings = next((list(p.probabilities) for p in predictions if not p.error), [])
+    findings = next((list(p.probabilities) for p in predictions if p.probabilities), [])
     if fmt == "csv":
         rows = [
             {"Image Index": p.name, **p.probabilities, "positives": "|".join(p.positives), "error": p.error or "",

@@ -65,7 +65,7 @@ def dicom_verdict(source: object) -> Verdict | None:
         return None
     try:
         ds = pydicom.dcmread(stream, stop_before_pixels=True, force=force)
-    except Exception:
+    except Exception:  # pydicom raises many types for damaged headers; the decoder names the damage
         return None
     return check_header(ds)
 
