@@ -131,7 +131,7 @@ def encode(source: Path, out: Path, encoding: Encoding) -> Path:
     ds.file_meta.TransferSyntaxUID = encoding.syntax
     if not encoding.lossless:
         ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_15444_1"
-        ds.LossyImageCompressionRatio = ds.Rows * ds.Columns * 2 / j2k.stat().st_size
+        ds.LossyImageCompressionRatio = f"{ds.Rows * ds.Columns * 2 / j2k.stat().st_size:.2f}"  # DS: 16 characters
     ds.save_as(out, enforce_file_format=True)
     return out
 
