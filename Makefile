@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.cxrdx-installed
 # This workplace's pip serves these two builds from local disk; elsewhere any torch>=2.4 works.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test browser clean
+.PHONY: demo test browser dicomtools clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,12 +21,20 @@ browser:
 	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will skip"; \
 	  else echo "chromium not installed: browser test will skip"; fi; }
 
+# DICOM encoders and validator for the DICOM tests (Debian packages: dcmtk, OpenJPEG's tools,
+# dicom3tools); each test skips with a reason without its tool.
+dicomtools:
+	@command -v dcmcjpeg >/dev/null 2>&1 && command -v opj_compress >/dev/null 2>&1 && command -v dciodvfy >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq dcmtk libopenjp2-tools dicom3tools >/dev/null) || echo "DICOM tools not installed: their tests will skip"; \
+	  else echo "DICOM tools not installed: their tests will skip"; fi; }
+
 # demo-out/ is the demo's own folder: each run starts it afresh.
 demo: $(STAMP)
 	rm -rf demo-out
 	$(VENV)/bin/cxrdx demo --out demo-out
 
-test: $(STAMP) browser
+test: $(STAMP) browser dicomtools
 	$(PY) -m pytest -q
 
 clean:

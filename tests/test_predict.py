@@ -224,7 +224,7 @@ def test_cli_predict_reports_bad_files_and_exits_1(checkpoint: Path, tmp_path: P
     out = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--format", "csv", "--out", str(out), "--device", "cpu"]) == 1
     table = pd.read_csv(out, keep_default_na=False)
-    assert list(table.columns) == ["Image Index", *FINDINGS, "positives", "error"]
+    assert list(table.columns) == ["Image Index", *FINDINGS, "positives", "error", "accepted", "reason", "flags"]
     assert list(table["Image Index"]) == ["a.png", "b.jpg", "c.dcm", "d.png"]
     assert (table["error"][:3] == "").all() and table["error"][3] != ""
     assert "1 of 4 images could not be read" in capsys.readouterr().err

@@ -604,6 +604,13 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
     parser.add_argument("--out", help="write the output to this file instead of standard output")
     parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass")
+    parser.add_argument("--allow-ood", action="store_true",
+                        help="also predict DICOM images the header rules refuse (not a chest radiograph); they stay marked refused")
+    parser.add_argument("--dicom-out", metavar="DIR",
+                        help="also write a DICOM Structured Report of each accepted DICOM image's findings into DIR")
+    parser.add_argument("--heatmaps", action="store_true",
+                        help="with --dicom-out and --checkpoint: also a Secondary Capture of the Group-CAM map of each "
+                             "accepted DICOM image's most probable positive finding")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -612,6 +619,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out, "--out")
+    if args.heatmaps and not (args.dicom_out and args.checkpoint):
+        raise CxrdxError("--heatmaps needs --dicom-out DIR and --checkpoint (Group-CAM runs on the PyTorch model)")
     scan = scan_images(args.paths, recursive=args.recursive)
     for name, reason in scan.skipped:
         print(f"cxrdx predict: skipped {printable(name)}: {reason}", file=sys.stderr)
@@ -625,12 +634,29 @@ def _predict(args: argparse.Namespace) -> int:
     files = scan.files
     predictor = _load_predictor(args, args.batch_size)
     paths, names = zip(*files)
-    predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1)
+    predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1,
+                                    allow_ood=args.allow_ood)
     text = format_predictions(predictions, args.format)
     if args.out:
         write_text(args.out, text)
     else:
         sys.stdout.write(text)
+    if args.dicom_out:
+        from cxrdx.dicom_sr import write_srs
+
+        written = write_srs(paths, predictions, predictor.info, args.dicom_out)
+        print(f"cxrdx predict: wrote {len(written)} DICOM SR files to {args.dicom_out}", file=sys.stderr)
+    if args.heatmaps:
+        from cxrdx.dicom_sc import write_heatmaps
+
+        heatmaps = write_heatmaps(predictor, paths, predictions, args.dicom_out)
+        print(f"cxrdx predict: wrote {len(heatmaps.written)} DICOM heatmap files to {args.dicom_out}", file=sys.stderr)
+        for name, why in heatmaps.skipped:
+            print(f"cxrdx predict: no heatmap for {name}: {why}", file=sys.stderr)
+    refused = [p for p in predictions if not p.accepted]
+    if refused:
+        print(f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the DICOM header rules"
+              + ("" if args.allow_ood else " (predict them anyway with --allow-ood)"), file=sys.stderr)
     failed = [p for p in predictions if p.error]
     if failed:
         print(f"cxrdx predict: {len(failed)} of {len(predictions)} images could not be read", file=sys.stderr)

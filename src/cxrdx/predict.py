@@ -11,7 +11,7 @@ import json
 import os
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from cxrdx import __version__
 from cxrdx.checkpoint import Checkpoint, load_checkpoint
+from cxrdx.data.dicom_rules import Verdict, dicom_verdict
 from cxrdx.errors import CxrdxError
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
@@ -72,13 +73,21 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result; `error` is set (and the rest empty) when it could not be read."""
+    """One image's result; `error` is set (and the rest empty) when it could not be read.
+
+    `accepted`, `reason` and `flags` are the DICOM header rules' Verdict (`cxrdx.data.dicom_rules`): a refused
+    image has `accepted` False, the `reason`, and no probabilities unless predicted with `allow_ood`.
+    Images without a DICOM header are accepted without a check.
+    """
 
     name: str
     probabilities: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     positives: list[str] = field(default_factory=list)
     error: str | None = None
+    accepted: bool = True
+    reason: str | None = None
+    flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,9 +145,12 @@ class BasePredictor:
         names: Sequence[str] | None = None,
         errors: Literal["raise", "report"] = "raise",
         progress: bool = False,
+        allow_ood: bool = False,
     ) -> list[Prediction]:
         """One Prediction per image. errors="report" turns an unreadable image into a Prediction
-        with `error` set instead of raising, so the others are still predicted."""
+        with `error` set instead of raising, so the others are still predicted. DICOM inputs pass the
+        header rules first: a refused one is not decoded and gets no probabilities unless `allow_ood`
+        (it stays marked refused either way)."""
         items = _as_list(images)
         names = [_name(item, i) for i, item in enumerate(items)] if names is None else list(names)
         if len(names) != len(items):
@@ -148,7 +160,10 @@ class BasePredictor:
             for start in range(0, len(items), self.batch_size):
                 chunk = range(start, min(start + self.batch_size, len(items)))
                 pixels, ok, failed = [], [], {}
+                verdicts = {i: dicom_verdict(items[i]) for i in chunk}
                 for i in chunk:
+                    if not (allow_ood or verdicts[i] is None or verdicts[i].accepted):
+                        continue
                     try:
                         pixels.append(self.load(items[i], name=names[i]))
                         ok.append(i)
@@ -159,18 +174,23 @@ class BasePredictor:
                 probs = self._proba_pixels(np.stack(pixels), False) if pixels else []
                 row = dict(zip(ok, probs, strict=True))
                 for i in chunk:
-                    results.append(self.prediction(names[i], row.get(i), failed.get(i)))
+                    results.append(self.prediction(names[i], row.get(i), failed.get(i), verdicts[i]))
                 bar.update(len(chunk))
         return results
 
-    def prediction(self, name: str, probs: np.ndarray | None, error: str | None = None) -> Prediction:
-        """The Prediction for one image's probabilities at the checkpoint's thresholds (or its error)."""
+    def prediction(
+        self, name: str, probs: np.ndarray | None, error: str | None = None, verdict: Verdict | None = None
+    ) -> Prediction:
+        """The Prediction for one image's probabilities at the checkpoint's thresholds (or its error),
+        carrying the header rules' verdict (None: no header to check, accepted)."""
+        verdict = verdict or Verdict(accepted=True)
+        checked = Prediction(name=name, error=error, accepted=verdict.accepted, reason=verdict.reason, flags=list(verdict.flags))
         if probs is None:
-            return Prediction(name=name, error=error)
+            return checked
         probabilities = {f: float(p) for f, p in zip(self.findings, probs, strict=True)}
         thresholds = self.thresholds
         positives = [f for f in self.findings if probabilities[f] >= thresholds[f]]
-        return Prediction(name=name, probabilities=probabilities, thresholds=thresholds, positives=positives)
+        return replace(checked, probabilities=probabilities, thresholds=thresholds, positives=positives)
 
     def _proba_pixels(self, pixels: np.ndarray, progress: bool) -> np.ndarray:
         out = []
@@ -266,16 +286,19 @@ def _name(item: ImageSource, i: int) -> str:
 
 def format_predictions(predictions: Sequence[Prediction], fmt: Literal["table", "json", "csv"] = "table") -> str:
     """table: one line per image with its positive findings; json: everything; csv: the predictions-file
-    columns (`Image Index` + one probability per finding) plus `positives` and `error`."""
+    columns (`Image Index` + one probability per finding) plus `positives`, `error` and the header rules'
+    `accepted`, `reason` and `flags`."""
     if fmt == "json":
         return json.dumps([p.to_dict() for p in predictions], indent=2) + "\n"
-    findings = next((list(p.probabilities) for p in predictions if not p.error), [])
+    findings = next((list(p.probabilities) for p in predictions if p.probabilities), [])
     if fmt == "csv":
         rows = [
-            {"Image Index": csv_safe(p.name), **p.probabilities, "positives": "|".join(p.positives), "error": csv_safe(p.error or "")}
+            {"Image Index": csv_safe(p.name), **p.probabilities, "positives": "|".join(p.positives), "error": csv_safe(p.error or ""),
+             "accepted": p.accepted, "reason": csv_safe(p.reason or ""), "flags": "|".join(p.flags)}
             for p in predictions
         ]
-        return pd.DataFrame(rows, columns=["Image Index", *findings, "positives", "error"]).to_csv(index=False, float_format="%.8g")
+        columns = ["Image Index", *findings, "positives", "error", "accepted", "reason", "flags"]
+        return pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.8g")
     if fmt != "table":
         raise CxrdxError(f"unknown format {fmt!r}; choose table, json or csv")
     names = [printable(p.name) for p in predictions]
@@ -284,9 +307,12 @@ def format_predictions(predictions: Sequence[Prediction], fmt: Literal["table", 
     for name, p in zip(names, predictions):
         if p.error:
             found = f"ERROR: {printable(p.error)}"
+        elif not p.probabilities:
+            found = f"REFUSED: {printable(p.reason or '')}"
         else:
             found = ", ".join(f"{f} {p.probabilities[f]:.2f}" for f in p.positives) or "none"
-        lines.append(f"{name:<{width}}  {found}")
+            found += "" if p.accepted else f"  [refused: {printable(p.reason or '')}]"
+        lines.append(f"{name:<{width}}  {found}" + "".join(f"  [{flag}]" for flag in p.flags))
     return "\n".join(lines) + "\n"
 
 
