@@ -619,6 +619,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out, "--out")
+    if args.dicom_out:
+        check_output_dir(args.dicom_out, "--dicom-out")
     if args.heatmaps and not (args.dicom_out and args.checkpoint):
         raise CxrdxError("--heatmaps needs --dicom-out DIR and --checkpoint (Group-CAM runs on the PyTorch model)")
     scan = scan_images(args.paths, recursive=args.recursive)
