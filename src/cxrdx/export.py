@@ -41,12 +41,13 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: int = OPSET,
     tolerance: float = TOLERANCE,
+    trust_pickle: bool = False,
 ) -> ExportResult:
     """Export with the TorchScript exporter (opset 17), compare ONNX Runtime with PyTorch on a check
     batch and write the file only when the probabilities agree within `tolerance`."""
     import onnx
 
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     torch_predictor = Predictor(ckpt, device="cpu")
     size = ckpt.input_size
     buffer = io.BytesIO()
