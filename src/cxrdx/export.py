@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cxrdx.atomic import write_bytes
-from cxrdx.checkpoint import Checkpoint, load_checkpoint
+from cxrdx.checkpoint import Checkpoint, json_default, load_checkpoint
 from cxrdx.errors import CxrdxError
 from cxrdx.predict import BasePredictor, ModelInfo, Predictor
 
@@ -70,7 +70,7 @@ def export_onnx(
     model = onnx.load_from_string(buffer.getvalue())
     info = torch_predictor.info.to_dict() | {"format": FORMAT}
     entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(info, default=_plain)
+    entry.key, entry.value = METADATA_KEY, json.dumps(info, default=json_default)
     model.producer_name = "cxrdx"
     data = model.SerializeToString()
 
@@ -85,13 +85,6 @@ def export_onnx(
         )
     write_bytes(path, data)
     return ExportResult(path=Path(path), max_abs_diff=diff, batch=len(check))
-
-
-def _plain(value: object) -> object:
-    """numpy and torch values in the validation metrics as plain JSON."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _check_batch(predictor: BasePredictor, batch: int) -> np.ndarray:
