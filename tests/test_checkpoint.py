@@ -134,6 +134,7 @@ def test_the_forged_checkpoint_runs_its_code_when_trusted(forged: tuple[Path, Pa
 COMMANDS = {
     "predict": lambda ckpt, tmp: ["predict", "--checkpoint", ckpt, str(image(tmp))],
     "serve": lambda ckpt, tmp: ["serve", "--checkpoint", ckpt, "--port", "1"],
+    "serve --workers": lambda ckpt, tmp: ["serve", "--checkpoint", ckpt, "--port", "1", "--workers", "2"],
     "export": lambda ckpt, tmp: ["export", "--checkpoint", ckpt, "--onnx", str(tmp / "model.onnx")],
     "explain": lambda ckpt, tmp: ["explain", "--checkpoint", ckpt, str(image(tmp)), "--out", str(tmp / "explain")],
     "localize": lambda ckpt, tmp: ["localize", "--checkpoint", ckpt, "--boxes", str(boxes(tmp)), "--data-dir", str(tmp)],

@@ -585,6 +585,10 @@ def _serve(args: argparse.Namespace) -> int:
     source = Path(args.onnx or args.checkpoint)
     if not source.is_file():
         raise CxrdxError(f"{source}: model file not found")
+    if args.checkpoint:  # refuse an unreadable or untrusted file here, once, not in every worker
+        from cxrdx.checkpoint import load_checkpoint
+
+        load_checkpoint(source, trust_pickle=args.trust_pickle)
     os.environ.update(
         {
             "CXRDX_SERVE_ONNX" if args.onnx else "CXRDX_SERVE_CHECKPOINT": str(source.resolve()),
