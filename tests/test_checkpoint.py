@@ -256,17 +256,24 @@ def test_save_refuses_what_load_would_refuse(tmp_path: Path):
 
 
 def test_the_resume_state_loads_without_unpickling_classes(tmp_path: Path, forged: tuple[Path, Path]):
-    from cxrdx.checkpoint import save_train_state
+    from cxrdx.checkpoint import pickle_train_state, save_train_state
 
     state = {"model": tiny_checkpoint().state_dict, "rng": [{"numpy": ("MT19937", [1, 2], 0, 0, 0.0)}], "best": None}
     path = save_train_state(tmp_path / "train_state.pt", state)
     loaded = load_train_state(path)
     assert loaded["rng"] == state["rng"] and loaded["best"] is None
-    with pytest.raises(CxrdxError, match="not a resume state file"):
-        load_train_state(save_checkpoint(tmp_path / "best.pt", tiny_checkpoint()))
+    best = save_checkpoint(tmp_path / "best.pt", tiny_checkpoint())
+    with pytest.raises(CxrdxError, match="not a cxrdx resume state file"):
+        load_train_state(best)
+    with pytest.raises(CxrdxError, match="holds no resume state"):
+        pickle_train_state(best, trust_pickle=True)
     run, marker = forged
+    with pytest.raises(CxrdxError, match="not a cxrdx resume state file"):
+        load_train_state(run / "checkpoints" / "last.pt")  # weights_only refuses the forged class
     with pytest.raises(CxrdxError, match="--trust-pickle"):
-        load_train_state(run / "checkpoints" / "last.pt")
+        pickle_train_state(run / "checkpoints" / "last.pt")
+    shutil.copy(run / "checkpoints" / "last.pt", run / "checkpoints" / "train_state.pt")
+    assert main(["train", "--resume", str(run), "--quiet", "--trust-pickle"]) == 2  # trust covers old last.pt files only
     assert not marker.exists()
 
 

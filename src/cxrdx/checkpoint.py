@@ -227,22 +227,28 @@ def save_train_state(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load_train_state(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
-    """A run's resume state: a file of `save_train_state` (read with weights_only=True), or, only with
-    `trust_pickle`, the `train_state` entry of an old pickle last.pt (cxrdx-checkpoint/1)."""
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """A file of `save_train_state`, read with weights_only=True: tensors and plain values, no classes."""
     path = Path(path)
     _require_file(path)
-    if _kind(path) != "pickle":
-        raise CxrdxError(f"{path}: not a resume state file (a model checkpoint holds no optimizer or RNG state)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a class outside the allowed plain types: an old checkpoint, or a forged file
+    except pickle.UnpicklingError:  # a class outside the plain types: not a file save_train_state wrote
         state = None
     except Exception as exc:
         raise CxrdxError(f"{path}: damaged resume state file ({exc.__class__.__name__}: {exc})") from None
-    if isinstance(state, dict) and state.get("format") == TRAIN_STATE_FORMAT:
-        return state
-    legacy = _unpickle(path, trust_pickle).get("train_state")
-    if not isinstance(legacy, dict):
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise CxrdxError(f"{path}: not a cxrdx resume state file (expected format {TRAIN_STATE_FORMAT!r})")
+    return state
+
+
+def pickle_train_state(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """The resume state inside an old pickle last.pt (cxrdx-checkpoint/1), only with `trust_pickle`."""
+    path = Path(path)
+    _require_file(path)
+    if _kind(path) != "pickle":
+        raise CxrdxError(f"{path}: holds no resume state, and the {TRAIN_STATE_FORMAT} file beside it is missing")
+    state = _unpickle(path, trust_pickle).get("train_state")
+    if not isinstance(state, dict):
         raise CxrdxError(f"{path}: holds no resume state (only a last.pt has one)")
-    return legacy
+    return state

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cxrdx.atomic import atomic_path, write_text
-from cxrdx.checkpoint import Checkpoint, load_train_state, save_checkpoint, save_train_state
+from cxrdx.checkpoint import Checkpoint, load_train_state, pickle_train_state, save_checkpoint, save_train_state
 from cxrdx.config import TrainConfig, config_from_dict, save_config
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
@@ -649,8 +649,9 @@ TRAIN_STATE = "train_state.pt"  # RUN/checkpoints/ file of the resume state, bes
 def _load_resume_state(run_dir: Path, trust_pickle: bool) -> dict[str, Any]:
     """RUN/checkpoints/train_state.pt; a run of an older cxrdx keeps it inside its pickle last.pt."""
     folder = run_dir / "checkpoints"
-    path = folder / TRAIN_STATE if (folder / TRAIN_STATE).is_file() else folder / "last.pt"
-    return load_train_state(path, trust_pickle)
+    if (folder / TRAIN_STATE).is_file():
+        return load_train_state(folder / TRAIN_STATE)  # never unpickles classes, whatever trust_pickle says
+    return pickle_train_state(folder / "last.pt", trust_pickle)
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool, info: Dist) -> Path:
