@@ -160,10 +160,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         return _from_pickle(_unpickle(path, trust_pickle), path)
     if kind == "unknown":
         raise CxrdxError(f"{path}: not a cxrdx checkpoint (neither safetensors nor an old torch.save file)")
+    return _from_safetensors(path, map_location)
+
+
+def _from_safetensors(path: Path, device: str | torch.device) -> Checkpoint:
     from safetensors import safe_open
 
     try:
-        with safe_open(path, framework="pt", device=str(map_location)) as handle:
+        with safe_open(path, framework="pt", device=str(device)) as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != FORMAT:
                 raise CxrdxError(f"{path}: a safetensors file but not a cxrdx checkpoint (format {metadata.get('format')!r}, "
