@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxrdx.checkpoint import load_checkpoint
+from cxrdx.checkpoint import load_checkpoint, load_train_state
 from cxrdx.config import load_config, save_config
 
 TOLERANCE = 1e-5
@@ -63,11 +63,12 @@ def test_two_processes_match_one(two_process_run: Path, phantom_cache: Path, tmp
         torch.set_num_threads(before)
     a = load_checkpoint(one / "checkpoints" / "last.pt")
     b = load_checkpoint(two_process_run / "checkpoints" / "last.pt")
-    assert a.train_state["step"] == b.train_state["step"] == 5  # 168 training images, global batch 32
-    assert b.train_state["world_size"] == 2 and len(b.train_state["rng"]) == 2
+    state_a, state_b = (load_train_state(run / "checkpoints" / "train_state.pt") for run in (one, two_process_run))
+    assert state_a["step"] == state_b["step"] == 5  # 168 training images, global batch 32
+    assert state_b["world_size"] == 2 and len(state_b["rng"]) == 2
     for part in ("model", "ema"):
-        for key, value in a.train_state[part].items():
-            torch.testing.assert_close(b.train_state[part][key], value, atol=TOLERANCE, rtol=0, msg=f"{part}.{key}")
+        for key, value in state_a[part].items():
+            torch.testing.assert_close(state_b[part][key], value, atol=TOLERANCE, rtol=0, msg=f"{part}.{key}")
     # validation gathered over both ranks: the full validation split, not rank 0's half
     assert b.val_metrics["loss"] == pytest.approx(a.val_metrics["loss"], rel=1e-5)
     assert b.val_metrics["mean_auroc"] == pytest.approx(a.val_metrics["mean_auroc"], abs=1e-6)

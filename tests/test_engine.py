@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrdx.checkpoint import load_checkpoint
+from cxrdx.checkpoint import load_checkpoint, load_train_state
 from cxrdx.config import TrainConfig, load_config
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
@@ -48,7 +48,8 @@ def test_run_directory_contract(one_epoch_run: Path, phantom_cache: Path):
     from cxrdx.engine import load_run_config
 
     run = one_epoch_run
-    for name in ("config.yaml", "split.csv", "metrics.jsonl", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in ("config.yaml", "split.csv", "metrics.jsonl", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "checkpoints/train_state.pt"):
         assert (run / name).is_file(), name
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.rglob("*.tmp"))
@@ -69,14 +70,15 @@ def test_run_directory_contract(one_epoch_run: Path, phantom_cache: Path):
 
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     last = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert best.train_state is None and last.train_state["epoch"] == 1 and last.train_state["step"] == 5
+    state = load_train_state(run / "checkpoints" / "train_state.pt")
+    assert last.epoch == state["epoch"] == 1 and state["step"] == 5
     assert (best.model_name, best.input_size, best.cache_size) == ("test_resnet", 32, 64)
     assert best.mean == config.data.mean and best.thresholds == [0.5] * 14 and best.findings == list(FINDINGS)
     assert best.model_kwargs == {"drop_rate": 0.5} and best.config["model"]["name"] == "test_resnet"
     assert best.val_metrics["weights"] == "ema" and best.val_metrics["loss"] == pytest.approx(row["ema_val_loss"])
-    for key, value in last.train_state["ema"].items():  # the checkpoint holds the EMA weights
-        assert torch.equal(best.state_dict[key], value), key
-    assert set(last.train_state) >= {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "epoch", "step"}
+    for key, value in state["ema"].items():  # the checkpoint holds the EMA weights
+        assert torch.equal(best.state_dict[key], value) and torch.equal(last.state_dict[key], value), key
+    assert set(state) >= {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "epoch", "step"}
 
 
 def test_run_inference_reproduces_the_validation_auroc(one_epoch_run: Path):
@@ -108,11 +110,11 @@ def test_resume_ends_with_the_same_weights(phantom_cache: Path, tmp_path: Path):
 
     whole = train(tiny_config(phantom_cache, tmp_path / "whole"), progress=False)
     part = train(tiny_config(phantom_cache, tmp_path / "part"), stop_after_epoch=1, progress=False)
-    assert load_checkpoint(part / "checkpoints" / "last.pt").train_state["epoch"] == 1
+    assert load_train_state(part / "checkpoints" / "train_state.pt")["epoch"] == 1
     train(tiny_config(phantom_cache, tmp_path / "part"), resume=True, progress=False)
 
-    a = load_checkpoint(whole / "checkpoints" / "last.pt").train_state
-    b = load_checkpoint(part / "checkpoints" / "last.pt").train_state
+    a = load_train_state(whole / "checkpoints" / "train_state.pt")
+    b = load_train_state(part / "checkpoints" / "train_state.pt")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 10)
     for part_name in ("model", "ema"):
         for key, value in a[part_name].items():

@@ -279,15 +279,36 @@ def _models(args: argparse.Namespace) -> int:
                 print(f"{r['model']}: {r['note']}", file=sys.stderr)
     return 0
 
+# --- checkpoints (cxrdx.checkpoint) -------------------------------------------------------------
+def _trust_pickle_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="also load an old pickle checkpoint (cxrdx-checkpoint/1); unpickling can run code hidden in "
+                        "the file: only for files you trust")
+
+
+def _convert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="OLD", help="an old pickle checkpoint (cxrdx-checkpoint/1), e.g. RUN/checkpoints/best.pt")
+    parser.add_argument("--out", required=True, help="the checkpoint to write (cxrdx-checkpoint/2: safetensors weights, JSON header)")
+    _trust_pickle_arg(parser)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from cxrdx.checkpoint import FORMAT, convert_checkpoint
+
+    convert_checkpoint(args.source, args.out, trust_pickle=args.trust_pickle)
+    print(f"wrote {args.out} ({FORMAT})")
+    return 0
+
 # --- train (cxrdx.engine) ----------------------------------------------------------------------
 def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML preset, e.g. configs/paper/coatnet0_ours.yaml (default: the paper's recipe)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.batch_size=64 --set data.cache=cache/x (repeatable)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR/checkpoints/last.pt exactly where it stopped")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     parser.add_argument("--stop-after-epoch", type=_POSITIVE_INT, metavar="N",
                         help="stop once N epochs are done (the schedule still spans optim.epochs; continue with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _trust_pickle_arg(parser)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -305,7 +326,8 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
     check_output_dir(config.out, "out")
     with _failed_run_cleanup(Path(config.out), main=int(os.environ.get("RANK", "0")) == 0):
-        run_dir = train(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
+        run_dir = train(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet,
+                        trust_pickle=args.trust_pickle)
     if int(os.environ.get("RANK", "0")) == 0:
         print(run_dir)
     leave_torchrun_worker()
@@ -347,6 +369,7 @@ def _inference_args(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--allow-missing", action="store_true",
                         help="predict the split's images that are there and name the others, instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _trust_pickle_arg(parser)
 
 
 def _inference_kwargs(args: argparse.Namespace) -> dict:
@@ -354,6 +377,7 @@ def _inference_kwargs(args: argparse.Namespace) -> dict:
         "cache": args.cache, "split_file": args.split_file, "data_dir": args.data_dir, "hflip": args.tta_hflip,
         "batch_size": args.batch_size, "workers": args.workers, "device": args.device, "progress": not args.quiet,
         "allow_missing": args.allow_missing,
+        "trust_pickle": args.trust_pickle,
     }
 
 
@@ -465,13 +489,15 @@ def _cam_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-layer", help="module name to explain, e.g. layer4 (default: chosen for the model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _trust_pickle_arg(parser)
 
 
 def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, dict[str, int]]:
     """The predictor, the target layers (None: automatic) and the method options."""
     from cxrdx.predict import Predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
+                                          trust_pickle=args.trust_pickle)
     layers = None
     if args.target_layer:
         try:
@@ -586,6 +612,7 @@ def _model_source_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help="a cxrdx checkpoint (e.g. RUN/checkpoints/best.pt): PyTorch")
     source.add_argument("--onnx", help="a model written by 'cxrdx export': ONNX Runtime")
     parser.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda, cuda:1 (default auto)")
+    _trust_pickle_arg(parser)
 
 
 def _load_predictor(args: argparse.Namespace, batch_size: int = 32):
@@ -594,7 +621,7 @@ def _load_predictor(args: argparse.Namespace, batch_size: int = 32):
 
     if args.onnx:
         return OnnxPredictor.from_file(args.onnx, batch_size=batch_size)
-    return Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=batch_size)
+    return Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=batch_size, trust_pickle=args.trust_pickle)
 
 
 def _predict_args(parser: argparse.ArgumentParser) -> None:
@@ -694,12 +721,17 @@ def _serve(args: argparse.Namespace) -> int:
     source = Path(args.onnx or args.checkpoint)
     if not source.is_file():
         raise CxrdxError(f"{source}: model file not found")
+    if args.checkpoint:  # refuse an unreadable or untrusted file here, once, not in every worker
+        from cxrdx.checkpoint import load_checkpoint
+
+        load_checkpoint(source, trust_pickle=args.trust_pickle)
     os.environ.update(
         {
             "CXRDX_SERVE_ONNX" if args.onnx else "CXRDX_SERVE_CHECKPOINT": str(source.resolve()),
             "CXRDX_SERVE_DEVICE": args.device,
             "CXRDX_SERVE_MAX_UPLOAD": str(limits["max_upload_bytes"]),
             "CXRDX_SERVE_QUEUE": str(args.queue_size),
+            "CXRDX_SERVE_TRUST_PICKLE": "1" if args.trust_pickle else "",
         }
     )
     uvicorn.run("cxrdx.serve.app:app_from_env", factory=True, workers=args.workers, **run)
@@ -712,13 +744,14 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dynamic-batch", action=argparse.BooleanOptionalAction, default=True, help="any batch size at run time (default on)"
     )
+    _trust_pickle_arg(parser)
 
 
 def _export(args: argparse.Namespace) -> int:
     from cxrdx.export import export_onnx
 
     check_output_file(args.onnx, "--onnx")
-    result = export_onnx(args.checkpoint, args.onnx, dynamic_batch=args.dynamic_batch)
+    result = export_onnx(args.checkpoint, args.onnx, dynamic_batch=args.dynamic_batch, trust_pickle=args.trust_pickle)
     print(
         f"wrote {result.path}: ONNX Runtime matches PyTorch on {result.batch} check images "
         f"(max abs probability difference {result.max_abs_diff:.2g})"
@@ -787,6 +820,7 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
         ("predict", "probabilities and positive findings for image files", _predict_args, _predict),
         ("serve", "start the prediction web service and its page", _serve_args, _serve),
         ("export", "export a checkpoint to ONNX and check it against PyTorch", _export_args, _export),
+        ("convert", "rewrite an old pickle checkpoint in the safe format (safetensors + JSON header)", _convert_args, _convert),
         ("report", "write the HTML report for one or more run folders", _report_args, _report),
     ]
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cxrdx.atomic import atomic_path, write_text
-from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cxrdx.checkpoint import Checkpoint, load_train_state, pickle_train_state, save_checkpoint, save_train_state
 from cxrdx.config import TrainConfig, config_from_dict, save_config
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
@@ -389,7 +389,9 @@ def _per_image(total: float, count: int, criterion: nn.Module) -> float:
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, *position = np.random.get_state()
+    # plain values only (numpy's key array as a list): the resume file then loads with weights_only=True
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), *position), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -397,7 +399,8 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *position = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *position))
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
@@ -589,7 +592,7 @@ def _validate(run: Run, model: nn.Module) -> dict[str, Any]:
     return {"loss": _per_image(loss, len(targets), run.criterion), "mean_auroc": auroc, "auroc": dict(zip(FINDINGS, per))}
 
 
-def _checkpoint(run: Run, metrics: dict[str, Any], train_state: dict[str, Any] | None = None) -> Checkpoint:
+def _checkpoint(run: Run, metrics: dict[str, Any]) -> Checkpoint:
     config = run.config
     return Checkpoint(
         model_name=config.model.name,
@@ -602,11 +605,11 @@ def _checkpoint(run: Run, metrics: dict[str, Any], train_state: dict[str, Any] |
         config=config.to_dict(),
         val_metrics=metrics,
         epoch=run.state.epoch,
-        train_state=train_state,
     )
 
 
 def _train_state(run: Run, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `--resume` needs beyond the config: tensors and plain values only (see save_train_state)."""
     state = run.state
     return {
         "model": _unwrap(run.model).state_dict(),
@@ -640,6 +643,17 @@ def _restore(run: Run, train_state: dict[str, Any]) -> None:
                        train_state["bad_epochs"])
 
 
+TRAIN_STATE = "train_state.pt"  # RUN/checkpoints/ file of the resume state, beside last.pt
+
+
+def _load_resume_state(run_dir: Path, trust_pickle: bool) -> dict[str, Any]:
+    """RUN/checkpoints/train_state.pt; a run of an older cxrdx keeps it inside its pickle last.pt."""
+    folder = run_dir / "checkpoints"
+    if (folder / TRAIN_STATE).is_file():
+        return load_train_state(folder / TRAIN_STATE)  # never unpickles classes, whatever trust_pickle says
+    return pickle_train_state(folder / "last.pt", trust_pickle)
+
+
 def _prepare_run_dir(config: TrainConfig, resume: bool, info: Dist) -> Path:
     run_dir = Path(config.out)
     last = run_dir / "checkpoints" / "last.pt"
@@ -662,9 +676,11 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
-def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = None, device: torch.device | None = None) -> Run:
+def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = None, device: torch.device | None = None,
+              trust_pickle: bool = False) -> Run:
     """Open the data, write RUN/split.csv and RUN/config.yaml (rank 0), build model, EMA, optimizer,
-    schedule and loaders; with `resume`, restore RUN/checkpoints/last.pt."""
+    schedule and loaders; with `resume`, restore RUN/checkpoints/train_state.pt (`trust_pickle`: or the
+    state inside an old pickle last.pt)."""
     info = info or Dist()
     device = device or resolve_device(config.runtime.device)
     if config.runtime.threads:
@@ -672,6 +688,7 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
     if config.optim.batch_size % info.world_size:
         raise CxrdxError(f"optim.batch_size={config.optim.batch_size} is not divisible by the {info.world_size} processes")
     run_dir = _prepare_run_dir(config, resume, info)
+    resume_state = _load_resume_state(run_dir, trust_pickle) if resume else None  # a refused file fails before the slow setup
     split_path = run_dir / "split.csv" if resume else (Path(config.data.split_file) if config.data.split_file else None)
     data = _open_data(config, split_path)
     if not resume:
@@ -707,18 +724,20 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), train_loader=train_loader,
         val_loader=val_loader, sampler=sampler, state=_State(),
     )
-    if resume:
-        _restore(run, load_checkpoint(run_dir / "checkpoints" / "last.pt").train_state)
+    if resume_state is not None:
+        _restore(run, resume_state)
     return run
 
 
-def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None, progress: bool = True) -> Path:
+def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None, progress: bool = True,
+          trust_pickle: bool = False) -> Path:
     """Train per `config` into the run directory `config.out` and return it. Under torchrun every
-    process calls this; rank 0 writes. `resume` continues RUN/checkpoints/last.pt exactly;
+    process calls this; rank 0 writes. `resume` continues the run exactly where its last epoch ended
+    (`trust_pickle`: also a run whose last.pt is an old pickle checkpoint);
     `stop_after_epoch` ends after that many epochs (the schedule still spans optim.epochs)."""
     config = copy.deepcopy(config)
     with distributed(config.runtime.device) as (info, device):
-        run = setup_run(config, resume, info, device)
+        run = setup_run(config, resume, info, device, trust_pickle)
         _fit(run, stop_after_epoch, progress)
         return run.run_dir
 
@@ -760,7 +779,8 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
             if improved:
                 save_checkpoint(run.run_dir / "checkpoints" / "best.pt", _checkpoint(run, metrics))
             _write_metrics(metrics_path, history)
-            save_checkpoint(run.run_dir / "checkpoints" / "last.pt", _checkpoint(run, metrics, _train_state(run, rng)))
+            save_train_state(run.run_dir / "checkpoints" / TRAIN_STATE, _train_state(run, rng))  # before last.pt: never older than it
+            save_checkpoint(run.run_dir / "checkpoints" / "last.pt", _checkpoint(run, metrics))
             plot_curves(history, run.run_dir / "curves.png")
             if writer is not None:
                 for key in ("train_loss", "val_loss", "val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr"):

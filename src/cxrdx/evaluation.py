@@ -165,6 +165,7 @@ def predict_split(
     progress: bool = True,
     apply_temperature: bool = True,
     allow_missing: bool = False,
+    trust_pickle: bool = False,
 ) -> tuple[Checkpoint, SplitPredictions, list[str]]:
     """Model probabilities (the checkpoint's temperature applied unless `apply_temperature` is off) for one split.
 
@@ -172,11 +173,12 @@ def predict_split(
     `data_dir`, from the raw image folder and its Data_Entry table. Images of the split that are not
     there are an error, or with `allow_missing` left out with a note. Returns notes for the user.
     Under torchrun each process predicts its shard and every process gets the whole split.
+    `trust_pickle` also loads an old pickle checkpoint (see cxrdx.checkpoint).
     """
     from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
     from cxrdx.engine import distributed, inference_sampler, run_inference
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
     workers = int(data_cfg.get("workers", 0)) if workers is None else workers
     transform = eval_transform(ckpt.input_size, ckpt.mean, ckpt.std)

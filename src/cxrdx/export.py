@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cxrdx.atomic import write_bytes
-from cxrdx.checkpoint import Checkpoint, load_checkpoint
+from cxrdx.checkpoint import Checkpoint, json_default, load_checkpoint
 from cxrdx.errors import CxrdxError
 from cxrdx.predict import BasePredictor, ModelInfo, Predictor
 
@@ -42,12 +42,13 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: int = OPSET,
     tolerance: float = TOLERANCE,
+    trust_pickle: bool = False,
 ) -> ExportResult:
     """Export with the TorchScript exporter (opset 17), compare ONNX Runtime with PyTorch on a check
     batch and write the file only when the probabilities agree within `tolerance`."""
     import onnx
 
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     torch_predictor = Predictor(ckpt, device="cpu")
     size = ckpt.input_size
     buffer = io.BytesIO()
@@ -70,7 +71,7 @@ def export_onnx(
     model = onnx.load_from_string(buffer.getvalue())
     info = torch_predictor.info.to_dict() | {"format": FORMAT}
     entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(info, default=_plain)
+    entry.key, entry.value = METADATA_KEY, json.dumps(info, default=json_default)
     model.producer_name = "cxrdx"
     data = model.SerializeToString()
 
@@ -85,13 +86,6 @@ def export_onnx(
         )
     write_bytes(path, data)
     return ExportResult(path=Path(path), max_abs_diff=diff, batch=len(check))
-
-
-def _plain(value: object) -> object:
-    """numpy and torch values in the validation metrics as plain JSON."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _check_batch(predictor: BasePredictor, batch: int) -> np.ndarray:

@@ -223,8 +223,11 @@ class Predictor(BasePredictor):
         self.model = checkpoint.build_model(self.device)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 32) -> Predictor:
-        return cls(load_checkpoint(path), device=device, batch_size=batch_size)
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 32, trust_pickle: bool = False
+    ) -> Predictor:
+        """`trust_pickle`: also load an old pickle checkpoint (it can run code; see cxrdx.checkpoint)."""
+        return cls(load_checkpoint(path, trust_pickle=trust_pickle), device=device, batch_size=batch_size)
 
     def _logits(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():

@@ -177,7 +177,7 @@ def create_app(predictor: BasePredictor, max_upload_bytes: int = MAX_UPLOAD_BYTE
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` (several workers): each worker loads the model named by
-    CXRDX_SERVE_CHECKPOINT or CXRDX_SERVE_ONNX itself."""
+    CXRDX_SERVE_CHECKPOINT or CXRDX_SERVE_ONNX itself (CXRDX_SERVE_TRUST_PICKLE=1: an old pickle checkpoint too)."""
     from cxrdx.export import OnnxPredictor
     from cxrdx.predict import Predictor
 
@@ -185,7 +185,8 @@ def app_from_env() -> FastAPI:
     if env.get("CXRDX_SERVE_ONNX"):
         predictor: BasePredictor = OnnxPredictor.from_file(env["CXRDX_SERVE_ONNX"])
     else:
-        predictor = Predictor.from_checkpoint(env["CXRDX_SERVE_CHECKPOINT"], device=env.get("CXRDX_SERVE_DEVICE", "auto"))
+        predictor = Predictor.from_checkpoint(env["CXRDX_SERVE_CHECKPOINT"], device=env.get("CXRDX_SERVE_DEVICE", "auto"),
+                                              trust_pickle=env.get("CXRDX_SERVE_TRUST_PICKLE") == "1")
     return create_app(
         predictor,
         max_upload_bytes=int(env.get("CXRDX_SERVE_MAX_UPLOAD", MAX_UPLOAD_BYTES)),
