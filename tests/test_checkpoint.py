@@ -306,3 +306,14 @@ def test_an_old_run_resumes_exactly_when_trusted(phantom_cache: Path, tmp_path: 
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key}"  # bitwise, as an uninterrupted resume
     assert load_checkpoint(old / "checkpoints" / "last.pt").epoch == 2  # the old run now holds format 2 files
+
+
+@pytest.mark.parametrize("low_byte", [0x80, 0x50])  # 0x80 is pickle's PROTO opcode, 0x50 the "P" of a zip
+def test_a_header_length_that_looks_like_a_pickle_still_loads(tmp_path: Path, low_byte: int):
+    path = tmp_path / "best.pt"
+    for pad in range(256):  # the header length grows with the name: find one whose first byte is low_byte
+        save_checkpoint(path, tiny_checkpoint(model_kwargs={"pad": "x" * pad}))
+        if path.read_bytes()[0] == low_byte:
+            break
+    assert path.read_bytes()[0] == low_byte
+    assert load_checkpoint(path).model_kwargs["pad"] == "x" * pad

@@ -139,10 +139,11 @@ def _kind(path: Path) -> str:
     """'safetensors', 'pickle' (a torch.save file, zip or legacy) or 'unknown', from the first bytes."""
     with open(path, "rb") as handle:
         head = handle.read(9)
+    # safetensors first: its 8-byte little-endian header length may itself begin with 0x80, pickle's PROTO
+    if len(head) == 9 and head[8:9] == b"{":  # neither a zip nor a legacy torch.save has "{" there
+        return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
-        return "safetensors"
     return "unknown"
 
 
