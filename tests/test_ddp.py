@@ -33,7 +33,7 @@ def _config(cache: Path, out: Path):
     return load_config(None, [
         f"data.cache={cache}", f"out={out}", "data.input_size=32", "data.workers=0", "model.name=test_convnext",
         "model.drop_rate=0", "data.autoaugment=false", "data.hflip=false", "data.random_erasing=0",
-        "optim.batch_size=32", "optim.epochs=1", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=wbce",
+        "optim.global_batch=32", "optim.epochs=1", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=wbce",
         "runtime.channels_last=false",
     ])
 
