@@ -429,7 +429,8 @@ def _build_model(config: TrainConfig, device: torch.device, info: Dist) -> nn.Mo
 
     cfg = config.model
     try:
-        model = create_model(cfg.name, pretrained=cfg.pretrained, num_findings=len(FINDINGS), drop_rate=cfg.drop_rate, **cfg.kwargs)
+        model = create_model(cfg.name, pretrained=cfg.pretrained, num_findings=len(FINDINGS), drop_rate=cfg.drop_rate,
+                             first_conv=cfg.first_conv, **cfg.kwargs)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         raise CxrdxError(f"model.name={cfg.name!r}: cannot create it ({exc})") from None
     if config.runtime.sync_bn and info.enabled:

@@ -4,7 +4,7 @@ Every item is (image float32 (1, H, W), labels float32 (14,), Image Index). Tran
 torchvision v2 callables on uint8 (1, S, S) tensors. The train order: flip, resize to the model
 size, AutoAugment (ImageNet policy), to float, normalise, random erasing. With
 `augment_before_resize` AutoAugment runs before the resize, on the cached image as it is: the
-released code's order (on a 1024-px cache, its exact input; about 10x slower per image).
+released code's order (on a 1024-px cache, its exact input).
 """
 
 from __future__ import annotations
