@@ -237,6 +237,9 @@ def load_state(model: nn.Module, source: dict[str, torch.Tensor], label: str) ->
 
     if isinstance(model, EfficientNet) and "features.0.0.weight" in source:
         source = torchvision_efficientnet_to_timm(source, model)
+        if abs(model.bn1.eps - 1e-3) > 1e-12:
+            warnings.warn(f"{label}: torchvision's EfficientNet uses batch-norm eps 1e-3, this model {model.bn1.eps:g}; "
+                          "set model.kwargs.bn_eps=0.001 for its exact outputs", stacklevel=3)
     target = model.state_dict()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     first_convs = _as_tuple(cfg.get("first_conv"))
