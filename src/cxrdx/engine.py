@@ -199,7 +199,7 @@ class Plan:
             f"{self.train_images:,} training images: {self.steps_per_epoch:,} steps per epoch, "
             f"{self.total_steps:,} steps in {self.epochs} epochs",
         ]
-        if self.ema_decay is not None:
+        if self.ema_decay is not None and self.steps_per_epoch:
             text.append(f"EMA decay {self.ema_decay}: horizon {self.ema_horizon_steps:,.0f} steps "
                         f"= {self.ema_horizon_epochs:.2f} epochs")
         return text + [f"warning: {w}" for w in self.warnings]
@@ -227,9 +227,9 @@ def _short_run_warnings(config: TrainConfig, plan: Plan) -> list[str]:
     suggestion = 1 - 3 / plan.total_steps
     return [
         f"the run has {plan.total_steps:,} optimiser steps and an EMA horizon of {plan.ema_horizon_steps:,.0f} steps "
-        f"(ema.decay={plan.ema_decay}): at its end the EMA weights still hold {100 * left:.0f}% of the initial "
+        f"(ema.decay={plan.ema_decay}): at its end the EMA weights still hold {100 * left:.1f}% of the initial "
         "weights, and they are what is validated, selected and saved (selection.weights=ema). Fix: "
-        f"--set ema.warmup=true, or --set ema.decay={suggestion:.4g} (a third of the run), or --set selection.weights=raw"
+        f"--set ema.warmup=true, or --set ema.decay={suggestion:.4g} (a horizon of a third of the run), or --set selection.weights=raw"
     ]
 
 
