@@ -34,6 +34,7 @@ def test_defaults_are_the_released_hyper_parameters_without_weights():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_paper_presets_are_the_released_code_on_its_4_gpus(name):
     from cxrdx.engine import plan_run
+    from cxrdx.models import TORCHVISION_KWARGS
 
     config = load_config(f"paper/{name}")
     model, loss, per_gpu, weights, first_conv = PRESETS[name]
@@ -43,6 +44,7 @@ def test_paper_presets_are_the_released_code_on_its_4_gpus(name):
     assert config.data.mean == [0.49765033] and config.data.std == [0.22956071] and config.data.random_erasing == 0.5
     assert config.data.augment_before_resize and config.data.input_size == 224 and config.data.split_file is None
     assert config.optim.lr == 5e-5 and config.optim.epochs == 100 and config.ema.decay == 0.9997
+    assert config.model.kwargs == (TORCHVISION_KWARGS.get(model, {}) if weights == "torchvision" else {})
     plan = plan_run(config, 4, 78_484)  # the paper's training split on its 4 GPUs
     assert plan.per_process == (per_gpu,) * 4 and plan.steps_per_epoch == 78_484 // (4 * per_gpu)
     assert plan_run(config, 1, 78_484).steps_per_epoch == plan.steps_per_epoch  # the same steps on one GPU

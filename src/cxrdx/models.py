@@ -34,12 +34,12 @@ PAPER_WEIGHTS: dict[str, str] = {"resnet50": "torchvision", "efficientnet_b5": "
 # The released code gave ResNet50 and EfficientNet-b5 a new 1-channel stem; CoAtNet's came from timm (summed RGB).
 PAPER_FIRST_CONV: dict[str, str] = {"resnet50": "new", "efficientnet_b5": "new", "coatnet_0_rw_224": "summed"}
 # torchvision's weights for a timm architecture; timm options that make the architecture torchvision's:
-# its EfficientNet-b5 uses batch-norm eps 1e-3 and stochastic depth 0.2 (timm's defaults: 1e-5, 0).
+# its EfficientNet-b5 uses batch-norm eps 1e-3, momentum 0.01 and stochastic depth 0.2 (timm: 1e-5, 0.1, 0).
 TORCHVISION_WEIGHTS: dict[str, str] = {
     "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
     "efficientnet_b5": "EfficientNet_B5_Weights.IMAGENET1K_V1",
 }
-TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {"efficientnet_b5": {"bn_eps": 1e-3, "drop_path_rate": 0.2}}
+TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {"efficientnet_b5": {"bn_eps": 1e-3, "bn_momentum": 0.01, "drop_path_rate": 0.2}}
 WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
 FIRST_CONV: tuple[str, ...] = ("summed", "new")
 
