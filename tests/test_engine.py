@@ -203,3 +203,24 @@ def test_resolve_device_and_amp():
     assert resolve_amp("bf16", cpu) is torch.bfloat16
     with pytest.raises(CxrdxError, match="fp16 needs a CUDA device"):
         resolve_amp("fp16", cpu)
+
+
+@pytest.mark.parametrize("reduction, sum_over", [("mean", None), ("sum", None), ("sum", 150)])
+def test_uneven_shares_average_to_the_global_batch(reduction, sum_over):
+    """DDP averages the processes' gradients; with the loss scale each process applies, that average is the
+    global batch's mean (mean-reduced), its sum, or the mean image gradient x loss.sum_over_images."""
+    from cxrdx.engine import Plan, _loss_scale, spread
+    from cxrdx.losses import create_loss
+
+    plan = Plan(processes=4, per_process=spread(130, 4), train_images=1000, epochs=1, ema_decay=None)
+    assert plan.per_process == (33, 33, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(130, len(FINDINGS), generator=generator)
+    targets = (torch.rand(130, len(FINDINGS), generator=generator) < 0.2).float()
+    criterion = create_loss("bce", np.full(14, 20), np.full(14, 100), reduction=reduction)
+    parts = np.cumsum((0, *plan.per_process))
+    averaged = sum(_loss_scale(criterion, plan, rank, sum_over) * criterion(logits[a:b], targets[a:b])
+                   for rank, (a, b) in enumerate(zip(parts[:-1], parts[1:]))) / plan.processes
+    whole = criterion(logits, targets)
+    expected = whole * sum_over / 130 if sum_over else whole
+    torch.testing.assert_close(averaged, expected)
