@@ -65,12 +65,16 @@ def test_recommended_presets_differ_only_where_the_readme_says(name):
     assert recommended["out"] == paper["out"] + "_recommended"
 
 
-def test_presets_by_name_from_any_folder_and_by_path(tmp_path, monkeypatch):
+def test_presets_by_name_from_any_folder_and_by_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert "paper/resnet50_ours" in preset_names() and "recommended/coatnet0_wbce" in preset_names() and "demo" in preset_names()
     assert load_config("paper/resnet50_ours").name == load_config(PRESET_DIR / "paper" / "resnet50_ours.yaml").name
     with pytest.raises(CxrdxError, match="paper/resnet5_ours: config file not found, and not a built-in preset"):
         load_config("paper/resnet5_ours")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    listed = " ".join(capsys.readouterr().out.split())
+    assert all(name in listed for name in preset_names()) and "model.pretrained=none" in listed
 
 
 def test_batch_keys(tmp_path):
