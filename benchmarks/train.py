@@ -46,7 +46,7 @@ def _time_full(run, batches, steps: int) -> float:
     for _ in range(steps):
         images, targets = next(batches)
         run.step(images, targets)
-    return steps * run.config.optim.batch_size / (time.perf_counter() - start)
+    return steps * run.plan.global_batch / (time.perf_counter() - start)
 
 
 def _time_bare(run, images: torch.Tensor, targets: torch.Tensor, steps: int) -> float:
@@ -86,7 +86,7 @@ def main() -> None:
         cache = args.cache or _make_cache(Path(tmp), n=max(300, int(images_needed / 0.6)), size=args.cache_size)
         config = load_config(None, [
             f"data.cache={cache}", f"out={tmp}/run", f"model.name={args.model}", f"data.input_size={args.input_size}",
-            f"optim.batch_size={args.batch_size}", f"data.workers={args.workers}", *args.overrides,
+            f"optim.global_batch={args.batch_size}", f"data.workers={args.workers}", *args.overrides,
         ])
         run = setup_run(config)
         run.model.train()

@@ -282,7 +282,7 @@ def test_an_old_run_resumes_exactly_when_trusted(phantom_cache: Path, tmp_path: 
 
     def config(out: Path):
         return load_config(None, [f"data.cache={phantom_cache}", f"out={out}", "data.input_size=32", "data.workers=0",
-                                  "model.name=test_resnet", "optim.batch_size=32", "optim.epochs=2", "ema.decay=0.9"])
+                                  "model.name=test_resnet", "optim.global_batch=32", "optim.epochs=2", "ema.decay=0.9"])
 
     new = train(config(tmp_path / "new"), stop_after_epoch=1, progress=False)
     old = tmp_path / "old"

@@ -142,7 +142,7 @@ def test_every_command_checks_its_output_before_work(tmp_path: Path, capsys: pyt
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
-    (["train", "--set", "optim.batch_size=0"], "optim.batch_size must be a positive number, got 0"),
+    (["train", "--set", "optim.global_batch=0"], "optim.global_batch must be a positive number, got 0"),
     (["train", "--set", "optim.lr=nan"], "optim.lr must be zero or more, got nan"),
     (["train", "--set", "optim.epochs=-1"], "optim.epochs must be a positive number, got -1"),
     (["train", "--set", "optim.epochs=0"], "optim.epochs must be a positive number, got 0"),
@@ -167,9 +167,9 @@ def test_bad_values_are_one_line_errors(argv: list[str], needle: str, capsys: py
 
 def test_config_file_values_are_checked_where_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     preset = tmp_path / "bad.yaml"
-    preset.write_text("optim:\n  batch_size: -4\n")
+    preset.write_text("optim:\n  global_batch: -4\n")
     code, _, err = run_cli(["train", "--config", preset], capsys)
-    assert_one_line_error(code, err, f"{preset}: optim.batch_size must be a positive number, got -4")
+    assert_one_line_error(code, err, f"{preset}: optim.global_batch must be a positive number, got -4")
 
 
 # --- ONNX metadata ----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _config(cache: Path, out: Path):
     return load_config(None, [
         f"data.cache={cache}", f"out={out}", "data.input_size=32", "data.workers=0", "model.name=test_convnext",
         "model.drop_rate=0", "data.autoaugment=false", "data.hflip=false", "data.random_erasing=0",
-        "optim.batch_size=32", "optim.epochs=1", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=wbce",
+        "optim.global_batch=32", "optim.epochs=1", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=wbce",
         "runtime.channels_last=false",
     ])
 
@@ -73,3 +73,33 @@ def test_two_processes_match_one(two_process_run: Path, phantom_cache: Path, tmp
     assert b.val_metrics["loss"] == pytest.approx(a.val_metrics["loss"], rel=1e-5)
     assert b.val_metrics["mean_auroc"] == pytest.approx(a.val_metrics["mean_auroc"], abs=1e-6)
     assert (two_process_run / "split.csv").read_text() == (one / "split.csv").read_text()
+
+
+def test_paper_preset_on_four_processes(phantom_cache: Path, tmp_path: Path):
+    """`torchrun --nproc_per_node 4 cxrdx train --config paper/resnet50_ours` as the README says, on the CPU:
+    the preset unchanged but for the data (phantom cache, its size, a global batch that fits 168 images and
+    does not divide by 4), no ImageNet weights (no network in tests), one epoch and one thread per process."""
+    import yaml
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "cxrdx", "train", "--config", "paper/resnet50_ours", "--quiet",
+        "--set", f"data.cache={phantom_cache}", "--set", "data.input_size=32", "--set", "data.workers=0",
+        "--set", "model.pretrained=none", "--set", "optim.epochs=1", "--set", "optim.global_batch=30",
+        "--set", "runtime.threads=1", "--set", f"out={out}",
+    ]
+    import os
+
+    import cxrdx
+
+    source = str(Path(cxrdx.__file__).resolve().parents[1])  # this cxrdx, from another folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "4 process(es) x 8 or 7 images = global batch 30 per optimiser step; 168 training images: 5 steps per epoch" in result.stderr
+    plan = yaml.safe_load((out / "config.yaml").read_text())["plan"]
+    assert plan["batch_per_process"] == [8, 8, 7, 7] and plan["total_steps"] == 5 and plan["warnings"] == []
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best.model_name == "resnet50" and best.val_metrics["weights"] == "raw"  # the released code saved the raw model
+    assert load_checkpoint(out / "checkpoints" / "last.pt").train_state["world_size"] == 4

@@ -20,7 +20,7 @@ def tiny_config(cache: Path, out: Path, *overrides: str) -> TrainConfig:
     """test_resnet (batch norm, dropout 0.5) at 32 px with the full augmentation, 2 epochs of 5 steps."""
     return load_config(None, [
         f"data.cache={cache}", f"out={out}", "data.input_size=32", "data.workers=0", "model.name=test_resnet",
-        "optim.batch_size=32", "optim.epochs=2", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=ours",
+        "optim.global_batch=32", "optim.epochs=2", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=ours",
         *overrides,
     ])
 
@@ -62,13 +62,25 @@ def test_run_directory_contract(one_epoch_run: Path, phantom_cache: Path):
     mean, std = pixel_stats(cache, rows=rows)
     np.testing.assert_allclose([config.data.mean[0], config.data.std[0]], [mean, std], rtol=1e-6)
 
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
     (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert row["epoch"] == 1 and row["step"] == 5 and row["best"] is True
-    for key in ("train_loss", "val_loss", "val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr", "images_per_s"):
+    for key in ("train_loss", "raw_val_loss", "raw_val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr", "images_per_s"):
         assert np.isfinite(row[key]), key
-    assert set(row["val_auroc"]) == set(FINDINGS)
+    # val_* are the selected weights' columns (here the EMA's); raw_* and ema_* name theirs
+    assert row["weights"] == "ema" and row["val_loss"] == row["ema_val_loss"] and row["val_auroc"] == row["ema_val_auroc"]
+    assert set(row["raw_val_auroc"]) == set(row["ema_val_auroc"]) == set(FINDINGS)
+    assert row["raw_val_mean_auroc"] != row["ema_val_mean_auroc"]
 
-    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    import yaml
+
+    plan = yaml.safe_load((run / "config.yaml").read_text())["plan"]
+    assert (plan["processes"], plan["batch_per_process"], plan["global_batch"]) == (1, [32], 32)
+    assert (plan["train_images"], plan["steps_per_epoch"], plan["total_steps"]) == (168, 5, 5)
+    assert plan["ema_horizon_steps"] == 10.0 and plan["ema_horizon_epochs"] == 2.0
+    assert "the run has 5 optimiser steps" in plan["warnings"][0] and "--set ema.warmup=true" in plan["warnings"][0]
+    assert best.val_metrics["warnings"] == plan["warnings"]
+
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     state = load_train_state(run / "checkpoints" / "train_state.pt")
     assert last.epoch == state["epoch"] == 1 and state["step"] == 5
@@ -134,7 +146,7 @@ def test_early_stopping(phantom_cache: Path, tmp_path: Path):
 
     # lr 0 and no batch norm: the model never changes, so validation never improves after the first epoch
     run = train(tiny_config(phantom_cache, tmp_path / "run", "model.name=test_convnext", "optim.lr=0", "optim.epochs=5", "selection.patience=1",
-                            "selection.monitor=mean_auroc", "ema.enabled=false"), progress=False)
+                            "selection.monitor=mean_auroc", "ema.enabled=false", "selection.weights=raw"), progress=False)
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and json.loads(rows[0])["best"] and not json.loads(rows[1])["best"]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
@@ -174,7 +186,7 @@ def test_out_of_memory_names_the_settings(phantom_cache: Path, tmp_path: Path, m
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(timm.models.resnet.ResNet, "forward", exhausted)
-    with pytest.raises(CxrdxError, match=r"out of memory at 32 images of 32px .*lower optim.batch_size or data.input_size"):
+    with pytest.raises(CxrdxError, match=r"out of memory at 32 images of 32px .*lower optim.global_batch .*or data.input_size"):
         train(tiny_config(phantom_cache, tmp_path / "oom"), progress=False)
 
 
@@ -193,3 +205,24 @@ def test_resolve_device_and_amp():
     assert resolve_amp("bf16", cpu) is torch.bfloat16
     with pytest.raises(CxrdxError, match="fp16 needs a CUDA device"):
         resolve_amp("fp16", cpu)
+
+
+@pytest.mark.parametrize("reduction, sum_over", [("mean", None), ("sum", None), ("sum", 150)])
+def test_uneven_shares_average_to_the_global_batch(reduction, sum_over):
+    """DDP averages the processes' gradients; with the loss scale each process applies, that average is the
+    global batch's mean (mean-reduced), its sum, or the mean image gradient x loss.sum_over_images."""
+    from cxrdx.engine import Plan, _loss_scale, spread
+    from cxrdx.losses import create_loss
+
+    plan = Plan(processes=4, per_process=spread(130, 4), train_images=1000, epochs=1, ema_decay=None)
+    assert plan.per_process == (33, 33, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(130, len(FINDINGS), generator=generator)
+    targets = (torch.rand(130, len(FINDINGS), generator=generator) < 0.2).float()
+    criterion = create_loss("bce", np.full(14, 20), np.full(14, 100), reduction=reduction)
+    parts = np.cumsum((0, *plan.per_process))
+    averaged = sum(_loss_scale(criterion, plan, rank, sum_over) * criterion(logits[a:b], targets[a:b])
+                   for rank, (a, b) in enumerate(zip(parts[:-1], parts[1:]))) / plan.processes
+    whole = criterion(logits, targets)
+    expected = whole * sum_over / 130 if sum_over else whole
+    torch.testing.assert_close(averaged, expected)

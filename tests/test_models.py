@@ -103,15 +103,75 @@ def test_option_the_architecture_rejects_is_a_user_error():
         create_model("test_resnet", img_size=64)
 
 
-def test_imagenet_offline_says_what_to_do(monkeypatch):
-    def offline(*args, pretrained=False, **kwargs):
-        if pretrained:
-            raise OSError("[Errno -3] Temporary failure in name resolution")
-        raise AssertionError("only the pretrained call is expected")
+def test_imagenet_offline_fails_at_once_and_says_what_to_do(monkeypatch):
+    import socket
 
-    monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(CxrdxError, match="internet.*pretrained=PATH"):
+    import cxrdx.models as models
+
+    def no_network(address, timeout=None):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    build = timm.create_model
+
+    def no_download(*args, pretrained=False, **kwargs):
+        assert not pretrained, "no download may be tried when the host cannot be reached"
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_in_hub_cache", lambda hub_id: False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(timm, "create_model", no_download)
+    fix = r"cannot reach huggingface.co.*--set model.pretrained=none, or .*--set model.pretrained=PATH"
+    with pytest.raises(CxrdxError, match=fix):
         create_model("resnet18", pretrained="imagenet")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent")
+    with pytest.raises(CxrdxError, match=r"cannot reach download.pytorch.org.*--set model.pretrained=none"):
+        create_model("resnet50", pretrained="torchvision")
+
+
+def test_torchvision_efficientnet_b5_converts_exactly(tmp_path):
+    """torchvision's EfficientNet-b5 (random weights and batch-norm statistics, no download) loaded into
+    timm's efficientnet_b5 with torchvision's batch-norm eps gives the same outputs."""
+    torch.manual_seed(0)
+    source = torchvision.models.efficientnet_b5().eval()
+    state = source.state_dict()
+    for key, value in state.items():  # batch norms and biases away from their initial 1 / 0
+        if key.endswith("running_var"):
+            value.copy_(0.75 + 0.5 * torch.rand_like(value))
+        elif key.endswith(("running_mean", "bias")):
+            value.copy_(0.1 * torch.randn_like(value))
+        elif key.endswith("weight") and value.ndim == 1:
+            value.copy_(1 + 0.1 * torch.randn_like(value))
+    path = tmp_path / "efficientnet_b5_tv.pth"
+    torch.save(state, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tensor matches
+        ours = create_model("efficientnet_b5", pretrained=str(path), num_findings=1000, in_chans=3, bn_eps=1e-3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source(x)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+    gray = create_model("efficientnet_b5", pretrained=str(path), bn_eps=1e-3)  # 1 channel, 14 findings
+    torch.testing.assert_close(gray.conv_stem.weight, state["features.0.0.weight"].sum(dim=1, keepdim=True))
+    with pytest.raises(CxrdxError, match="set model.kwargs.bn_eps=0.001"):
+        create_model("efficientnet_b5", pretrained="torchvision")
+
+
+def test_first_conv_new_reinitialises_the_stem(tmp_path):
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    summed = create_model("resnet18", pretrained=str(path))
+    new = create_model("resnet18", pretrained=str(path), first_conv="new")
+    torch.testing.assert_close(summed.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
+    assert new.conv1.weight.shape == (64, 1, 7, 7) and not torch.allclose(new.conv1.weight, summed.conv1.weight)
+    bound = 1 / (49 ** 0.5)  # PyTorch's default init of a new nn.Conv2d(1, 64, 7): uniform within 1/sqrt(fan_in)
+    assert new.conv1.weight.abs().max() <= bound
+    torch.testing.assert_close(new.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    torch.testing.assert_close(new.bn1.running_var, state["bn1.running_var"])  # ResNet keeps its stem batch norm
+    with pytest.raises(CxrdxError, match="first_conv='rgb'"):
+        create_model("resnet18", first_conv="rgb")
 
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
@@ -226,6 +286,8 @@ def test_model_table_and_cli(capsys):
     (row,) = model_table(["resnet18"], input_size=SIZE)
     assert row == {
         "model": "resnet18",
+        "weights": "timm resnet18.a1_in1k",
+        "first_conv": "summed",
         "params": count_params(create_model("resnet18")),
         "macs": count_flops(create_model("resnet18"), SIZE) // 2,
         "flops": count_flops(create_model("resnet18"), SIZE),
@@ -236,6 +298,12 @@ def test_model_table_and_cli(capsys):
     assert json.loads(capsys.readouterr().out) == [row]
     assert cli.main(["models", "resnet18", "--input-size", str(SIZE)]) == 0
     assert "| resnet18 | 11.2 M |" in capsys.readouterr().out
+    paper = {r["model"]: (r["weights"], r["first_conv"]) for r in model_table(input_size=SIZE)}
+    assert paper == {
+        "resnet50": ("torchvision ResNet50_Weights.IMAGENET1K_V1", "new"),
+        "efficientnet_b5": ("torchvision EfficientNet_B5_Weights.IMAGENET1K_V1", "new"),
+        "coatnet_0_rw_224": ("timm coatnet_0_rw_224.sw_in1k", "summed"),
+    }
     assert cli.main(["models", "resnt18"]) == 2
     assert "did you mean resnet18" in capsys.readouterr().err
 

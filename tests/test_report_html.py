@@ -59,7 +59,7 @@ def make_run(
     run = root / name
     run.mkdir(parents=True)
     config = {"name": name, "seed": seed, "data": {"cache": str(cache), "input_size": 32},
-              "model": {"name": "resnet18"}, "loss": {"name": name}, "optim": {"epochs": 3, "batch_size": 8, "lr": 1e-3},
+              "model": {"name": "resnet18"}, "loss": {"name": name}, "optim": {"epochs": 3, "global_batch": 8, "lr": 1e-3},
               "ema": {"enabled": False}}
     if "config" not in skip:
         (run / "config.yaml").write_text(yaml.safe_dump(config))

@@ -261,8 +261,9 @@ def _models(args: argparse.Namespace) -> int:
     def mega(value: int | None) -> str:
         return "n/a" if value is None else f"{value / 1e6:.0f} M"
 
-    header = ["Model", "Params", "MACs", "FLOPs (2 per MAC)", "Resolution (C*H*W)"]
-    table = [[r["model"], f"{r['params'] / 1e6:.1f} M", mega(r["macs"]), mega(r["flops"]), r["resolution"]] for r in rows]
+    header = ["Model", "Params", "MACs", "FLOPs (2 per MAC)", "Resolution (C*H*W)", "ImageNet weights (paper presets)", "First layer"]
+    table = [[r["model"], f"{r['params'] / 1e6:.1f} M", mega(r["macs"]), mega(r["flops"]), r["resolution"], r["weights"],
+              r["first_conv"]] for r in rows]
     if args.format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([*header, "note"])
@@ -273,7 +274,8 @@ def _models(args: argparse.Namespace) -> int:
         for line in table:
             print("| " + " | ".join(line) + " |")
         print("\nMACs = multiply-accumulates (the unit of the paper's \"FLOPs\" column); "
-              "counted by torch.utils.flop_counter (convolutions, matrix products, attention).")
+              "counted by torch.utils.flop_counter (convolutions, matrix products, attention). First layer: "
+              "new = a freshly initialised 1-channel convolution (the released code), summed = RGB kernels summed.")
         for r in rows:
             if r["note"]:
                 print(f"{r['model']}: {r['note']}", file=sys.stderr)
@@ -301,9 +303,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 # --- train (cxrdx.engine) ----------------------------------------------------------------------
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML preset, e.g. configs/paper/coatnet0_ours.yaml (default: the paper's recipe)")
+    from cxrdx.config import preset_names
+
+    parser.add_argument("--config", metavar="PRESET|FILE",
+                        help="a built-in preset or a YAML file. Built-in: " + ", ".join(preset_names()) + ". paper/* train "
+                        "as the paper's released code did; recommended/* with cxrdx's changes (README: deviations). "
+                        "Default: the built-in defaults, the released hyper-parameters on a randomly initialised "
+                        "resnet50 (model.pretrained=none)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.batch_size=64 --set data.cache=cache/x (repeatable)")
+                        help="override a config value, e.g. --set optim.global_batch=64 --set data.cache=cache/x (repeatable)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     parser.add_argument("--stop-after-epoch", type=_POSITIVE_INT, metavar="N",
                         help="stop once N epochs are done (the schedule still spans optim.epochs; continue with --resume)")

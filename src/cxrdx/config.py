@@ -1,4 +1,9 @@
-"""Typed training configuration: dataclass defaults (the paper's recipe), YAML presets, `--set` overrides."""
+"""Typed training configuration: dataclass defaults, YAML presets (built-in or files), `--set` overrides.
+
+The defaults are the released code's hyper-parameters on a randomly initialised ResNet50; the paper's
+full recipe, ImageNet weights included, is the built-in preset `paper/resnet50_ours` and its siblings
+(`cxrdx train --config paper/resnet50_ours`, listed by `preset_names()`).
+"""
 
 from __future__ import annotations
 
@@ -26,13 +31,15 @@ class DataConfig:
     std: list[float] | None = None
     autoaugment: bool = True
     hflip: bool = True
-    random_erasing: float = 0.25
+    random_erasing: float = 0.5  # probability; the released code's RandomErasing() default
+    augment_before_resize: bool = False  # AutoAugment on the cached image (True: the released order, before the resize)
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet50"
-    pretrained: str = "none"  # none | imagenet | path to a weights file
+    pretrained: str = "none"  # none | imagenet (timm's tag) | torchvision | path to a weights file
+    first_conv: str = "summed"  # summed: RGB kernels summed to one channel | new: a freshly initialised 1-channel conv
     drop_rate: float = 0.5
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm arguments
 
@@ -41,6 +48,10 @@ class ModelConfig:
 class LossConfig:
     name: str = "ours"  # bce | wbce | ours | focal | asl
     hyper: dict[str, Any] = field(default_factory=dict)  # e.g. alpha, gamma_neg, p_shift
+    # Summed losses: the gradient is that of the sum over this many images (mean image gradient x N);
+    # null: over the whole global batch. The released code summed over each process's 150 images and
+    # DDP averaged the 4 processes: 150. With Adam's coupled weight decay this sets decay's relative weight.
+    sum_over_images: int | None = None
 
 
 @dataclass
@@ -48,7 +59,11 @@ class OptimConfig:
     name: str = "adam"  # adam (the paper: L2 added to the gradient) | adamw (decoupled)
     lr: float = 5e-5  # the OneCycle peak
     weight_decay: float = 0.01  # on weights only: biases and normalisation parameters are exempt
-    batch_size: int = 150  # global: split over the DDP ranks
+    # Set exactly one of the two. global_batch: images per optimiser step over all processes, spread
+    # with the remainder (600 over 4: 150 each; 130 over 4: 33, 33, 32, 32). batch_per_process: images
+    # per process per step (the released code's DataLoader batch_size); the global batch is that x processes.
+    global_batch: int | None = 600
+    batch_per_process: int | None = None
     epochs: int = 100
     pct_start: float = 0.2  # OneCycle warm-up fraction, cosine anneal after it
     div_factor: float = 25.0
@@ -76,6 +91,7 @@ class RuntimeConfig:
 @dataclass
 class SelectionConfig:
     monitor: str = "val_loss"  # val_loss (min, the paper's rule) | mean_auroc (max)
+    weights: str = "ema"  # ema | raw: the weights selected on `monitor` and saved (both are validated); ema needs ema.enabled
     patience: int | None = None  # early stopping after this many epochs without improvement
 
 
@@ -100,6 +116,8 @@ _CHOICES = {
     ("optim", "name"): ("adam", "adamw"),
     ("runtime", "amp"): ("auto", "off", "bf16", "fp16"),
     ("selection", "monitor"): ("val_loss", "mean_auroc"),
+    ("selection", "weights"): ("ema", "raw"),
+    ("model", "first_conv"): ("summed", "new"),
 }
 
 
@@ -167,8 +185,56 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig from nested dicts; missing keys keep their defaults. Values are checked by `validate`."""
-    return validate(_build(TrainConfig, values or {}, ""))
+    """Build a TrainConfig from nested dicts; missing keys keep their defaults. The key `plan`
+    (written by save_config beside the config) is ignored. Values are checked by `validate`."""
+    values = {k: v for k, v in (values or {}).items() if k != "plan"}
+    optim = values.get("optim")
+    if isinstance(optim, dict) and "batch_size" in optim:
+        raise CxrdxError(
+            "optim.batch_size was ambiguous and is replaced: use optim.global_batch=N (images per step over all "
+            "processes) or optim.batch_per_process=N (per process, as the released code's DataLoader)"
+        )
+    config = _build(TrainConfig, values, "")
+    _check_consistency(config)
+    return validate(config)
+
+
+def _check_consistency(config: TrainConfig) -> None:
+    optim = config.optim
+    if (optim.global_batch is None) == (optim.batch_per_process is None):
+        given = "both are set" if optim.global_batch is not None else "neither is set"
+        raise CxrdxError(
+            f"optim.global_batch and optim.batch_per_process: set exactly one ({given}); e.g. "
+            "--set optim.batch_per_process=150 --set optim.global_batch=null"
+        )
+    if config.selection.weights == "ema" and not config.ema.enabled:
+        raise CxrdxError("selection.weights=ema needs ema.enabled=true; set selection.weights=raw to select the raw weights")
+
+
+PRESET_GROUPS: tuple[str, ...] = ("paper", "recommended")
+
+
+def preset_names() -> list[str]:
+    """The built-in presets, as `--config` accepts them: demo, paper/..., recommended/..."""
+    root = _preset_root()
+    names = [p.stem for p in root.glob("*.yaml")]
+    names += [f"{group}/{p.stem}" for group in PRESET_GROUPS for p in (root / group).glob("*.yaml")]
+    return sorted(names)
+
+
+def _preset_root() -> Path:
+    return Path(__file__).resolve().parent / "presets"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML file path, or a built-in preset name (`paper/resnet50_ours`, with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    key = str(name).removesuffix(".yaml")
+    if key in preset_names():
+        return _preset_root() / f"{key}.yaml"
+    raise CxrdxError(f"{name}: config file not found, and not a built-in preset ({', '.join(preset_names())})")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -197,12 +263,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML preset (or start from the defaults) and apply `--set` overrides."""
+    """Read a YAML file or built-in preset (or start from the defaults) and apply `--set` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise CxrdxError(f"{path}: config file not found")
+        path = resolve_config_path(path)
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
@@ -215,12 +279,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise CxrdxError(f"{path}: {exc}" if path is not None else str(exc)) from None
 
 
-def save_config(config: TrainConfig, path: str | Path) -> Path:
-    return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: TrainConfig, path: str | Path, plan: dict[str, Any] | None = None) -> Path:
+    """Write the config as YAML; `plan` (what the engine derived: processes, batches, steps, warnings)
+    is appended under the key `plan`, which `config_from_dict` ignores."""
+    values = config.to_dict()
+    if plan is not None:
+        values["plan"] = plan
+    return write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 # --- value checks: counts positive, rates finite and in range ------------------------------------
-_POSITIVE = ("data.input_size", "optim.batch_size", "optim.epochs", "optim.div_factor",
+_POSITIVE = ("data.input_size", "optim.global_batch", "optim.batch_per_process", "loss.sum_over_images", "optim.epochs", "optim.div_factor",
              "optim.final_div_factor", "optim.grad_clip", "runtime.threads", "selection.patience")
 _NONNEGATIVE = ("seed", "data.workers", "optim.lr", "optim.weight_decay")  # lr 0 keeps the weights fixed
 _RANGES = {"data.random_erasing": (0.0, 1.0), "model.drop_rate": (0.0, 1.0), "optim.pct_start": (0.0, 1.0),
@@ -228,7 +297,7 @@ _RANGES = {"data.random_erasing": (0.0, 1.0), "model.drop_rate": (0.0, 1.0), "op
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """Raise CxrdxError naming the key for a value no run can use (zero epochs, lr=nan, batch_size=0...)."""
+    """Raise CxrdxError naming the key for a value no run can use (zero epochs, lr=nan, global_batch=0...)."""
     from cxrdx.checks import check_nonnegative, check_positive, check_range
 
     def value(key: str) -> Any:

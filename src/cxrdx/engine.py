@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -141,23 +142,123 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-class _EpochSampler(Sampler):
-    """Yields (epoch, index) so each sample's augmentation is seeded by (seed, epoch, index):
-    identical for any number of workers or ranks, and after a resume."""
+def spread(global_batch: int, processes: int) -> tuple[int, ...]:
+    """Each process's share of a global batch: equal parts, the remainder one image each to the first ranks."""
+    if global_batch < processes:
+        raise CxrdxError(f"optim.global_batch={global_batch} is smaller than the {processes} processes: each needs an image")
+    base, extra = divmod(global_batch, processes)
+    return tuple(base + (rank < extra) for rank in range(processes))
 
-    def __init__(self, sampler: DistributedSampler):
-        self.sampler = sampler
-        self.epoch = 0
+
+@dataclass(frozen=True)
+class Plan:
+    """What a config means on this many processes and training images; printed at start, kept in config.yaml."""
+
+    processes: int
+    per_process: tuple[int, ...]  # images per process per optimiser step
+    train_images: int
+    epochs: int
+    ema_decay: float | None  # None: EMA off
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.per_process)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_images // self.global_batch  # full global batches only; the remainder is reshuffled
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def ema_horizon_steps(self) -> float | None:
+        return None if self.ema_decay is None else 1.0 / (1.0 - self.ema_decay)
+
+    @property
+    def ema_horizon_epochs(self) -> float | None:
+        steps = self.ema_horizon_steps
+        return None if steps is None or self.steps_per_epoch == 0 else steps / self.steps_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        horizon = self.ema_horizon_epochs
+        return {
+            "processes": self.processes, "batch_per_process": list(self.per_process), "global_batch": self.global_batch,
+            "train_images": self.train_images, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "ema_horizon_steps": None if self.ema_horizon_steps is None else round(self.ema_horizon_steps, 1),
+            "ema_horizon_epochs": None if horizon is None else round(horizon, 2), "warnings": list(self.warnings),
+        }
+
+    def lines(self) -> list[str]:
+        sizes = sorted(set(self.per_process), reverse=True)
+        per = " or ".join(str(b) for b in sizes)
+        text = [
+            f"{self.processes} process(es) x {per} images = global batch {self.global_batch} per optimiser step; "
+            f"{self.train_images:,} training images: {self.steps_per_epoch:,} steps per epoch, "
+            f"{self.total_steps:,} steps in {self.epochs} epochs",
+        ]
+        if self.ema_decay is not None and self.steps_per_epoch:
+            text.append(f"EMA decay {self.ema_decay}: horizon {self.ema_horizon_steps:,.0f} steps "
+                        f"= {self.ema_horizon_epochs:.2f} epochs")
+        return text + [f"warning: {w}" for w in self.warnings]
+
+
+def plan_run(config: TrainConfig, processes: int, train_images: int) -> Plan:
+    """The batches, steps and EMA horizon that `config` gives on `processes` processes, with warnings."""
+    optim = config.optim
+    if optim.batch_per_process is not None:
+        per_process = (optim.batch_per_process,) * processes
+    else:
+        per_process = spread(optim.global_batch, processes)
+    ema = config.ema
+    plan = Plan(processes, per_process, train_images, optim.epochs, ema.decay if ema.enabled else None)
+    return dataclasses.replace(plan, warnings=tuple(_short_run_warnings(config, plan)))
+
+
+def _short_run_warnings(config: TrainConfig, plan: Plan) -> list[str]:
+    """A run shorter than a few EMA horizons saves EMA weights that are mostly the initial network."""
+    if plan.ema_decay is None or config.ema.warmup or config.selection.weights != "ema" or plan.total_steps == 0:
+        return []
+    left = plan.ema_decay ** plan.total_steps
+    if left <= 0.05:  # three horizons or more
+        return []
+    suggestion = 1 - 3 / plan.total_steps
+    return [
+        f"the run has {plan.total_steps:,} optimiser steps and an EMA horizon of {plan.ema_horizon_steps:,.0f} steps "
+        f"(ema.decay={plan.ema_decay}): at its end the EMA weights still hold {100 * left:.1f}% of the initial "
+        "weights, and they are what is validated, selected and saved (selection.weights=ema). Fix: "
+        f"--set ema.warmup=true, or --set ema.decay={suggestion:.4g} (a horizon of a third of the run), or --set selection.weights=raw"
+    ]
+
+
+class _GlobalBatchSampler(Sampler):
+    """This process's part of each global batch, as lists of (epoch, index).
+
+    One permutation per epoch (seeded by seed and epoch), cut into full global batches; process r
+    takes its slice of each. The global batches are the same for any number of processes, and each
+    sample's augmentation is seeded by (seed, epoch, index): identical for any number of workers or
+    processes, and after a resume.
+    """
+
+    def __init__(self, size: int, plan: Plan, rank: int, seed: int):
+        self.size, self.plan, self.seed, self.epoch = size, plan, seed, 0
+        self.offset = sum(plan.per_process[:rank])
+        self.count = plan.per_process[rank]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in self.sampler)
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        batch = self.plan.global_batch
+        for step in range(self.plan.steps_per_epoch):
+            start = step * batch + self.offset
+            yield [(self.epoch, index) for index in order[start:start + self.count]]
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self.plan.steps_per_epoch
 
 
 class _SeededDataset(Dataset):
@@ -209,7 +310,7 @@ def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
     return _Data(cache, split, source, train_rows, val_rows, as_list(mean), as_list(std))
 
 
-def _loaders(config: TrainConfig, data: _Data, info: Dist, device: torch.device) -> tuple[DataLoader, DataLoader, _EpochSampler]:
+def _loaders(config: TrainConfig, data: _Data, plan: Plan, info: Dist, device: torch.device) -> tuple[DataLoader, DataLoader, _GlobalBatchSampler]:
     from cxrdx.data.dataset import CacheDataset, eval_transform, make_loader, train_transform
 
     cfg = config.data
@@ -218,19 +319,19 @@ def _loaders(config: TrainConfig, data: _Data, info: Dist, device: torch.device)
     train_set = CacheDataset(
         data.cache,
         data.train_rows,
-        train_transform(size, data.mean, data.std, autoaugment=cfg.autoaugment, hflip=cfg.hflip, random_erasing=cfg.random_erasing),
+        train_transform(size, data.mean, data.std, autoaugment=cfg.autoaugment, hflip=cfg.hflip,
+                        random_erasing=cfg.random_erasing, augment_before_resize=cfg.augment_before_resize),
     )
     val_set = CacheDataset(data.cache, data.val_rows, eval_transform(size, data.mean, data.std))
-    per_rank = config.optim.batch_size // info.world_size
-    sampler = _EpochSampler(DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=config.seed))
+    sampler = _GlobalBatchSampler(len(train_set), plan, info.rank, config.seed)
     train_loader = make_loader(
-        _SeededDataset(train_set, config.seed), per_rank, shuffle=False, workers=cfg.workers,
-        sampler=sampler, drop_last=len(sampler) >= per_rank, pin_memory=pin,
+        _SeededDataset(train_set, config.seed), 1, shuffle=False, workers=cfg.workers, batch_sampler=sampler, pin_memory=pin,
     )
     # The loader's own generator: creating its iterator must not consume the global RNG (exact resume).
     train_loader.generator = torch.Generator().manual_seed(config.seed)
     val_sampler = DistributedSampler(val_set, info.world_size, info.rank, shuffle=False) if info.enabled else None
-    val_loader = make_loader(val_set, per_rank, shuffle=False, workers=cfg.workers, sampler=val_sampler, pin_memory=pin)
+    val_loader = make_loader(val_set, max(plan.per_process), shuffle=False, workers=cfg.workers, sampler=val_sampler,
+                             pin_memory=pin)
     return train_loader, val_loader, sampler
 
 
@@ -328,7 +429,8 @@ def _build_model(config: TrainConfig, device: torch.device, info: Dist) -> nn.Mo
 
     cfg = config.model
     try:
-        model = create_model(cfg.name, pretrained=cfg.pretrained, num_findings=len(FINDINGS), drop_rate=cfg.drop_rate, **cfg.kwargs)
+        model = create_model(cfg.name, pretrained=cfg.pretrained, num_findings=len(FINDINGS), drop_rate=cfg.drop_rate,
+                             first_conv=cfg.first_conv, **cfg.kwargs)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         raise CxrdxError(f"model.name={cfg.name!r}: cannot create it ({exc})") from None
     if config.runtime.sync_bn and info.enabled:
@@ -375,9 +477,13 @@ def _criterion(config: TrainConfig, data: _Data, device: torch.device) -> nn.Mod
         raise CxrdxError(f"{data.source}, loss {config.loss.name!r}: {exc}") from None
 
 
-def _loss_scale(criterion: nn.Module, world_size: int) -> float:
-    # DDP averages gradients over ranks: a loss summed over the batch must be scaled back to the global sum.
-    return float(world_size) if getattr(criterion, "reduction", "mean") == "sum" else 1.0
+def _loss_scale(criterion: nn.Module, plan: Plan, rank: int, sum_over_images: int | None) -> float:
+    """The factor on this process's loss so that DDP's average of the gradients is the global batch's:
+    its mean for a mean-reduced loss (processes may hold unequal shares), and for a summed loss the sum
+    over the global batch, or the mean image gradient x `sum_over_images` when that is set."""
+    if getattr(criterion, "reduction", "mean") != "sum":
+        return plan.per_process[rank] * plan.processes / plan.global_batch
+    return plan.processes * (sum_over_images / plan.global_batch if sum_over_images else 1.0)
 
 
 def _per_image(total: float, count: int, criterion: nn.Module) -> float:
@@ -450,12 +556,13 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_auc = fig.subplots(1, 2)
-    for ax, series in (
-        (ax_loss, (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)"))),
-        (ax_auc, (("val_mean_auroc", "val"), ("ema_val_mean_auroc", "val (EMA)"))),
-    ):
+    present = lambda key: any(r.get(key) is not None for r in rows)  # noqa: E731
+    for ax, metric, extra in ((ax_loss, "loss", (("train_loss", "train"),)), (ax_auc, "mean_auroc", ())):
+        series = [*extra, (f"raw_val_{metric}", "val (raw)"), (f"ema_val_{metric}", "val (EMA)")]
+        if not (present(f"raw_val_{metric}") or present(f"ema_val_{metric}")):  # rows written without raw_/ema_ columns
+            series.append((f"val_{metric}", "val"))
         for key, label in series:
-            if any(r.get(key) is not None for r in rows):
+            if present(key):
                 ax.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -509,13 +616,14 @@ class Run:
     scaler: torch.amp.GradScaler
     train_loader: DataLoader
     val_loader: DataLoader
-    sampler: _EpochSampler
+    sampler: _GlobalBatchSampler
+    plan: Plan
     state: _State
 
     @property
     def weights(self) -> nn.Module:
-        """The weights that are validated for selection and saved: EMA when on, else the raw model."""
-        return self.ema.module if self.ema is not None else _unwrap(self.model)
+        """The weights that are selected and saved (selection.weights): the EMA or the raw model."""
+        return self.ema.module if self.config.selection.weights == "ema" else _unwrap(self.model)
 
     def step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimisation step on a (per-rank) batch: forward, backward, clip, optimizer, schedule, EMA."""
@@ -528,7 +636,8 @@ class Run:
             with _autocast(self.device, self.amp):
                 logits = self.model(images)
             loss = self.criterion(logits.float(), targets)
-            self.scaler.scale(loss * _loss_scale(self.criterion, self.info.world_size)).backward()
+            scale = _loss_scale(self.criterion, self.plan, self.info.rank, config.loss.sum_over_images)
+            self.scaler.scale(loss * scale).backward()
             if config.optim.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
@@ -539,7 +648,8 @@ class Run:
                 raise
             raise CxrdxError(
                 f"out of memory at {images.shape[0]} images of {config.data.input_size}px per process "
-                f"({config.model.name}); lower optim.batch_size or data.input_size, or set runtime.amp=auto on a GPU"
+                f"({config.model.name}); lower optim.global_batch (or optim.batch_per_process) or data.input_size, "
+                "or set runtime.amp=auto on a GPU"
             ) from None
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -555,16 +665,17 @@ def _train_epoch(run: Run, progress: bool) -> tuple[float, float]:
 
     info, criterion = run.info, run.criterion
     run.model.train()
-    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss sum, batch count
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss summed over images, images
     seen, start = 0, time.perf_counter()
     bar = tqdm(run.train_loader, desc=f"epoch {run.state.epoch + 1}/{run.config.optim.epochs}",
                disable=not (progress and info.main), file=sys.stderr, leave=False, dynamic_ncols=True)
     for images, targets, _ in bar:
         loss = run.step(images, targets)
-        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=run.device)])
         batch = images.shape[0]
-        seen += batch * info.world_size
-        if info.main and progress and (run.state.step % 5 == 0 or seen == batch * info.world_size):
+        summed = loss.double() if getattr(criterion, "reduction", "mean") == "sum" else loss.double() * batch
+        total += torch.stack([summed, torch.full((), batch, dtype=torch.float64, device=run.device)])
+        seen += run.plan.global_batch
+        if info.main and progress and (run.state.step % 5 == 0 or seen == run.plan.global_batch):
             value = loss.item()
             _check_finite(value, f"at step {run.state.step}")
             bar.set_postfix(loss=f"{_per_image(value, batch, criterion):.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
@@ -572,10 +683,9 @@ def _train_epoch(run: Run, progress: bool) -> tuple[float, float]:
     bar.close()
     if info.enabled:
         dist.all_reduce(total)
-    loss_sum, batches = total.tolist()
+    loss_sum, images = total.tolist()
     _check_finite(loss_sum, f"in epoch {run.state.epoch + 1}")  # every rank, with or without a progress bar
-    mean_loss = _per_image(loss_sum / max(batches, 1), run.config.optim.batch_size // info.world_size, criterion)
-    return mean_loss, seen / max(time.perf_counter() - start, 1e-9)
+    return loss_sum / max(images, 1), seen / max(time.perf_counter() - start, 1e-9)
 
 
 def _check_finite(loss: float, where: str) -> None:
@@ -685,27 +795,29 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
     device = device or resolve_device(config.runtime.device)
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    if config.optim.batch_size % info.world_size:
-        raise CxrdxError(f"optim.batch_size={config.optim.batch_size} is not divisible by the {info.world_size} processes")
     run_dir = _prepare_run_dir(config, resume, info)
     resume_state = _load_resume_state(run_dir, trust_pickle) if resume else None  # a refused file fails before the slow setup
     split_path = run_dir / "split.csv" if resume else (Path(config.data.split_file) if config.data.split_file else None)
     data = _open_data(config, split_path)
     if not resume:
         config.data.mean, config.data.std = data.mean, data.std
+    plan = plan_run(config, info.world_size, len(data.train_rows))
+    if plan.steps_per_epoch == 0:
+        raise CxrdxError(f"the training split ({len(data.train_rows)} images) is smaller than one global batch "
+                         f"({plan.global_batch}); lower optim.global_batch")
+    if info.main:
+        print("\n".join(plan.lines()), file=sys.stderr, flush=True)
     if info.main and not resume:
         from cxrdx.data.splits import write_split
 
         write_split(data.split, run_dir / "split.csv")
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, run_dir / "config.yaml", plan.to_dict())
 
     criterion = _criterion(config, data, device)
     _seed_everything(config.seed)  # identical initial weights on every rank
     model = _build_model(config, device, info)
     _seed_everything(config.seed + info.rank)  # per-rank dropout
-    train_loader, val_loader, sampler = _loaders(config, data, info, device)
-    if len(train_loader) == 0:
-        raise CxrdxError(f"the training split ({len(data.train_rows)} images) is smaller than one batch")
+    train_loader, val_loader, sampler = _loaders(config, data, plan, info, device)
     amp = resolve_amp(config.runtime.amp, device)
     wrapped: nn.Module = model
     if info.enabled:
@@ -722,7 +834,7 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
         config=config, run_dir=run_dir, info=info, device=device, amp=amp, data=data, model=wrapped, ema=ema,
         criterion=criterion, optimizer=optimizer, scheduler=_scheduler(config, optimizer, len(train_loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), train_loader=train_loader,
-        val_loader=val_loader, sampler=sampler, state=_State(),
+        val_loader=val_loader, sampler=sampler, plan=plan, state=_State(),
     )
     if resume_state is not None:
         _restore(run, resume_state)
@@ -755,7 +867,7 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
         train_loss, images_per_s = _train_epoch(run, progress)
         raw = _validate(run, _unwrap(run.model))
         ema_metrics = _validate(run, run.ema.module) if run.ema is not None else None
-        selected = ema_metrics or raw
+        selected = ema_metrics if config.selection.weights == "ema" else raw
         value = selected["loss"] if monitor == "val_loss" else selected["mean_auroc"]
         improved = _better(value, state.best, monitor)
         state.epoch += 1
@@ -764,18 +876,16 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
         else:
             state.bad_epochs += 1
         row = {
-            "epoch": state.epoch, "step": state.step, "lr": run.scheduler.get_last_lr()[0],
-            "train_loss": train_loss, "val_loss": raw["loss"], "val_mean_auroc": raw["mean_auroc"],
-            "ema_val_loss": ema_metrics["loss"] if ema_metrics else None,
-            "ema_val_mean_auroc": ema_metrics["mean_auroc"] if ema_metrics else None,
-            "val_auroc": selected["auroc"], "best": improved, "images_per_s": images_per_s,
+            "epoch": state.epoch, "step": state.step, "lr": run.scheduler.get_last_lr()[0], "train_loss": train_loss,
+            "weights": config.selection.weights, **_prefixed("val_", selected), **_prefixed("raw_val_", raw),
+            **_prefixed("ema_val_", ema_metrics), "best": improved, "images_per_s": images_per_s,
             "seconds": time.perf_counter() - start,
         }
         history.append(row)
         rng = _all_rng_states(run.device, info)  # every rank takes part in the gather
         if info.main:
             metrics = {"loss": selected["loss"], "mean_auroc": selected["mean_auroc"], "auroc": selected["auroc"],
-                       "weights": "ema" if run.ema is not None else "raw"}
+                       "weights": config.selection.weights, "warnings": list(run.plan.warnings)}
             if improved:
                 save_checkpoint(run.run_dir / "checkpoints" / "best.pt", _checkpoint(run, metrics))
             _write_metrics(metrics_path, history)
@@ -783,7 +893,7 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
             save_checkpoint(run.run_dir / "checkpoints" / "last.pt", _checkpoint(run, metrics))
             plot_curves(history, run.run_dir / "curves.png")
             if writer is not None:
-                for key in ("train_loss", "val_loss", "val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr"):
+                for key in ("train_loss", "raw_val_loss", "raw_val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr"):
                     if row[key] is not None:
                         writer.add_scalar(key, row[key], state.epoch)
             if progress:
@@ -794,14 +904,22 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
             break
     if writer is not None:
         writer.close()
+    if info.main and run.plan.warnings:  # repeated at the end, where the results are read
+        print("\n".join(f"warning: {w}" for w in run.plan.warnings), file=sys.stderr, flush=True)
     if info.enabled:
         dist.barrier()
 
 
+def _prefixed(prefix: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """loss, mean_auroc and per-finding auroc of one set of weights as metrics.jsonl columns (None: not validated)."""
+    metrics = metrics or {}
+    return {f"{prefix}{key}": metrics.get(key) for key in ("loss", "mean_auroc", "auroc")}
+
+
 def _summary(row: dict[str, Any]) -> str:
-    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}", f"val_loss {row['val_loss']:.4f}",
-             f"val_auroc {row['val_mean_auroc']:.4f}"]
+    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}", f"raw_val_loss {row['raw_val_loss']:.4f}",
+             f"raw_val_auroc {row['raw_val_mean_auroc']:.4f}"]
     if row["ema_val_loss"] is not None:
         parts += [f"ema_val_loss {row['ema_val_loss']:.4f}", f"ema_val_auroc {row['ema_val_mean_auroc']:.4f}"]
-    parts.append(f"{row['images_per_s']:.1f} img/s" + (" *best*" if row["best"] else ""))
+    parts.append(f"{row['images_per_s']:.1f} img/s" + (f" *best* ({row['weights']})" if row["best"] else ""))
     return " | ".join(parts)

@@ -3,15 +3,23 @@
 The paper's three backbones are `resnet50`, `efficientnet_b5` and `coatnet_0_rw_224`; any other timm
 name works the same way. Every model takes `in_chans` (1 for radiographs) and ends with dropout
 (`drop_rate`, 0.5 in the paper) and one logit per finding.
+
+Pretrained weights come from timm's hub ("imagenet": timm's default tag, or the tag in the name,
+e.g. `resnet50.tv_in1k`), from torchvision ("torchvision": its IMAGENET1K_V1 weights of resnet50 or
+efficientnet_b5, converted exactly into timm's module names), or from a local file. The released code
+of the paper loaded torchvision's ResNet50 and EfficientNet-b5 and timm's CoAtNet-0-rw: `PAPER_WEIGHTS`.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -22,7 +30,18 @@ from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 
 PAPER_MODELS: tuple[str, ...] = ("resnet50", "efficientnet_b5", "coatnet_0_rw_224")
+PAPER_WEIGHTS: dict[str, str] = {"resnet50": "torchvision", "efficientnet_b5": "torchvision", "coatnet_0_rw_224": "imagenet"}
+# The released code gave ResNet50 and EfficientNet-b5 a new 1-channel stem; CoAtNet's came from timm (summed RGB).
+PAPER_FIRST_CONV: dict[str, str] = {"resnet50": "new", "efficientnet_b5": "new", "coatnet_0_rw_224": "summed"}
+# torchvision's weights for a timm architecture; timm options that make the architecture torchvision's:
+# its EfficientNet-b5 uses batch-norm eps 1e-3, momentum 0.01 and stochastic depth 0.2 (timm: 1e-5, 0.1, 0).
+TORCHVISION_WEIGHTS: dict[str, str] = {
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "efficientnet_b5": "EfficientNet_B5_Weights.IMAGENET1K_V1",
+}
+TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {"efficientnet_b5": {"bn_eps": 1e-3, "bn_momentum": 0.01, "drop_path_rate": 0.2}}
 WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
+FIRST_CONV: tuple[str, ...] = ("summed", "new")
 
 
 def create_model(
@@ -31,30 +50,94 @@ def create_model(
     num_findings: int = len(FINDINGS),
     in_chans: int = 1,
     drop_rate: float = 0.5,
+    first_conv: str = "summed",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm network with `num_findings` logits and dropout before the classifier.
 
-    `pretrained`: "none" (random init), "imagenet" (timm's hub weights; needs the internet or a
-    filled cache) or a path to a local weights file (timm or torchvision state dict), whose first
-    convolution is adapted to `in_chans` the way timm does and whose classifier is dropped when
-    its shape differs.
+    `pretrained`: "none" (random init), "imagenet" (timm's hub weights: the default tag, or the tag
+    in `name`), "torchvision" (torchvision's ImageNet weights of resnet50 / efficientnet_b5) or a
+    path to a local weights file (timm or torchvision state dict); the classifier is dropped when
+    its shape differs. `first_conv` says what the first convolution gets from RGB weights:
+    "summed" (the RGB kernels summed to `in_chans`, as timm does) or "new" (a freshly initialised
+    convolution, and for EfficientNet its stem batch norm too: the released code for ResNet50 and
+    EfficientNet-b5).
     """
     _check_name(name)
+    if first_conv not in FIRST_CONV:
+        raise CxrdxError(f"first_conv={first_conv!r}: expected one of {', '.join(FIRST_CONV)}")
     kwargs = dict(num_classes=num_findings, in_chans=in_chans, drop_rate=drop_rate, **timm_kwargs)
     choice = str(pretrained)
     if choice == "imagenet":
-        return _create_imagenet(name, kwargs)
-    path = None if choice == "none" else _weights_path(choice)
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:  # an option this architecture does not take, e.g. img_size for a CNN
-        raise CxrdxError(f"model {name!r}: {exc}") from None
-    if path is not None:
-        report = load_weights(model, path)
-        if report.missing or report.unexpected or report.mismatched:
-            warnings.warn(f"{name} from {path}: {report.summary()}", stacklevel=2)
+        model = _create_imagenet(name, kwargs)
+    else:
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:  # an option this architecture does not take, e.g. img_size for a CNN
+            raise CxrdxError(f"model {name!r}: {exc}") from None
+        if choice == "torchvision":
+            _check_torchvision_kwargs(name, timm_kwargs)
+            report = load_state(model, _torchvision_state(name), f"torchvision {TORCHVISION_WEIGHTS[_base(name)]}")
+        elif choice != "none":
+            report = load_weights(model, _weights_path(choice))
+        if choice != "none" and (report.missing or report.unexpected or report.mismatched):
+            warnings.warn(f"{name} from {choice}: {report.summary()}", stacklevel=2)
+    if choice != "none" and first_conv == "new":
+        _new_stem(model)
     return model
+
+
+def _base(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def weights_source(name: str, pretrained: str) -> str:
+    """Where `pretrained` weights of `name` come from, e.g. 'timm coatnet_0_rw_224.sw_in1k'."""
+    if pretrained == "none":
+        return "none (random init)"
+    if pretrained == "torchvision":
+        return f"torchvision {TORCHVISION_WEIGHTS.get(_base(name), '(none for this model)')}"
+    if pretrained == "imagenet":
+        cfg = timm.models.get_pretrained_cfg(name)
+        tag = (cfg.hf_hub_id or "").removeprefix("timm/") if cfg is not None else ""
+        return f"timm {tag or name}"
+    return f"file {pretrained}"
+
+
+def _check_torchvision_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    base = _base(name)
+    if base not in TORCHVISION_WEIGHTS:
+        raise CxrdxError(f"pretrained=torchvision: cxrdx converts torchvision's weights of {', '.join(TORCHVISION_WEIGHTS)}, "
+                         f"not {name}; use pretrained=imagenet (timm's) or a weights file")
+    for key, value in TORCHVISION_KWARGS.get(base, {}).items():
+        if key == "bn_eps" and kwargs.get(key) != value:  # changes the outputs; drop_path_rate only training
+            raise CxrdxError(f"{name} with torchvision's weights needs torchvision's batch norm: "
+                             f"set model.kwargs.{key}={value} (timm's default differs)")
+
+
+def _torchvision_state(name: str) -> dict[str, torch.Tensor]:
+    from torchvision.models import get_weight
+
+    weights = get_weight(TORCHVISION_WEIGHTS[_base(name)])
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cached.is_file():
+        _require_network(weights.url, name)
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as exc:  # noqa: BLE001 - urllib and OSError surface here
+        raise _offline_error(name, f"{exc.__class__.__name__}: {exc}") from None
+
+
+def _new_stem(model: nn.Module) -> None:
+    """Re-initialise the first convolution (PyTorch's default init, as a new nn.Conv2d) and, for
+    EfficientNet, the stem's batch norm: what the released code did after loading the weights."""
+    from timm.models.efficientnet import EfficientNet
+
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    for conv in _as_tuple(cfg.get("first_conv"))[:1]:
+        model.get_submodule(conv).reset_parameters()
+    if isinstance(model, EfficientNet):
+        model.bn1.reset_parameters()
 
 
 def _check_name(name: str) -> None:
@@ -66,16 +149,37 @@ def _check_name(name: str) -> None:
 
 
 def _create_imagenet(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id and not _in_hub_cache(hub_id):
+        _require_network(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), name)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # offline: urllib, huggingface_hub and OSError all surface here
-        raise CxrdxError(
-            f"could not fetch the ImageNet weights of {name} ({exc.__class__.__name__}: {exc}). "
-            "They are downloaded from the timm / Hugging Face hub and need the internet; offline, "
-            "pass a local weights file instead: pretrained=PATH (.pth, .pt, .bin or .safetensors, "
-            "a timm or torchvision state dict of the same architecture). Set HF_HUB_OFFLINE=1 to fail at once "
-            "instead of after the hub's retries"
-        ) from None
+        raise _offline_error(name, f"{exc.__class__.__name__}: {exc}") from None
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def _require_network(url: str, name: str) -> None:
+    """Fail at once, not after a downloader's retries, when the host of `url` cannot be reached."""
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=5).close()
+    except OSError as exc:
+        raise _offline_error(name, f"cannot reach {parsed.hostname}: {exc}") from None
+
+
+def _offline_error(name: str, reason: str) -> CxrdxError:
+    return CxrdxError(
+        f"could not fetch the ImageNet weights of {name} ({reason}). Offline, train from scratch with "
+        "--set model.pretrained=none, or pass a local weights file: --set model.pretrained=PATH "
+        "(.pth, .pt, .bin or .safetensors; a timm or torchvision state dict of the same architecture)"
+    )
 
 
 @dataclass
@@ -111,9 +215,8 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     """Load a local timm / torchvision state dict into a timm `model`, non-strictly, and say what matched.
 
     The file may wrap the weights under "state_dict" or "model" (timm's loader unwraps them and a
-    DDP "module." prefix). The first convolution is adapted to the model's input channels with
-    timm's `adapt_input_conv` (RGB kernels summed for one channel); classifier tensors whose shape
-    differs are dropped. Raises CxrdxError when the file is missing, unreadable or matches nothing.
+    DDP "module." prefix). See `load_state` for the rest. Raises CxrdxError when the file is
+    missing, unreadable or matches nothing.
     """
     path = _weights_path(path)
     try:
@@ -122,7 +225,21 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         raise CxrdxError(f"{path}: not a readable weights file ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
         raise CxrdxError(f"{path}: expected a state dict of tensors (possibly under 'state_dict' or 'model')")
+    return load_state(model, source, str(path))
 
+
+def load_state(model: nn.Module, source: dict[str, torch.Tensor], label: str) -> LoadReport:
+    """Load the state dict `source` into a timm `model`, non-strictly. A torchvision EfficientNet state
+    dict is first renamed to timm's modules (`torchvision_efficientnet_to_timm`). The first convolution
+    is adapted to the model's input channels with timm's `adapt_input_conv` (RGB kernels summed for one
+    channel); classifier tensors whose shape differs are dropped. `label` names the source in errors."""
+    from timm.models.efficientnet import EfficientNet
+
+    if isinstance(model, EfficientNet) and "features.0.0.weight" in source:
+        source = torchvision_efficientnet_to_timm(source, model)
+        if abs(model.bn1.eps - 1e-3) > 1e-12:
+            warnings.warn(f"{label}: torchvision's EfficientNet uses batch-norm eps 1e-3, this model {model.bn1.eps:g}; "
+                          "set model.kwargs.bn_eps=0.001 for its exact outputs", stacklevel=3)
     target = model.state_dict()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     first_convs = _as_tuple(cfg.get("first_conv"))
@@ -144,7 +261,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
             report.mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(want)}")
     if not any(not k.endswith("num_batches_tracked") for k in accepted):
         raise CxrdxError(
-            f"{path}: no tensor matches {type(model).__name__} ({len(source)} in the file, e.g. "
+            f"{label}: no tensor matches {type(model).__name__} ({len(source)} in the file, e.g. "
             f"{', '.join(list(source)[:3])}); is it a state dict of this architecture?"
         )
     model.load_state_dict(accepted, strict=False)
@@ -152,6 +269,24 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     dropped = set(report.dropped_classifier)
     report.missing = [k for k in target if k not in accepted and k not in dropped]
     return report
+
+
+def torchvision_efficientnet_to_timm(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """torchvision's EfficientNet state dict under timm's names. Both list the same tensors in the same
+    order (stem conv + bn, each block's convs, batch norms and squeeze-excitation, head conv + bn,
+    classifier), so the n-th tensor of one is the n-th of the other; shapes are checked, except the
+    first convolution's input channels and the classifier, which `load_state` adapts or drops."""
+    mine = [k for k in model.state_dict()]
+    theirs = list(source)
+    if len(mine) != len(theirs):
+        raise CxrdxError(f"torchvision EfficientNet weights: {len(theirs)} tensors for the {len(mine)} of timm's "
+                         f"{getattr(model, 'default_cfg', {}).get('architecture', 'model')}; is it the same variant?")
+    target = model.state_dict()
+    for index, (k_tv, k_timm) in enumerate(zip(theirs, mine)):
+        a, b = source[k_tv].shape, target[k_timm].shape
+        if a != b and index > 0 and not k_timm.startswith("classifier."):
+            raise CxrdxError(f"torchvision EfficientNet weights: {k_tv} {tuple(a)} does not fit timm's {k_timm} {tuple(b)}")
+    return {k_timm: source[k_tv] for k_tv, k_timm in zip(theirs, mine)}
 
 
 def _weights_path(path: str | Path) -> Path:
@@ -296,7 +431,8 @@ def model_table(
     in_chans: int = 1,
     num_findings: int = len(FINDINGS),
 ) -> list[dict[str, Any]]:
-    """The paper's Table 2 for `names`: parameters, MACs and FLOPs at `input_size`, resolution C*H*W.
+    """The paper's Table 2 for `names`: parameters, MACs and FLOPs at `input_size`, resolution C*H*W, and
+    the ImageNet weights and first layer the paper presets load (`weights`, `first_conv`).
 
     Models with a fixed input size (CoAtNet, ViT) are built for `input_size`; a model that cannot
     run at that size gets `macs`/`flops` None and the reason in `note`.
@@ -311,6 +447,8 @@ def model_table(
                 pass
         row: dict[str, Any] = {
             "model": name,
+            "weights": weights_source(name, PAPER_WEIGHTS.get(name, "imagenet")),
+            "first_conv": PAPER_FIRST_CONV.get(name, "summed"),
             "params": count_params(model),
             "macs": None,
             "flops": None,

@@ -278,7 +278,7 @@ def _runs_table(runs: list[Run]) -> str:
     """The settings that tell runs apart, one row per run."""
     fields = [
         ("Model", ("model", "name")), ("Loss", ("loss", "name")), ("Input", ("data", "input_size")),
-        ("Epochs", ("optim", "epochs")), ("Batch", ("optim", "batch_size")), ("Peak LR", ("optim", "lr")),
+        ("Epochs", ("optim", "epochs")), ("Global batch", ("optim", "global_batch")), ("Peak LR", ("optim", "lr")),
         ("EMA", ("ema", "enabled")), ("Seed", ("seed",)),
     ]
 
@@ -459,7 +459,7 @@ def _epochs(path: Path) -> list[dict[str, Any]]:
 def _training_facts(rows: list[dict[str, Any]]) -> str:
     best = [r for r in rows if r.get("best")]
     chosen = best[-1] if best else rows[-1]
-    auroc = chosen.get("ema_val_mean_auroc") if chosen.get("ema_val_mean_auroc") is not None else chosen.get("val_mean_auroc")
+    auroc = chosen.get("val_mean_auroc")  # the selected weights' column
     seconds = sum(float(r.get("seconds") or 0) for r in rows)
     facts = [f"{len(rows)} epoch(s)", f"selected epoch {chosen.get('epoch')}"]
     if auroc is not None:

@@ -1,9 +1,10 @@
 """Torch datasets over the prepared cache or raw files, the train / eval transforms, and the loader.
 
 Every item is (image float32 (1, H, W), labels float32 (14,), Image Index). Transforms are
-torchvision v2 callables on uint8 (1, S, S) tensors. The train order follows the paper's list with
-one change for speed: flip, resize to the model size, AutoAugment (ImageNet policy) on the small
-8-bit image rather than the full-size one, to float, normalise, random erasing.
+torchvision v2 callables on uint8 (1, S, S) tensors. The train order: flip, resize to the model
+size, AutoAugment (ImageNet policy), to float, normalise, random erasing. With
+`augment_before_resize` AutoAugment runs before the resize, on the cached image as it is: the
+released code's order (on a 1024-px cache, its exact input).
 """
 
 from __future__ import annotations
@@ -39,18 +40,23 @@ def train_transform(
     std: float | Sequence[float] = DEFAULT_STD,
     autoaugment: bool = True,
     hflip: bool = True,
-    random_erasing: float = 0.25,
+    random_erasing: float = 0.5,
+    augment_before_resize: bool = False,
 ) -> Transform:
     """The paper's training augmentation for uint8 (1, S, S) tensors -> float32 (1, input_size, input_size)."""
     steps: list[v2.Transform] = []
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    steps.append(v2.Resize((input_size, input_size), antialias=True))
+    resize = v2.Resize((input_size, input_size), antialias=True)
+    if not augment_before_resize:
+        steps.append(resize)
     if autoaugment:
         # On one 8-bit channel torchvision's PIL kernels run AutoAugment about twice as fast as its
         # tensor kernels (rotate and shear: PIL's 8-bit affine vs a float grid_sample).
         # fill=0: pixels uncovered by rotate/shear/translate become black, an X-ray's background.
         steps += [v2.ToPILImage(), v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=0), v2.PILToTensor()]
+    if augment_before_resize:
+        steps.append(resize)
     steps += _normalize(mean, std)
     if random_erasing > 0:
         steps.append(v2.RandomErasing(p=random_erasing, value=0))
@@ -151,18 +157,21 @@ def make_loader(
     sampler: Sampler | None = None,
     drop_last: bool = False,
     pin_memory: bool | None = None,
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader set for speed: pinned memory for a CUDA device (default: when CUDA exists),
-    persistent workers, 4 batches prefetched each."""
+    persistent workers, 4 batches prefetched each. A `batch_sampler` replaces batch_size, shuffle,
+    sampler and drop_last."""
+    if batch_sampler is not None:
+        batching: dict = {"batch_sampler": batch_sampler}
+    else:
+        batching = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler, "drop_last": drop_last}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_init_worker if workers > 0 else None,
-        drop_last=drop_last,
     )
