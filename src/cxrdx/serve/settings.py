@@ -45,8 +45,8 @@ class ServeSettings:
                 raise CxrdxError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_inflight_bytes < self.max_upload_bytes:
             raise CxrdxError(
-                f"the in-flight budget ({self.max_inflight_bytes:,} bytes) must hold at least one upload "
-                f"of the largest size ({self.max_upload_bytes:,} bytes)"
+                f"the in-flight budget (--max-inflight-mb, {self.max_inflight_bytes:,} bytes) must hold at least one "
+                f"upload of the largest size (--max-upload-mb, {self.max_upload_bytes:,} bytes)"
             )
         positive("body_timeout_s", self.body_timeout_s)
         if self.rate_per_minute is not None:
