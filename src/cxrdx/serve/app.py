@@ -296,7 +296,9 @@ async def read_upload(request: Request, limit: int, timeout_s: float) -> bytearr
     """The uploaded file's bytes: the `file` part of multipart/form-data, or the raw body, parsed as
     the body arrives so that only the file's bytes are held; 408 when it takes over `timeout_s`."""
     body_limit = _body_limit(request, limit)
-    sink = MultipartFile(request.headers["content-type"]) if _is_multipart(request) else RawBody()
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else 0  # within the reservation: checked on admission
+    sink = MultipartFile(request.headers["content-type"], size) if _is_multipart(request) else RawBody(size)
     total = 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -336,15 +338,20 @@ def _too_large(limit: int) -> HTTPException:
 
 
 class RawBody:
-    """A request body kept as it is."""
+    """A request body kept as it is, written into a buffer of its declared size: growing a buffer
+    chunk by chunk would copy it over and over, holding up to twice its size for a moment."""
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    def __init__(self, size_hint: int = 0) -> None:
+        self.data = bytearray(size_hint)
+        self.length = 0
 
     def write(self, chunk: bytes) -> None:
-        self.data += chunk
+        end = self.length + len(chunk)
+        self.data[self.length : end] = chunk  # extends the buffer when the hint was short
+        self.length = end
 
     def finish(self) -> bytearray:
+        del self.data[self.length :]
         return self.data
 
 
@@ -352,13 +359,13 @@ class MultipartFile:
     """The `file` part (or the first part with a file name) of a multipart body, parsed in memory as
     it arrives; the bytes of other parts are dropped."""
 
-    def __init__(self, content_type: str):
+    def __init__(self, content_type: str, size_hint: int = 0):
         from python_multipart.multipart import MultipartParser, parse_options_header
 
         boundary = parse_options_header(content_type)[1].get(b"boundary")
         if not boundary:
             raise HTTPException(400, "multipart upload without a boundary")
-        self.data = bytearray()
+        self.file = RawBody(size_hint)
         self.found = self.keep = False
         self.headers: dict[bytes, bytes] = {}
         self.field, self.value = bytearray(), bytearray()
@@ -389,7 +396,7 @@ class MultipartFile:
             raise HTTPException(400, "malformed multipart/form-data body") from None
         if not self.found:
             raise HTTPException(400, "multipart upload without a 'file' part")
-        return self.data
+        return self.file.finish()
 
     def _part_begin(self) -> None:
         self.headers = {}
@@ -408,7 +415,7 @@ class MultipartFile:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self.keep:
-            self.data += data[start:end]
+            self.file.write(data[start:end])
 
 
 def _decode(predictor: BasePredictor, data: bytearray, max_decoded_bytes: int) -> np.ndarray:
@@ -422,7 +429,9 @@ def _decode(predictor: BasePredictor, data: bytearray, max_decoded_bytes: int) -
             return predictor.load(pixels, name=UPLOAD_NAME)
     except Exception as exc:  # hostile input may break any decoder layer: always a 422, never a dead worker
         reason = getattr(exc, "reason", None) or f"{exc.__class__.__name__}: {exc}"
-        raise HTTPException(422, f"cannot decode the image: {scrub(reason, data)}") from None
+    # Raised outside the handler: the decoder's traceback (its frames hold copies of the upload)
+    # is dropped now, not kept alive by the 422 until the response is sent.
+    raise HTTPException(422, f"cannot decode the image: {scrub(reason, data)}")
 
 
 def _predict_job(predictor: BasePredictor, data: bytearray, with_image: bool, max_decoded_bytes: int) -> dict[str, Any]:
