@@ -223,8 +223,9 @@ def test_scrub_removes_patient_values_from_messages() -> None:
     assert scrub(message, png_bytes(chest_like(16))) == message
 
 
-def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
-    blocked = Predictor.from_checkpoint(make_checkpoint(tmp_path / "b.pt"), device="cpu")
+def blocked_predictor(path: Path) -> tuple[Predictor, threading.Event, threading.Event]:
+    """A predictor, and two events: its decoding waits for the first (release) and sets the second (entered)."""
+    blocked = Predictor.from_checkpoint(make_checkpoint(path), device="cpu")
     release, entered = threading.Event(), threading.Event()
     load = blocked.load
 
@@ -234,6 +235,11 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
         return load(source, name)
 
     blocked.load = slow_load
+    return blocked, release, entered
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
+    blocked, release, entered = blocked_predictor(tmp_path / "b.pt")
     app = create_app(blocked, queue_size=1)
     data = png_bytes(chest_like())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from cxrdx.serve import create_app
 from cxrdx.serve.guard import RateLimiter
 from cxrdx.serve.settings import ServeSettings, host_name, parse_rate
 from test_predict import chest_like, dicom_bytes, make_checkpoint
-from test_serve import png_bytes, png_chunk
+from test_serve import blocked_predictor, png_bytes, png_chunk
 
 KEY = "s3cret-key-for-tests"
 REPO = Path(__file__).resolve().parents[1]
@@ -223,16 +222,7 @@ def test_public_address_with_insecure_or_a_key_starts_with_a_warning(
 
 def test_admission_comes_before_the_body_is_read(tmp_path: Path) -> None:
     """A request over the in-flight budget gets 503 without one byte of its body being read."""
-    blocked = Predictor.from_checkpoint(make_checkpoint(tmp_path / "b.pt"), device="cpu")
-    release, entered = threading.Event(), threading.Event()
-    load = blocked.load
-
-    def slow_load(source, name=None):
-        entered.set()
-        release.wait(30)
-        return load(source, name)
-
-    blocked.load = slow_load
+    blocked, release, entered = blocked_predictor(tmp_path / "b.pt")
     app = create_app(blocked, max_upload_bytes=2**20, max_inflight_bytes=3 * 2**19, queue_size=8)  # room for 1.5 MiB
     read = []
 
@@ -403,3 +393,20 @@ def test_invalid_patient_values_never_reach_the_log_or_stderr(
     everything = caplog.text + out + err + "".join(str(w.message) for w in seen) + "".join(a.text for a in answers)
     for secret in ("SECRET01", "Doe", "Jane", "PID-7731"):
         assert secret not in everything
+
+
+def test_worker_processes_get_the_same_settings_and_read_the_key_themselves(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrdx.serve import app_from_env
+
+    settings = ServeSettings(queue_size=3, rate_per_minute=30, allowed_hosts=("localhost", "xray.example.org"), api_key=KEY)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    monkeypatch.setenv("CXRDX_SERVE_CHECKPOINT", str(checkpoint))
+    monkeypatch.setenv("CXRDX_SERVE_DEVICE", "cpu")
+    monkeypatch.setenv("CXRDX_SERVE_SETTINGS", settings.to_json())
+    monkeypatch.setenv("CXRDX_SERVE_API_KEY_FILE", str(key_file))
+    app = app_from_env()
+    assert app.state.settings == settings
+    app.state.queue.close()
