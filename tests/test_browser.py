@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+API_KEY = "browser-test-key"
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    return Predictor.from_checkpoint(make_checkpoint(tmp_path_factory.mktemp("browser") / "best.pt", size=128), device="cpu")
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
     import uvicorn
 
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("browser") / "best.pt", size=128)
-    app = create_app(Predictor.from_checkpoint(ckpt, device="cpu"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -46,9 +53,30 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.config.port}/"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(predictor: Predictor) -> Iterator[str]:
+    with serving(create_app(predictor)) as url:
+        yield url
+
+
+@pytest.fixture
+def chromium():
+    if not CHROMIUM.exists() or shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (make browser / apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture
@@ -62,37 +90,47 @@ def xray(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
         return path
 
 
-def test_page_uploads_an_xray_shows_bars_and_a_heatmap(service: str, xray: Path) -> None:
-    if not CHROMIUM.exists() or shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed (make browser / apt-get install chromium)")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(service)
-            page.wait_for_function("document.getElementById('model').textContent.startsWith('Model')")
+def test_page_uploads_an_xray_shows_bars_and_a_heatmap(service: str, xray: Path, chromium) -> None:
+    page = chromium.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(service)
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('Model')")
 
-            page.set_input_files("#file", str(xray))
-            bars = page.locator("#bars button.bar")
-            bars.nth(len(FINDINGS) - 1).wait_for()
-            assert bars.count() == len(FINDINGS)
-            labels = [bars.nth(i).get_attribute("aria-label") for i in range(len(FINDINGS))]
-            assert [label.split(":")[0] for label in labels] == [f.replace("_", " ") for f in FINDINGS]
-            assert all("probability" in label and "threshold" in label for label in labels)
-            assert page.locator("#bars .threshold").count() == len(FINDINGS)
-            page.wait_for_function("document.getElementById('xray').naturalWidth > 0")
+    page.set_input_files("#file", str(xray))
+    bars = page.locator("#bars button.bar")
+    bars.nth(len(FINDINGS) - 1).wait_for()
+    assert bars.count() == len(FINDINGS)
+    labels = [bars.nth(i).get_attribute("aria-label") for i in range(len(FINDINGS))]
+    assert [label.split(":")[0] for label in labels] == [f.replace("_", " ") for f in FINDINGS]
+    assert all("probability" in label and "threshold" in label for label in labels)
+    assert page.locator("#bars .threshold").count() == len(FINDINGS)
+    page.wait_for_function("document.getElementById('xray').naturalWidth > 0")
 
-            effusion = bars.nth(FINDINGS.index("Effusion"))
-            effusion.focus()  # keyboard only: focus the bar and press Enter
-            page.keyboard.press("Enter")
-            page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
-            assert page.locator("#heatmap-figure").is_visible()
-            assert "Effusion" in page.locator("#heatmap").get_attribute("alt")
-            assert effusion.get_attribute("aria-pressed") == "true"
-            assert "Heatmap of Effusion" in page.locator("#status").inner_text()
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-        finally:
-            browser.close()
+    effusion = bars.nth(FINDINGS.index("Effusion"))
+    effusion.focus()  # keyboard only: focus the bar and press Enter
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+    assert page.locator("#heatmap-figure").is_visible()
+    assert "Effusion" in page.locator("#heatmap").get_attribute("alt")
+    assert effusion.get_attribute("aria-pressed") == "true"
+    assert "Heatmap of Effusion" in page.locator("#status").inner_text()
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_page_asks_for_the_api_key_and_sends_it(predictor: Predictor, xray: Path, chromium) -> None:
+    with serving(create_app(predictor, api_key=API_KEY)) as url:
+        page = chromium.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.locator("#key-form").wait_for()  # /v1/model answered 401: the page asks for the key
+        page.fill("#api-key", "wrong key")
+        page.press("#api-key", "Enter")
+        page.locator("#key-form").wait_for()  # asked again
+        page.fill("#api-key", API_KEY)
+        page.press("#api-key", "Enter")
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('Model')")
+        assert page.locator("#key-form").is_hidden()
+        page.set_input_files("#file", str(xray))
+        page.locator("#bars button.bar").nth(len(FINDINGS) - 1).wait_for()
+        assert page.evaluate("sessionStorage.getItem('cxrdx-api-key')") == API_KEY

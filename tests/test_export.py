@@ -111,7 +111,7 @@ def test_service_on_onnx_runtime(exported: tuple[Path, Path]) -> None:
     buffer = io.BytesIO()
     Image.fromarray(images()[0]).save(buffer, format="PNG")
     data = buffer.getvalue()
-    with TestClient(create_app(OnnxPredictor.from_file(path))) as client:
+    with TestClient(create_app(OnnxPredictor.from_file(path)), base_url="http://localhost") as client:
         body = client.post("/v1/predict", files={"file": ("a.png", data)}).json()
         assert body["backend"] == "onnxruntime"
         expected = Predictor.from_checkpoint(ckpt, device="cpu").predict_proba(data)[0]

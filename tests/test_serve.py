@@ -91,7 +91,7 @@ def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
 
 @pytest.fixture(scope="module")
 def client(predictor: Predictor):
-    with TestClient(create_app(predictor, max_upload_bytes=LIMIT, queue_size=4), raise_server_exceptions=False) as c:
+    with TestClient(create_app(predictor, max_upload_bytes=LIMIT, queue_size=4), raise_server_exceptions=False, base_url="http://localhost") as c:
         yield c
 
 
@@ -190,7 +190,7 @@ def test_uploads_never_touch_the_disk(predictor: Predictor, monkeypatch: pytest.
     noise = np.random.default_rng(0).integers(0, 256, (1400, 1400), dtype=np.uint8)
     data = png_bytes(noise)
     assert len(data) > 1.5 * 2**20  # bigger than Starlette's in-memory spool, which would go to disk
-    with TestClient(create_app(predictor, max_upload_bytes=4 * 2**20)) as c:
+    with TestClient(create_app(predictor, max_upload_bytes=4 * 2**20), base_url="http://localhost") as c:
         assert upload(c, data).status_code == 200
 
 
@@ -223,8 +223,9 @@ def test_scrub_removes_patient_values_from_messages() -> None:
     assert scrub(message, png_bytes(chest_like(16))) == message
 
 
-def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
-    blocked = Predictor.from_checkpoint(make_checkpoint(tmp_path / "b.pt"), device="cpu")
+def blocked_predictor(path: Path) -> tuple[Predictor, threading.Event, threading.Event]:
+    """A predictor, and two events: its decoding waits for the first (release) and sets the second (entered)."""
+    blocked = Predictor.from_checkpoint(make_checkpoint(path), device="cpu")
     release, entered = threading.Event(), threading.Event()
     load = blocked.load
 
@@ -234,11 +235,16 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
         return load(source, name)
 
     blocked.load = slow_load
+    return blocked, release, entered
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
+    blocked, release, entered = blocked_predictor(tmp_path / "b.pt")
     app = create_app(blocked, queue_size=1)
     data = png_bytes(chest_like())
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             first = asyncio.create_task(c.post("/v1/predict", files={"file": ("a.png", data)}))
             try:
                 for _ in range(1000):
@@ -250,7 +256,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
                 assert int(second.headers["retry-after"]) >= 1
                 assert "busy" in second.json()["detail"]
                 health = await c.get("/healthz")  # the event loop is free while inference runs
-                assert health.json()["queue"] == {"admitted": 1, "capacity": 1}
+                assert {k: health.json()["queue"][k] for k in ("admitted", "capacity")} == {"admitted": 1, "capacity": 1}
             finally:
                 release.set()
             assert (await first).status_code == 200

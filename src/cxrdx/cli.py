@@ -701,12 +701,65 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
+    from cxrdx.serve.settings import LOOPBACK_HOSTS, ServeSettings
+
+    d = ServeSettings()
     _model_source_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default 8000)")
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model (default 1)")
-    parser.add_argument("--max-upload-mb", type=float, default=32.0, help="larger uploads get 413 (default 32)")
-    parser.add_argument("--queue-size", type=int, default=16, help="requests admitted per worker before 503 (default 16)")
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20, help="larger uploads get 413 (default 32)")
+    parser.add_argument("--queue-size", type=int, default=d.queue_size, help="requests admitted per worker before 503 (default 16)")
+    parser.add_argument("--max-inflight-mb", type=float, default=d.max_inflight_bytes / 2**20,
+                        help="upload bytes held at once per worker; more gets 503 before the body is read (default 256)")
+    parser.add_argument("--max-decoded-mb", type=float, default=d.max_decoded_bytes / 2**20,
+                        help="images whose header announces more decoded pixel bytes get 422 (default 128)")
+    parser.add_argument("--api-key-file", help="file holding the API key that /v1/ requests must send as 'Authorization: Bearer KEY' "
+                        "(default: the CXRDX_API_KEY environment variable; no key when neither is set)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help=f"also answer requests whose Host header names NAME (repeatable; '*' for any); always: {', '.join(LOOPBACK_HOSTS)}")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    parser.add_argument("--rate-limit", default="120/min", help="requests per client address to /v1/, e.g. 120/min, 5/s, or off (default 120/min)")
+    parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s, help="seconds to receive an upload before 408 (default 60)")
+    parser.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open (default 5)")
+
+
+def _serve_settings(args: argparse.Namespace):
+    """The service's `ServeSettings` from the command line; every bad value is a CxrdxError naming its option."""
+    from cxrdx.serve.settings import LOOPBACK_HOSTS, ServeSettings, is_loopback, is_wildcard, megabytes, parse_rate, positive, read_api_key
+
+    if not 1 <= args.port <= 65535:
+        raise CxrdxError(f"--port must be between 1 and 65535, got {args.port}")
+    for option, value in (("--queue-size", args.queue_size), ("--workers", args.workers)):
+        if value < 1:
+            raise CxrdxError(f"{option} must be at least 1, got {value}")
+    positive("--idle-timeout", args.idle_timeout)
+    key = read_api_key(args.api_key_file)
+    own = [] if is_loopback(args.host) or is_wildcard(args.host) else [args.host]
+    settings = ServeSettings(
+        max_upload_bytes=megabytes("--max-upload-mb", args.max_upload_mb),
+        queue_size=args.queue_size,
+        max_inflight_bytes=megabytes("--max-inflight-mb", args.max_inflight_mb),
+        max_decoded_bytes=megabytes("--max-decoded-mb", args.max_decoded_mb),
+        body_timeout_s=positive("--body-timeout", args.body_timeout),
+        rate_per_minute=parse_rate(args.rate_limit),
+        allowed_hosts=(*LOOPBACK_HOSTS, *own, *args.allowed_host),
+        api_key=key,
+    )
+    if not is_loopback(args.host):
+        if key is None and not args.insecure:
+            raise CxrdxError(
+                f"--host {args.host} makes the service reachable from other machines: give it an API key "
+                "(--api-key-file FILE or CXRDX_API_KEY) or pass --insecure to serve without one"
+            )
+        print(
+            f"cxrdx serve: warning: listening on {args.host}, reachable from other machines"
+            f"{' without an API key (--insecure)' if key is None else ''}; requests must name one of these hosts: "
+            f"{', '.join(settings.allowed_hosts)} (add more with --allowed-host); over plain HTTP uploads and the key "
+            "travel unencrypted: put a TLS proxy in front",
+            file=sys.stderr,
+        )
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -718,13 +771,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from cxrdx.serve.app import create_app
 
+    settings = _serve_settings(args)  # before the model loads: a bad option costs nothing
     # The service's own request log (method, path, status, milliseconds) replaces uvicorn's access log.
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["cxrdx"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    run = dict(host=args.host, port=args.port, log_config=log_config, access_log=False)
-    limits = dict(max_upload_bytes=int(args.max_upload_mb * 2**20), queue_size=args.queue_size)
+    run = dict(host=args.host, port=args.port, log_config=log_config, access_log=False, timeout_keep_alive=args.idle_timeout)
     if args.workers <= 1:
-        uvicorn.run(create_app(_load_predictor(args), **limits), **run)
+        uvicorn.run(create_app(_load_predictor(args), settings), **run)
         return 0
     source = Path(args.onnx or args.checkpoint)
     if not source.is_file():
@@ -737,11 +790,12 @@ def _serve(args: argparse.Namespace) -> int:
         {
             "CXRDX_SERVE_ONNX" if args.onnx else "CXRDX_SERVE_CHECKPOINT": str(source.resolve()),
             "CXRDX_SERVE_DEVICE": args.device,
-            "CXRDX_SERVE_MAX_UPLOAD": str(limits["max_upload_bytes"]),
-            "CXRDX_SERVE_QUEUE": str(args.queue_size),
+            "CXRDX_SERVE_SETTINGS": settings.to_json(),
             "CXRDX_SERVE_TRUST_PICKLE": "1" if args.trust_pickle else "",
         }
     )
+    if args.api_key_file:  # each worker reads the key itself: it never enters the environment
+        os.environ["CXRDX_SERVE_API_KEY_FILE"] = str(Path(args.api_key_file).resolve())
     uvicorn.run("cxrdx.serve.app:app_from_env", factory=True, workers=args.workers, **run)
     return 0
 

@@ -22,35 +22,42 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from cxrdx.errors import ImageReadError
 
 MAX_PIXELS = 50_000_000  # a 7000 x 7000 image; the largest radiographs are about 4300 x 3500
+# Decoded pixels as the decoder stores them: 4300 x 3500 16-bit gray is 30 MB, 7000 x 7000 RGBA 196 MB.
+MAX_DECODED_BYTES = 128 * 2**20
 PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
 Source = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, Image.Image]
 
 
-def read_image(source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_image(
+    source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES
+) -> np.ndarray:
     """Decode a file path, encoded bytes, an array or a PIL image into a 2-D uint8 gray array.
 
     `name` labels the source in errors (for example an uploaded file's name). Every failure raises
-    ImageReadError naming the source and the reason.
+    ImageReadError naming the source and the reason. Files whose header announces more than
+    `max_pixels` pixels or more than `max_decoded_bytes` bytes of decoded samples are refused
+    before any pixel is decoded.
     """
     if isinstance(source, np.ndarray):
         return _from_array(source, name or "<array>", max_pixels)
     if isinstance(source, Image.Image):
         label = name or "<PIL image>"
         _check_size(source.width, source.height, label, max_pixels)
+        _check_decoded_pil(source, label, max_decoded_bytes)
         try:
             source.load()
         except Exception as exc:
             raise ImageReadError(label, f"corrupt or truncated image data ({exc})") from None
         return _decode_pil(source, label)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(source), name or "<bytes>", max_pixels)
+        return _decode_bytes(bytes(source), name or "<bytes>", max_pixels, max_decoded_bytes)
     if isinstance(source, (str, Path)):
         label = name or str(source)
         try:
@@ -61,7 +68,7 @@ def read_image(source: Source, name: str | None = None, max_pixels: int = MAX_PI
             raise ImageReadError(label, "is a folder, not an image file") from None
         except OSError as exc:
             raise ImageReadError(label, f"cannot read the file ({exc.strerror or exc})") from None
-        return _decode_bytes(data, label, max_pixels, suffix=Path(source).suffix.lower())
+        return _decode_bytes(data, label, max_pixels, max_decoded_bytes, suffix=Path(source).suffix.lower())
     raise ImageReadError(name or repr(type(source)), f"unsupported source type {type(source).__name__}")
 
 
@@ -70,18 +77,18 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _decode_bytes(data: bytes, label: str, max_pixels: int, suffix: str = "") -> np.ndarray:
+def _decode_bytes(data: bytes, label: str, max_pixels: int, max_decoded_bytes: int, suffix: str = "") -> np.ndarray:
     if not data:
         raise ImageReadError(label, "empty file (0 bytes)")
     if is_dicom(data):
-        return _decode_dicom(data, label, max_pixels, force=False)
+        return _decode_dicom(data, label, max_pixels, max_decoded_bytes, force=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except UnidentifiedImageError:
         if suffix in DICOM_SUFFIXES:  # DICOM written without the Part 10 preamble
-            return _decode_dicom(data, label, max_pixels, force=True)
+            return _decode_dicom(data, label, max_pixels, max_decoded_bytes, force=True)
         raise ImageReadError(label, f"not a supported image ({', '.join(PIL_FORMATS)} or DICOM)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(label, f"image too large, refused as a decompression bomb ({exc})") from None
@@ -89,6 +96,7 @@ def _decode_bytes(data: bytes, label: str, max_pixels: int, suffix: str = "") ->
         raise ImageReadError(label, f"corrupt image header ({exc})") from None
     with image:
         _check_size(image.width, image.height, label, max_pixels)
+        _check_decoded_pil(image, label, max_decoded_bytes)
         try:
             image.load()
             if image.format == "JPEG":
@@ -109,6 +117,20 @@ def _check_size(width: int, height: int, label: str, max_pixels: int) -> None:
         raise ImageReadError(
             label, f"image of {width} x {height} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)"
         )
+
+
+def _check_decoded_bytes(nbytes: int, what: str, label: str, max_decoded_bytes: int) -> None:
+    if nbytes > max_decoded_bytes:
+        raise ImageReadError(
+            label, f"image of {what} decodes to {nbytes:,} bytes, over the limit of {max_decoded_bytes:,} (decoded-size guard)"
+        )
+
+
+def _check_decoded_pil(image: Image.Image, label: str, max_decoded_bytes: int) -> None:
+    """The bytes Pillow will allocate for `image`, from its header (mode and size), before loading it."""
+    mode = ImageMode.getmode(image.mode)
+    nbytes = image.width * image.height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+    _check_decoded_bytes(nbytes, f"{image.width} x {image.height} {image.mode} pixels", label, max_decoded_bytes)
 
 
 def _decode_pil(image: Image.Image, label: str) -> np.ndarray:
@@ -165,7 +187,7 @@ def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 # --- DICOM ---------------------------------------------------------------------------------------
 
 
-def _decode_dicom(data: bytes, label: str, max_pixels: int, force: bool) -> np.ndarray:
+def _decode_dicom(data: bytes, label: str, max_pixels: int, max_decoded_bytes: int, force: bool) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -180,9 +202,12 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, force: bool) -> np.n
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
     except (AttributeError, TypeError, ValueError) as exc:
         raise ImageReadError(label, f"DICOM header lacks a valid image size ({exc})") from None
     _check_size(columns, rows * frames, label, max_pixels)
+    nbytes = rows * columns * frames * samples * -(-bits // 8)
+    _check_decoded_bytes(nbytes, f"{frames} x {rows} x {columns} x {samples} samples of {bits} bits", label, max_decoded_bytes)
     if frames != 1:
         raise ImageReadError(label, f"multi-frame DICOM ({frames} frames); expected one radiograph per file")
     pixels = _dicom_pixels(ds, label)

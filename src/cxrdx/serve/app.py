@@ -1,15 +1,21 @@
 """The web service: FastAPI over a predictor, with hardened uploads and a bounded inference queue.
 
-Uploads are read into memory only (never spooled to disk, never logged), typed by their first
-bytes (PNG, JPEG, DICOM Part 10), and decoded and predicted on one worker thread so the event loop
-stays free; at most `queue_size` requests are admitted to that thread at once, the rest get 503
-with Retry-After. Values of the DICOM patient module are scrubbed from every message.
+Access (allowed Host names, rate limit, API key) is checked first, by `cxrdx.serve.guard`. A
+request is then admitted before any byte of its body is read: at most `queue_size` requests and
+`max_inflight_bytes` of their declared bodies at once, the rest get 503 with Retry-After, so the
+memory held by uploads is bounded in total, not only per request. Uploads are read into memory
+only (never spooled to disk, never logged), within `body_timeout_s`, typed by their first bytes
+(PNG, JPEG, DICOM Part 10), and decoded and predicted on one worker thread so the event loop stays
+free; the decoder refuses images whose header announces more than `max_decoded_bytes` of pixels.
+Values of the DICOM patient module are scrubbed from every message and decoder warnings are
+silenced, so no header value reaches a response or the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import logging
 import math
@@ -17,7 +23,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeVar
@@ -30,12 +36,12 @@ from pydantic import BaseModel, Field
 
 from cxrdx import __version__
 from cxrdx.predict import BasePredictor
+from cxrdx.serve.guard import AccessGuard
+from cxrdx.serve.settings import ServeSettings, read_api_key
 
 log = logging.getLogger("cxrdx.serve")
 T = TypeVar("T")
 
-MAX_UPLOAD_BYTES = 32 * 2**20
-QUEUE_SIZE = 16
 RETRY_AFTER_S = 2
 MULTIPART_SLACK = 16 * 2**10  # boundary and part headers around the file
 UPLOAD_NAME = "upload"  # the client's file name is never echoed: it may name the patient
@@ -56,11 +62,14 @@ UPLOAD_BODY = {
     }
 }
 ERRORS = {
-    400: {"description": "empty or malformed upload"},
+    400: {"description": "empty or malformed upload, or a Host name that is not served"},
+    401: {"description": "API key missing or wrong (when the service has one)"},
+    408: {"description": "the upload did not arrive within the body timeout"},
     413: {"description": "upload larger than the limit"},
     415: {"description": "not PNG, JPEG or DICOM (judged by content)"},
-    422: {"description": "an image that cannot be decoded, or a bad parameter"},
-    503: {"description": "inference queue full; see Retry-After"},
+    422: {"description": "an image that cannot be decoded (or too large once decoded), or a bad parameter"},
+    429: {"description": "rate limit of this client reached; see Retry-After"},
+    503: {"description": "inference queue or upload memory budget full; see Retry-After"},
 }
 
 
@@ -74,9 +83,14 @@ class PredictResponse(BaseModel):
     image: str | None = Field(None, description="with ?image=true: the model's view of the image, PNG data URL")
 
 
-def create_app(predictor: BasePredictor, max_upload_bytes: int = MAX_UPLOAD_BYTES, queue_size: int = QUEUE_SIZE) -> FastAPI:
-    """The service around one predictor (PyTorch `Predictor` or `OnnxPredictor`)."""
-    queue = InferenceQueue(queue_size)
+def create_app(predictor: BasePredictor, settings: ServeSettings | None = None, **changes: Any) -> FastAPI:
+    """The service around one predictor (PyTorch `Predictor` or `OnnxPredictor`).
+
+    `changes` replace single fields of `settings` (default `ServeSettings()`), e.g. `queue_size=4`.
+    """
+    settings = dataclasses.replace(settings or ServeSettings(), **changes)
+    max_upload_bytes = settings.max_upload_bytes
+    queue = InferenceQueue(settings.queue_size, settings.max_inflight_bytes)
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings may quote header values, patient fields included
 
     @asynccontextmanager
@@ -90,9 +104,10 @@ def create_app(predictor: BasePredictor, max_upload_bytes: int = MAX_UPLOAD_BYTE
         summary="Fourteen chest X-ray findings from one radiograph, with heatmaps.",
         lifespan=lifespan,
     )
-    app.state.predictor, app.state.queue = predictor, queue
+    app.state.predictor, app.state.queue, app.state.settings = predictor, queue, settings
     page = resources.files("cxrdx.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     info = predictor.info
+    app.add_middleware(AccessGuard, settings=settings)  # added first: runs inside the access log
 
     @app.middleware("http")
     async def access_log(request: Request, call_next):
@@ -127,6 +142,9 @@ def create_app(predictor: BasePredictor, max_upload_bytes: int = MAX_UPLOAD_BYTE
                 "cxrdx_version": __version__,
                 "explain": {"available": _can_explain(predictor), "methods": _methods() if _can_explain(predictor) else []},
                 "max_upload_bytes": max_upload_bytes,
+                "max_decoded_bytes": settings.max_decoded_bytes,
+                "max_inflight_bytes": settings.max_inflight_bytes,
+                "rate_limit_per_minute": settings.rate_per_minute,
             }
         )
 
@@ -142,8 +160,9 @@ def create_app(predictor: BasePredictor, max_upload_bytes: int = MAX_UPLOAD_BYTE
         request: Request,
         image: bool = Query(False, description="also return the model's view of the image as a PNG data URL"),
     ) -> dict[str, Any]:
-        data = await read_upload(request, max_upload_bytes)
-        result = await queue.run(_predict_job, predictor, data, image)
+        with queue.admit(reservation(request, max_upload_bytes)) as admission:
+            data = await read_upload(request, max_upload_bytes, settings.body_timeout_s)
+            result = await admission.run(_predict_job, predictor, data, image, settings.max_decoded_bytes)
         return {"model": info.model_name, "backend": predictor.backend, "cxrdx_version": __version__, **result}
 
     @app.post(
@@ -168,8 +187,10 @@ def create_app(predictor: BasePredictor, max_upload_bytes: int = MAX_UPLOAD_BYTE
             raise HTTPException(422, f"unknown finding {finding!r}; choose from {', '.join(info.findings)}")
         if method not in _methods():
             raise HTTPException(422, f"unknown method {method!r}; choose from {', '.join(_methods())}")
-        data = await read_upload(request, max_upload_bytes)
-        png = await queue.run(_explain_job, predictor, data, info.findings.index(finding), method)
+        with queue.admit(reservation(request, max_upload_bytes)) as admission:
+            data = await read_upload(request, max_upload_bytes, settings.body_timeout_s)
+            job = (predictor, data, info.findings.index(finding), method, settings.max_decoded_bytes)
+            png = await admission.run(_explain_job, *job)
         return Response(png, media_type="image/png")
 
     return app
@@ -177,7 +198,9 @@ def create_app(predictor: BasePredictor, max_upload_bytes: int = MAX_UPLOAD_BYTE
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` (several workers): each worker loads the model named by
-    CXRDX_SERVE_CHECKPOINT or CXRDX_SERVE_ONNX itself (CXRDX_SERVE_TRUST_PICKLE=1: an old pickle checkpoint too)."""
+    CXRDX_SERVE_CHECKPOINT or CXRDX_SERVE_ONNX itself (CXRDX_SERVE_TRUST_PICKLE=1: an old pickle checkpoint too),
+    takes its settings from CXRDX_SERVE_SETTINGS (JSON, as `cxrdx serve` writes it; defaults without it) and
+    its API key from the file named by CXRDX_SERVE_API_KEY_FILE or from CXRDX_API_KEY."""
     from cxrdx.export import OnnxPredictor
     from cxrdx.predict import Predictor
 
@@ -187,64 +210,107 @@ def app_from_env() -> FastAPI:
     else:
         predictor = Predictor.from_checkpoint(env["CXRDX_SERVE_CHECKPOINT"], device=env.get("CXRDX_SERVE_DEVICE", "auto"),
                                               trust_pickle=env.get("CXRDX_SERVE_TRUST_PICKLE") == "1")
-    return create_app(
-        predictor,
-        max_upload_bytes=int(env.get("CXRDX_SERVE_MAX_UPLOAD", MAX_UPLOAD_BYTES)),
-        queue_size=int(env.get("CXRDX_SERVE_QUEUE", QUEUE_SIZE)),
-    )
+    settings = ServeSettings.from_json(env["CXRDX_SERVE_SETTINGS"], None) if env.get("CXRDX_SERVE_SETTINGS") else ServeSettings()
+    return create_app(predictor, settings, api_key=read_api_key(env.get("CXRDX_SERVE_API_KEY_FILE"), env))
 
 
 class InferenceQueue:
-    """One worker thread; at most `capacity` jobs admitted (running or waiting), else 503."""
+    """One worker thread; at most `capacity` requests admitted (reading, waiting or running) and at
+    most `max_bytes` of their bodies reserved at once, else 503 with Retry-After."""
 
-    def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"queue_size must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self.admitted = 0
+    def __init__(self, capacity: int, max_bytes: int):
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self.admitted = self.bytes_in_flight = 0
         # One thread: the model is not re-entrant while a CAM method has hooks on it.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrdx-inference")
 
     def state(self) -> dict[str, int]:
-        return {"admitted": self.admitted, "capacity": self.capacity}
+        return {"admitted": self.admitted, "capacity": self.capacity, "bytes_in_flight": self.bytes_in_flight, "max_bytes": self.max_bytes}
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    def admit(self, nbytes: int) -> Admission:
+        """A slot and `nbytes` of the memory budget, taken before the body is read."""
         if self.admitted >= self.capacity:
-            raise HTTPException(
-                503,
-                f"busy: {self.admitted} requests are already queued for inference; retry in a moment",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        loop = asyncio.get_running_loop()
+            raise _busy(f"{self.admitted} requests are already queued for inference")
+        if self.bytes_in_flight + nbytes > self.max_bytes:
+            raise _busy(f"{self.bytes_in_flight:,} bytes of uploads are already in memory (budget {self.max_bytes:,})")
         self.admitted += 1
-        job = self.executor.submit(fn, *args)
-        # Released when the job ends, not when the client leaves: the thread is busy until then.
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
-        return await asyncio.wrap_future(job)
-
-    def _release(self) -> None:
-        self.admitted -= 1
+        self.bytes_in_flight += nbytes
+        return Admission(self, nbytes)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The uploaded file's bytes: the `file` part of multipart/form-data, or the raw body."""
-    content_type = request.headers.get("content-type", "")
-    multipart = content_type.lower().startswith("multipart/form-data")
-    body_limit = limit + MULTIPART_SLACK if multipart else limit
+class Admission:
+    """One admitted request. Its slot and bytes are given back once: when its job ends (not when the
+    client leaves: the thread and the upload are busy until then), or on leaving the `with` block
+    when no job was started."""
+
+    def __init__(self, queue: InferenceQueue, nbytes: int):
+        self.queue, self.nbytes = queue, nbytes
+        self.job: Future | None = None
+        self.released = False
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.job is None:
+            self.release()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        self.job = self.queue.executor.submit(fn, *args)
+        self.job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.release))
+        return await asyncio.wrap_future(self.job)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.queue.admitted -= 1
+            self.queue.bytes_in_flight -= self.nbytes
+
+
+def _busy(why: str) -> HTTPException:
+    return HTTPException(503, f"busy: {why}; retry in a moment", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def reservation(request: Request, limit: int) -> int:
+    """Bytes to reserve for this request's body: its Content-Length, or the most it may send.
+    A declared length over the limit is refused here, before admission."""
+    body_limit = _body_limit(request, limit)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_limit:
         raise _too_large(limit)
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > body_limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    data = _multipart_file(body, content_type) if multipart else body
+    return int(declared) if declared.isdigit() else body_limit
+
+
+def _body_limit(request: Request, limit: int) -> int:
+    return limit + MULTIPART_SLACK if _is_multipart(request) else limit
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def read_upload(request: Request, limit: int, timeout_s: float) -> bytearray:
+    """The uploaded file's bytes: the `file` part of multipart/form-data, or the raw body, parsed as
+    the body arrives so that only the file's bytes are held; 408 when it takes over `timeout_s`."""
+    body_limit = _body_limit(request, limit)
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else 0  # within the reservation: checked on admission
+    sink = MultipartFile(request.headers["content-type"], size) if _is_multipart(request) else RawBody(size)
+    total = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > body_limit:
+                    raise _too_large(limit)
+                sink.write(chunk)
+    except TimeoutError:
+        raise HTTPException(408, f"the upload did not arrive within {timeout_s:g} s", headers={"Connection": "close"}) from None
+    data = sink.finish()
     if len(data) > limit:
         raise _too_large(limit)
     if not data:
@@ -272,67 +338,105 @@ def _too_large(limit: int) -> HTTPException:
     return HTTPException(413, f"upload larger than the limit of {limit:,} bytes")
 
 
-def _multipart_file(body: bytes, content_type: str) -> bytes:
-    """The `file` part (or the first part with a file name) of a multipart body, parsed in memory."""
-    from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
+class RawBody:
+    """A request body kept as it is, written into a buffer of its declared size: growing a buffer
+    chunk by chunk would copy it over and over, holding up to twice its size for a moment."""
 
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
-    if not boundary:
-        raise HTTPException(400, "multipart upload without a boundary")
-    parts: list[dict[str, Any]] = []
-    header: dict[str, bytes] = {}
+    def __init__(self, size_hint: int = 0) -> None:
+        self.data = bytearray(size_hint)
+        self.length = 0
 
-    def on_part_begin() -> None:
-        parts.append({"headers": {}, "data": bytearray()})
-        header.update(field=b"", value=b"")
+    def write(self, chunk: bytes) -> None:
+        end = self.length + len(chunk)
+        self.data[self.length : end] = chunk  # extends the buffer when the hint was short
+        self.length = end
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        parts[-1]["headers"][header["field"].lower()] = header["value"]
-        header.update(field=b"", value=b"")
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1]["data"] += data[start:end]
-
-    callbacks = dict(
-        on_part_begin=on_part_begin,
-        on_header_field=on_header_field,
-        on_header_value=on_header_value,
-        on_header_end=on_header_end,
-        on_part_data=on_part_data,
-    )
-    try:
-        parser = MultipartParser(boundary, callbacks)
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError:
-        raise HTTPException(400, "malformed multipart/form-data body") from None
-    for part in parts:
-        disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))[1]
-        if disposition.get(b"name") == b"file" or b"filename" in disposition:
-            return bytes(part["data"])
-    raise HTTPException(400, "multipart upload without a 'file' part")
+    def finish(self) -> bytearray:
+        del self.data[self.length :]
+        return self.data
 
 
-def _decode(predictor: BasePredictor, data: bytes) -> np.ndarray:
+class MultipartFile:
+    """The `file` part (or the first part with a file name) of a multipart body, parsed in memory as
+    it arrives; the bytes of other parts are dropped."""
+
+    def __init__(self, content_type: str, size_hint: int = 0):
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        boundary = parse_options_header(content_type)[1].get(b"boundary")
+        if not boundary:
+            raise HTTPException(400, "multipart upload without a boundary")
+        self.file = RawBody(size_hint)
+        self.found = self.keep = False
+        self.headers: dict[bytes, bytes] = {}
+        self.field, self.value = bytearray(), bytearray()
+        callbacks = dict(
+            on_part_begin=self._part_begin,
+            on_header_field=lambda data, start, end: self.field.extend(data[start:end]),
+            on_header_value=lambda data, start, end: self.value.extend(data[start:end]),
+            on_header_end=self._header_end,
+            on_headers_finished=self._headers_finished,
+            on_part_data=self._part_data,
+        )
+        self.parser = MultipartParser(boundary, callbacks)
+
+    def write(self, chunk: bytes) -> None:
+        from python_multipart.exceptions import MultipartParseError
+
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError:
+            raise HTTPException(400, "malformed multipart/form-data body") from None
+
+    def finish(self) -> bytearray:
+        from python_multipart.exceptions import MultipartParseError
+
+        try:
+            self.parser.finalize()
+        except MultipartParseError:
+            raise HTTPException(400, "malformed multipart/form-data body") from None
+        if not self.found:
+            raise HTTPException(400, "multipart upload without a 'file' part")
+        return self.file.finish()
+
+    def _part_begin(self) -> None:
+        self.headers = {}
+        self.keep = False
+
+    def _header_end(self) -> None:
+        self.headers[bytes(self.field).lower()] = bytes(self.value)
+        self.field, self.value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        disposition = parse_options_header(self.headers.get(b"content-disposition", b""))[1]
+        self.keep = not self.found and (disposition.get(b"name") == b"file" or b"filename" in disposition)
+        self.found = self.found or self.keep
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.keep:
+            self.file.write(data[start:end])
+
+
+def _decode(predictor: BasePredictor, data: bytearray, max_decoded_bytes: int) -> np.ndarray:
     """uint8 (S, S) pixels, or 422 with the decoder's reason (patient values scrubbed)."""
+    from cxrdx.data.imageio import read_image
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # decoder warnings may quote header values: none reach stderr
-            return predictor.load(data, name=UPLOAD_NAME)
+            pixels = read_image(data, name=UPLOAD_NAME, max_decoded_bytes=max_decoded_bytes)
+            return predictor.load(pixels, name=UPLOAD_NAME)
     except Exception as exc:  # hostile input may break any decoder layer: always a 422, never a dead worker
         reason = getattr(exc, "reason", None) or f"{exc.__class__.__name__}: {exc}"
-        raise HTTPException(422, f"cannot decode the image: {scrub(reason, data)}") from None
+    # Raised outside the handler: the decoder's traceback (its frames hold copies of the upload)
+    # is dropped now, not kept alive by the 422 until the response is sent.
+    raise HTTPException(422, f"cannot decode the image: {scrub(reason, data)}")
 
 
-def _predict_job(predictor: BasePredictor, data: bytes, with_image: bool) -> dict[str, Any]:
-    pixels = _decode(predictor, data)
+def _predict_job(predictor: BasePredictor, data: bytearray, with_image: bool, max_decoded_bytes: int) -> dict[str, Any]:
+    pixels = _decode(predictor, data, max_decoded_bytes)
     prediction = predictor.prediction(UPLOAD_NAME, predictor.predict_proba(pixels[None])[0])  # pixels already decoded
     result: dict[str, Any] = {
         "probabilities": prediction.probabilities,
@@ -345,13 +449,13 @@ def _predict_job(predictor: BasePredictor, data: bytes, with_image: bool) -> dic
     return result
 
 
-def _explain_job(predictor: BasePredictor, data: bytes, finding_index: int, method: str) -> bytes:
+def _explain_job(predictor: BasePredictor, data: bytearray, finding_index: int, method: str, max_decoded_bytes: int) -> bytes:
     import matplotlib
     import torch
 
     from cxrdx.explain import explain
 
-    pixels = _decode(predictor, data)
+    pixels = _decode(predictor, data, max_decoded_bytes)
     tensor = predictor.to_tensor(pixels[None]).to(predictor.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a flat map is returned as zeros: a plain image, not an error
