@@ -94,6 +94,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The config as RUN/config.yaml holds it."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
 
 _CHOICES = {
     ("optim", "name"): ("adam", "adamw"),
@@ -215,4 +219,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
-    return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return write_text(path, config.to_yaml())

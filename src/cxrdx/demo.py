@@ -7,7 +7,6 @@ compare -> explain (Group-CAM) -> localize -> report. No data and no internet ne
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from cxrdx import rundir
 from cxrdx.errors import CxrdxError
 
 LOSSES = ("wbce", "ours")
@@ -72,13 +72,10 @@ def headline(s: DemoSettings) -> list[str]:
     lines = []
     for loss in LOSSES:
         run = s.out / "runs" / loss
-        overall = json.loads((run / "eval" / "metrics.json").read_text())["overall"]
-        auroc = overall["auroc"]
+        auroc = rundir.read_eval_metrics(run / rundir.EVAL).overall["auroc"]
         text = f"L_{loss}: mean test AUROC {auroc['mean']:.3f} ± {auroc['se']:.3f} (95% CI {auroc['low']:.3f}-{auroc['high']:.3f})"
-        located = run / "localize" / "localization.json"
-        if located.is_file():
-            rows = json.loads(located.read_text())["summary"]
-            rates = {r["method"]: r["pointing_game"] for r in rows if r["Finding"] == "all"}
+        if (run / rundir.LOCALIZE / rundir.LOCALIZATION).is_file():
+            rates = rundir.read_localization(run / rundir.LOCALIZE).pointing_game()
             text += ", pointing game " + ", ".join(f"{m} {v:.2f}" for m, v in rates.items())
         lines.append(text)
     return lines

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import random
@@ -22,9 +21,9 @@ from scipy.special import expit
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from cxrdx.atomic import atomic_path, write_text
+from cxrdx import rundir
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cxrdx.config import TrainConfig, config_from_dict, save_config
+from cxrdx.config import TrainConfig
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 
@@ -430,40 +429,6 @@ def _better(value: float, best: float | None, monitor: str) -> bool:
 # --- logging -------------------------------------------------------------------------------------
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Loss and mean-AUROC curves per epoch, raw and EMA weights (matplotlib without pyplot: no GUI backend)."""
-    from matplotlib.figure import Figure
-
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(10, 4))
-    ax_loss, ax_auc = fig.subplots(1, 2)
-    for ax, series in (
-        (ax_loss, (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)"))),
-        (ax_auc, (("val_mean_auroc", "val"), ("ema_val_mean_auroc", "val (EMA)"))),
-    ):
-        for key, label in series:
-            if any(r.get(key) is not None for r in rows):
-                ax.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    ax_loss.set(xlabel="epoch", ylabel="loss per image", title="Loss")
-    ax_auc.set(xlabel="epoch", ylabel="mean AUROC", title="Validation mean AUROC")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
-
-
 def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -652,16 +617,6 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, info: Dist) -> Path:
     return run_dir
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The config a run directory was trained with (RUN/config.yaml)."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CxrdxError(f"{run_dir}: not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-
-
 def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = None, device: torch.device | None = None) -> Run:
     """Open the data, write RUN/split.csv and RUN/config.yaml (rank 0), build model, EMA, optimizer,
     schedule and loaders; with `resume`, restore RUN/checkpoints/last.pt."""
@@ -680,7 +635,7 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
         from cxrdx.data.splits import write_split
 
         write_split(data.split, run_dir / "split.csv")
-        save_config(config, run_dir / "config.yaml")
+        rundir.write_config(run_dir, config)
 
     criterion = _criterion(config, data, device)
     _seed_everything(config.seed)  # identical initial weights on every rank
@@ -724,9 +679,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
 
 
 def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
+    from cxrdx.report.figures import plot_curves
+
     config, info, state = run.config, run.info, run.state
-    metrics_path = run.run_dir / "metrics.jsonl"
-    history = [r for r in _read_metrics(metrics_path) if r["epoch"] <= state.epoch]
+    history = [r for r in rundir.read_epochs(run.run_dir) if r.epoch <= state.epoch]
     writer = _tensorboard(run.run_dir) if info.main else None
     last_epoch = config.optim.epochs if stop_after_epoch is None else min(stop_after_epoch, config.optim.epochs)
     monitor = config.selection.monitor
@@ -752,16 +708,16 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
             "val_auroc": selected["auroc"], "best": improved, "images_per_s": images_per_s,
             "seconds": time.perf_counter() - start,
         }
-        history.append(row)
+        history.append(rundir.EpochRow.from_dict(row))
         rng = _all_rng_states(run.device, info)  # every rank takes part in the gather
         if info.main:
             metrics = {"loss": selected["loss"], "mean_auroc": selected["mean_auroc"], "auroc": selected["auroc"],
                        "weights": "ema" if run.ema is not None else "raw"}
             if improved:
                 save_checkpoint(run.run_dir / "checkpoints" / "best.pt", _checkpoint(run, metrics))
-            _write_metrics(metrics_path, history)
+            rundir.write_epochs(run.run_dir, history)
             save_checkpoint(run.run_dir / "checkpoints" / "last.pt", _checkpoint(run, metrics, _train_state(run, rng)))
-            plot_curves(history, run.run_dir / "curves.png")
+            plot_curves(history, rundir.curves_path(run.run_dir))
             if writer is not None:
                 for key in ("train_loss", "val_loss", "val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr"):
                     if row[key] is not None:

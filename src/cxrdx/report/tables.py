@@ -1,8 +1,8 @@
-"""Tables (Markdown, CSV, JSON, HTML) and figures (ROC curves, reliability diagrams) for evaluations.
+"""Tables (Markdown, CSV, JSON, HTML) for evaluations.
 
 A `Table` carries numbers (`data`, written to CSV and JSON) and their display strings (`display`,
 written to Markdown and HTML). Builders take a `metrics.Comparison`; renderers take a `Table`.
-The whole HTML page is assembled in `cxrdx.report_html`.
+The figures are in `cxrdx.report.figures`, the HTML page in `cxrdx.report.page`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrdx.atomic import atomic_path, write_text
+from cxrdx.atomic import write_text
 from cxrdx.errors import CxrdxError
-from cxrdx.metrics import Comparison, reliability
+from cxrdx.metrics import Comparison
 from cxrdx.stats import stars
 
 FORMATS = ("md", "csv", "json")
@@ -357,68 +357,3 @@ def comparison_tables(cmp: Comparison) -> list[Table]:
 def markdown_report(tables: Sequence[Table], title: str, notes: Sequence[str] = ()) -> str:
     head = [f"# {title}", ""] + [f"> {n}" for n in notes] + ([""] if notes else [])
     return "\n".join(head) + "\n" + "\n".join(markdown(t) for t in tables)
-
-
-# --- figures -------------------------------------------------------------------------------------
-
-
-def _grid(n: int, width: float = 3.2) -> tuple[Any, list[Any]]:
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
-
-    cols = min(4, max(1, n))
-    rows = -(-n // cols)
-    w, h = width * cols, width * rows
-    fig = Figure(figsize=(w, h))
-    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
-    # fixed margins in inches: constrained layout would double the drawing time
-    fig.subplots_adjust(left=0.55 / w, right=1 - 0.1 / w, bottom=0.5 / h, top=1 - 0.3 / h, wspace=0.3, hspace=0.35)
-    return fig, axes
-
-
-def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return Path(path)
-
-
-def roc_figure(y: np.ndarray, probs: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path) -> Path:
-    """One panel per finding, one ROC curve per model, AUROC in the legend."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y = np.asarray(y)
-    fig, axes = _grid(len(names))
-    for k, (ax, name) in enumerate(zip(axes, names)):
-        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        both = 0 < y[:, k].sum() < len(y)
-        for model, p in probs.items():
-            if both:
-                fpr, tpr, _ = roc_curve(y[:, k], p[:, k])
-                ax.plot(fpr, tpr, lw=1.2, label=f"{model} ({roc_auc_score(y[:, k], p[:, k]):.3f})")
-        ax.set_title(name if both else f"{name} (no AUROC: one class only)", fontsize=9)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-        ax.set_xlabel("1 - specificity", fontsize=8), ax.set_ylabel("sensitivity", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if both:
-            ax.legend(fontsize=6, loc="lower right")
-    return _save(fig, path)
-
-
-def reliability_figure(y: np.ndarray, probs: np.ndarray, names: Sequence[str], path: str | Path, n_bins: int = 10) -> Path:
-    """Per finding: observed positive fraction against mean predicted probability per bin, with the ECE."""
-    from cxrdx.metrics import expected_calibration_error
-
-    y, probs = np.asarray(y), np.asarray(probs)
-    ece = expected_calibration_error(y, probs, n_bins)
-    fig, axes = _grid(len(names), width=2.8)
-    for k, (ax, name) in enumerate(zip(axes, names)):
-        curve = reliability(y[:, k], probs[:, k], n_bins)
-        filled = curve["count"] > 0
-        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        ax.bar(curve["low"], curve["count"] / max(1, len(y)), width=1 / n_bins, align="edge", color="0.9", label="share of images")
-        ax.plot(curve.loc[filled, "mean_prob"], curve.loc[filled, "frac_pos"], "o-", ms=3, lw=1.2, label="positive fraction")
-        ax.set_title(f"{name} (ECE {ece[k]:.3f})", fontsize=9)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-        ax.set_xlabel("predicted probability", fontsize=8), ax.set_ylabel("observed positive fraction", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6, loc="upper left")
-    return _save(fig, path)
