@@ -55,14 +55,14 @@ def commands(s: DemoSettings) -> list[tuple[str, list[str]]]:
                      f"optim.epochs={s.epochs}", f"seed={s.seed}", f"data.input_size={s.input_size}"]
         steps.append((f"train with L_{loss}", ["train", "--config", preset_path(), *[a for o in overrides for a in ("--set", o)]]))
     for loss, run in runs.items():
-        steps.append((f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", run / "checkpoints" / "best.pt", "--split", "test", "--out", run / "eval"]))
-    steps.append(("compare the losses (Tables 3-5)", ["compare", *[run / "eval" for run in runs.values()], "--names", *LOSSES, "--out", s.out / "compare"]))
+        steps.append((f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--split", "test", "--out", run / rundir.EVAL]))
+    steps.append(("compare the losses (Tables 3-5)", ["compare", *[run / rundir.EVAL for run in runs.values()], "--names", *LOSSES, "--out", s.out / "compare"]))
     for loss, run in runs.items():
-        best = run / "checkpoints" / "best.pt"
+        best = rundir.best_checkpoint(run)
         steps.append((f"Group-CAM heatmaps (L_{loss})", ["explain", "--checkpoint", best, "--split", "test", "--limit", s.explain_images, "--predicted",
-                                                      "--target-layer", s.cam_layer, "--out", run / "explain"]))
+                                                      "--target-layer", s.cam_layer, "--out", run / rundir.EXPLAIN]))
         steps.append((f"localization vs boxes (L_{loss})", ["localize", "--checkpoint", best, "--boxes", data / "BBox_List_2017.csv", "--split", "test", "--limit", s.localize_images,
-                                                     "--methods", "groupcam", "gradcam", "--target-layer", s.cam_layer, "--out", run / "localize"]))
+                                                     "--methods", "groupcam", "gradcam", "--target-layer", s.cam_layer, "--out", run / rundir.LOCALIZE]))
     steps.append(("HTML report", ["report", *runs.values(), "--names", *LOSSES, "--out", s.out / "report"]))
     return [(title, [str(a) for a in args]) for title, args in steps]
 

@@ -607,7 +607,7 @@ def _restore(run: Run, train_state: dict[str, Any]) -> None:
 
 def _prepare_run_dir(config: TrainConfig, resume: bool, info: Dist) -> Path:
     run_dir = Path(config.out)
-    last = run_dir / "checkpoints" / "last.pt"
+    last = rundir.last_checkpoint(run_dir)
     if resume and not last.is_file():
         raise CxrdxError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
     if not resume and last.is_file():
@@ -627,14 +627,14 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
     if config.optim.batch_size % info.world_size:
         raise CxrdxError(f"optim.batch_size={config.optim.batch_size} is not divisible by the {info.world_size} processes")
     run_dir = _prepare_run_dir(config, resume, info)
-    split_path = run_dir / "split.csv" if resume else (Path(config.data.split_file) if config.data.split_file else None)
+    split_path = rundir.split_path(run_dir) if resume else (Path(config.data.split_file) if config.data.split_file else None)
     data = _open_data(config, split_path)
     if not resume:
         config.data.mean, config.data.std = data.mean, data.std
     if info.main and not resume:
         from cxrdx.data.splits import write_split
 
-        write_split(data.split, run_dir / "split.csv")
+        write_split(data.split, rundir.split_path(run_dir))
         rundir.write_config(run_dir, config)
 
     criterion = _criterion(config, data, device)
