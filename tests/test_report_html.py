@@ -17,7 +17,6 @@ from cxrdx import report, rundir
 from cxrdx.cli import main
 from cxrdx.config import config_from_dict
 from cxrdx.findings import FINDINGS
-from cxrdx.report import page as report_page
 from cxrdx.report import sections
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -278,9 +277,9 @@ def test_bootstrap_and_expert_label_results_are_shown(tmp_path: Path, runs: list
      {"overall": {"auroc_bootstrap": {"low": 0.6}}, "per_finding": []}, {"expert_labels": [1, 2]},
      {"expert_labels": {"Pneumothorax": {"images": 3}}}, {"expert_labels": {"Pneumothorax": 1}}, {"expert_labels": {}}],
 )
-def test_missing_or_damaged_extras_show_nothing(tmp_path: Path, result: dict):
-    run, metrics = sections.Run("r", tmp_path, None), rundir.EvalMetrics.from_dict(result)
-    assert sections.bootstrap_table(run, metrics) is None and sections.expert_labels_table(run, metrics) is None
+def test_missing_or_damaged_extras_show_nothing(result: dict):
+    metrics = rundir.EvalMetrics.from_dict(result)
+    assert report.tables.bootstrap_table("r", metrics) is None and report.tables.expert_labels_table("r", metrics) is None
 
 
 def test_plain_evaluations_have_no_extra_tables(page: tuple[Path, str]):

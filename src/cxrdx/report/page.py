@@ -27,7 +27,7 @@ from cxrdx.atomic import write_text
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 from cxrdx.report import sections as s
-from cxrdx.report.tables import format_value
+from cxrdx.report.tables import format_value, slug
 
 REPORT, SUMMARY, TABLE2 = "report.html", "summary.json", "table2.json"
 TEMPLATE = "report.html.j2"
@@ -198,7 +198,7 @@ def write_report(
 
         groups, notes = step(s.score_runs(runs))
         overview = s.Section("overview", "Runs", s.runs_table(runs))
-        extras = [s.Section(f"extra-{i}-{s.slug(t)}", t, body) for i, (t, body) in enumerate(extra_sections or [])]
+        extras = [s.Section(f"extra-{i}-{slug(t)}", t, body) for i, (t, body) in enumerate(extra_sections or [])]
         sections = [
             overview, *extras,
             step(s.guarded("dataset", "Dataset (Table 1)", s.dataset_section, runs)),

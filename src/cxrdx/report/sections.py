@@ -26,10 +26,6 @@ from cxrdx.report import figures, tables
 from cxrdx.rundir import EVAL, EXPLAIN, LOCALIZE
 
 PANELS = 4  # Group-CAM panels per run and kind (correct, wrong)
-METHOD_NAMES = {
-    "groupcam": "Group-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-    "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "layercam": "Layer-CAM", "hirescam": "HiRes-CAM",
-}
 SIGNIFICANCE = {"***": "s3", "**": "s2", "*": "s1", "n.s.": "ns"}
 
 
@@ -92,10 +88,6 @@ def note(text: str, kind: str = "missing") -> str:
 
 def _code(text: str) -> str:
     return f"<code>{escape(text)}</code>"
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
 # --- reading run folders -----------------------------------------------------------------------------
@@ -185,37 +177,6 @@ def _cache_path(run: Run) -> Path | None:
     return None
 
 
-def table1_table(index: pd.DataFrame, split: pd.Series, title: str) -> tuple[tables.Table, dict[str, int]]:
-    """Table 1 (images, patients, labels and findings per image by split) and the leakage tables."""
-    from cxrdx.data.splits import LABEL_COUNT_ROWS, SPLITS, split_summary, table1
-
-    counts = table1(index, split)
-    parts = counts["splits"]
-    columns = [*SPLITS, "all"]
-    patients = {k: v["patients"] for k, v in split_summary(index, split).items()}
-    patients["all"] = int(index.loc[index["Image Index"].isin(split.index), "Patient ID"].nunique())
-    total = parts["all"]["images"]
-    names = {"train": "Train", "val": "Validation", "test": "Test", "all": "Total"}
-    heads = [f"{names[c]} ({100 * parts[c]['images'] / max(total, 1):.0f}%)" if c != "all" else "Total" for c in columns]
-    data: dict[tuple[str, str], list[int]] = {("Split", "Images"): [parts[c]["images"] for c in columns]}
-    data[("Split", "Patients")] = [patients[c] for c in columns]
-    for f in FINDINGS:
-        data[("Labels", f)] = [parts[c]["findings"][f] for c in columns]
-    row_names = {"0": "0 (No Finding)", ">=4": "≥4"}
-    for k in LABEL_COUNT_ROWS:
-        data[("Findings per image", row_names.get(k, k))] = [parts[c]["label_counts"][k] for c in columns]
-    frame = pd.DataFrame.from_dict(data, orient="index", columns=heads)
-    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["", ""])
-    display = frame.astype(object).copy()
-    for key in frame.index:
-        for head, c in zip(heads, columns):
-            count = int(frame.loc[key, head])
-            share = "" if key[0] == "Split" or not parts[c]["images"] else f" ({100 * count / parts[c]['images']:.1f}%)"
-            display.loc[key, head] = f"{count:,}{share}"
-    table_notes = ["Percentages: share of the split's images. An image can carry several findings."]
-    return tables.Table("table1", title, frame, display, table_notes), counts["leakage"]
-
-
 def _leakage_note(leak: dict[str, int]) -> str:
     val, test = leak["val_images_with_train_patient"], leak["test_images_with_train_patient"]
     if val == test == 0:
@@ -248,7 +209,7 @@ def dataset_section(runs: list[Run]) -> Section:
         first = group[0]
         title = f"Table 1. Images and labels by split (run(s) {', '.join(r.name for r in group)}; prepared cache {cache})"
         try:
-            table, leak = table1_table(open_cache(cache).index, read_split(rundir.split_path(first.path)), title)
+            table, leak = tables.table1_table(open_cache(cache).index, read_split(rundir.split_path(first.path)), title)
         except CxrdxError as exc:
             parts.append(note(f"{first.name}: no Table 1: {exc}"))
             continue
@@ -377,18 +338,6 @@ def _auroc_shade(cmp: metrics.Comparison) -> Callable[[tuple[str, ...], Any], st
     return style
 
 
-def wide_table4(table: tables.Table) -> tables.Table:
-    """Table 4 with findings as rows and (model, metric) as columns: one screen instead of four."""
-    display = table.display.unstack(level="Metric")
-    rest = sorted((i for i in display.index if i not in FINDINGS), key=lambda i: not str(i).startswith("Overall"))
-    order = [f for f in FINDINGS if f in display.index] + rest
-    metrics_order = list(dict.fromkeys(table.display.index.get_level_values("Metric")))
-    columns = [(m, k) for m in table.display.columns for k in metrics_order]
-    display = display.reindex(index=order, columns=pd.MultiIndex.from_tuples(columns)).fillna("")
-    display.index.name = "Finding"
-    return tables.Table(table.name, table.title, table.data, display, table.notes)
-
-
 def significance_grid(table: tables.Table) -> str:
     """Table 5 as a coloured grid: *** / ** / * / n.s. between every pair of findings (ordered by AUROC)."""
     order = list(table.display.index)
@@ -424,58 +373,10 @@ def _keep_ci_together(table: tables.Table) -> tables.Table:
     return tables.Table(table.name, table.title, table.data, table.display.map(glue), table.notes)
 
 
-def _ece_table(cmp: metrics.Comparison) -> tables.Table:
-    data = pd.DataFrame({m: cmp.evaluations[m].per_finding["ece"] for m in cmp.models})
-    data.index.name = "Finding"
-    data.loc["Overall (mean over findings)"] = data.mean()
-    display = data.map(tables.format_value)
-    notes = ["ECE: expected calibration error, |observed positive fraction − mean probability| over 10 equal-width bins, weighted by the images in each bin; 0 is perfect."]
-    return tables.Table("ece", "Calibration: ECE by finding", data, display, notes)
-
-
-def bootstrap_table(run: Run, result: rundir.EvalMetrics) -> tables.Table | None:
-    """AUROC with its DeLong and its bootstrap CI per finding (`cxrdx evaluate --bootstrap N`); None without them."""
-    try:
-        boot, overall = result.overall["auroc_bootstrap"], result.overall["auroc"]
-        per = pd.DataFrame.from_dict(result.per_finding, orient="index")
-        data = per[["auroc", "auroc_low", "auroc_high", "auroc_boot_low", "auroc_boot_high"]].apply(pd.to_numeric, errors="coerce")
-        data.loc["Overall (mean over findings)"] = [overall["mean"], overall["low"], overall["high"], boot["low"], boot["high"]]
-        data = data.astype(np.float64)
-        replicates, unit, level = int(boot["replicates"]), str(boot["unit"]), float(result.overall.get("level", 0.95))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
-    data.index.name = "Finding"
-    interval = lambda lo, hi: f"{tables.format_value(lo)}–{tables.format_value(hi)}" if np.isfinite(lo) and np.isfinite(hi) else tables.DASH  # noqa: E731
-    display = pd.DataFrame(
-        {
-            "AUROC": data["auroc"].map(tables.format_value),
-            f"{round(level * 100)}% CI (DeLong)": [interval(lo, hi) for lo, hi in data[["auroc_low", "auroc_high"]].to_numpy()],
-            f"{round(level * 100)}% CI (bootstrap)": [interval(lo, hi) for lo, hi in data[["auroc_boot_low", "auroc_boot_high"]].to_numpy()],
-        },
-        index=data.index,
-    )
-    whole = " (a drawn patient brings all their images)" if unit == "patient" else ""
-    notes = [f"Bootstrap: percentile interval over {replicates} resamples of the test {unit}s{whole}.",
-             "Overall row: the mean AUROC over findings; its first interval is the t-interval over findings."]
-    return tables.Table(f"bootstrap-{slug(run.name)}", f"AUROC with {unit}-level bootstrap CIs: {run.name}", data, display, notes)
-
-
-def expert_labels_table(run: Run, result: rundir.EvalMetrics) -> tables.Table | None:
-    """AUROC against expert labels beside the NLP labels (`cxrdx evaluate --expert-labels`); None without them."""
-    expert = result.expert_labels
-    if not expert:
-        return None
-    try:
-        table = tables.expert_table(pd.DataFrame.from_dict(expert, orient="index").apply(pd.to_numeric, errors="coerce"))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
-    return tables.Table(f"expert-{slug(run.name)}", f"{table.title}: {run.name}", table.data, table.display, table.notes)
-
-
 def _evaluate_extras(run: Run) -> str:
     """What `cxrdx evaluate` stored beyond the basics: bootstrap CIs and expert-label AUROCs, when present."""
     result = rundir.read_eval_metrics(run.path / EVAL)
-    extras = [t for t in (bootstrap_table(run, result), expert_labels_table(run, result)) if t is not None]
+    extras = [t for t in (tables.bootstrap_table(run.name, result), tables.expert_labels_table(run.name, result)) if t is not None]
     return "".join(tables.html(t) for t in extras)
 
 
@@ -490,7 +391,7 @@ def results_sections(groups: list[Scores], notes: list[str]) -> list[Section]:
         per_finding = tables.html(tables.calibration_table(cmp))
         perf += [label, _notes_box(cmp.notes), tables.html(_keep_ci_together(tables.table3(cmp)), _auroc_shade(cmp)),
                  f"<details><summary>AUROC per finding with its 95% DeLong CI, threshold and ECE</summary>{per_finding}</details>",
-                 tables.html(_keep_ci_together(wide_table4(tables.table4(cmp))))]
+                 tables.html(_keep_ci_together(tables.wide_table4(tables.table4(cmp))))]
         perf += [_evaluate_extras(run) for run in group.runs]
         tests.append(label)
         if len(cmp.models) > 1:
@@ -499,7 +400,7 @@ def results_sections(groups: list[Scores], notes: list[str]) -> list[Section]:
         stored = group.runs[0].path / EVAL / "roc.png"  # evaluate drew it for a single model
         png = stored if len(group.runs) == 1 and stored.is_file() else figures.draw(figures.roc_figure, group.y, group.probs, cmp.findings)
         roc.append(label + figure(png, f"ROC curves: {', '.join(cmp.models)} (AUROC in the legend)"))
-        calibration += [label, tables.html(_ece_table(cmp))]
+        calibration += [label, tables.html(tables.ece_table(cmp))]
         for i, run in enumerate(group.runs):
             stored = run.path / EVAL / "reliability.png"
             png = stored if stored.is_file() else figures.draw(figures.reliability_figure, group.y, group.probs[run.name], cmp.findings)
@@ -625,7 +526,7 @@ def explanations_section(runs: list[Run]) -> Section:
         if panels.empty:
             parts.append(head + note(f"No panels in {run.path / EXPLAIN}."))
             continue
-        methods |= {METHOD_NAMES.get(m, m) for m in panels["method"] if m}
+        methods |= {tables.METHOD_NAMES.get(m, m) for m in panels["method"] if m}
         body = []
         for kind, title in (("correct", "Correct predictions"), ("wrong", "Wrong predictions"), ("unknown", "Without a label to check")):
             picked = _pick(panels, kind)
@@ -644,35 +545,6 @@ def explanations_section(runs: list[Run]) -> Section:
     return Section("explanations", title, f"<p class='lead'>{escape(explain_note)}</p>" + "".join(parts))
 
 
-def localization_table(result: rundir.Localization, name: str) -> tables.Table:
-    records = result.summary
-    if records.empty:
-        raise CxrdxError("no boxed findings were scored")
-    methods = list(dict.fromkeys(records["method"]))
-    wide = records.pivot_table(index="Finding", columns="method", values=["pointing_game", "iou"], aggfunc="first")
-    boxes = records.groupby("Finding")["n"].max()
-    order = [f for f in FINDINGS if f in boxes.index] + [f for f in boxes.index if f not in FINDINGS]
-    data = pd.DataFrame({("", "Boxes"): boxes}).join(
-        pd.DataFrame({(METHOD_NAMES.get(m, m), label): wide[(metric, m)] for m in methods
-                      for metric, label in (("pointing_game", "Pointing game"), ("iou", "IoU"))})
-    ).reindex(order)
-    data.index = ["All boxed findings" if i == "all" else i for i in data.index]
-    data.index.name = "Finding"
-    display = data.astype(object).copy()
-    display[("", "Boxes")] = data[("", "Boxes")].map(lambda v: f"{int(v):,}")
-    for column in data.columns[1:]:
-        display[column] = data[column].map(tables.format_value)
-    mode, threshold = result.threshold_mode, result.threshold
-    cut = f"map ≥ {threshold:g} × its maximum" if mode == "relative" else f"the top {threshold:.0%} of pixels"
-    notes = [
-        f"Pointing game: share of boxed findings whose map maximum lies in a box (tolerance {result.tolerance} px). IoU: {cut} against the boxes.",
-        f"{'?' if result.images is None else result.images} boxed image(s)" + (f" of the {result.split} split" if result.split else "") + ".",
-    ]
-    flat = records.groupby("method")["flat"].max()
-    notes += [f"{METHOD_NAMES.get(m, m)}: {int(v)} flat map(s) (nothing highlighted) counted as misses." for m, v in flat.items() if v]
-    return tables.Table("localization", f"Localization against the boxes: {name}", data, display, notes)
-
-
 def localization_section(runs: list[Run]) -> Section:
     parts = []
     for run in runs:
@@ -681,7 +553,7 @@ def localization_section(runs: list[Run]) -> Section:
             parts.append(note(f"{run.name}: no localization: run `cxrdx localize --checkpoint {run.path}/checkpoints/best.pt --out {run.path}/{LOCALIZE}`."))
             continue
         try:
-            parts.append(tables.html(localization_table(rundir.read_localization(path.parent), run.name)))
+            parts.append(tables.html(tables.localization_table(rundir.read_localization(path.parent), run.name)))
         except (ValueError, KeyError, CxrdxError) as exc:
             parts.append(note(f"{run.name}: {path} not usable ({exc})."))
     return Section("localization", "Localization", "".join(parts))
