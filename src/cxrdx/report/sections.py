@@ -397,12 +397,12 @@ def results_sections(groups: list[Scores], notes: list[str]) -> list[Section]:
         if len(cmp.models) > 1:
             tests += [tables.html(tables.delong_table(cmp)), tables.html(tables.anova_table(cmp))]
         tests += [significance_grid(tables.table5(cmp, m)) for m in cmp.models]
-        stored = group.runs[0].path / EVAL / "roc.png"  # evaluate drew it for a single model
+        stored = group.runs[0].path / EVAL / rundir.ROC  # evaluate drew it for a single model
         png = stored if len(group.runs) == 1 and stored.is_file() else figures.draw(figures.roc_figure, group.y, group.probs, cmp.findings)
         roc.append(label + figure(png, f"ROC curves: {', '.join(cmp.models)} (AUROC in the legend)"))
         calibration += [label, tables.html(tables.ece_table(cmp))]
         for i, run in enumerate(group.runs):
-            stored = run.path / EVAL / "reliability.png"
+            stored = run.path / EVAL / rundir.RELIABILITY
             png = stored if stored.is_file() else figures.draw(figures.reliability_figure, group.y, group.probs[run.name], cmp.findings)
             shown = figure(png, f"Reliability diagrams: {run.name} (observed positive fraction against predicted probability)")
             calibration.append(shown if i == 0 else f"<details><summary>Reliability diagrams: {escape(run.name)}</summary>{shown}</details>")
@@ -520,7 +520,7 @@ def explanations_section(runs: list[Run]) -> Section:
     for run in runs:
         head = f"<h3>{escape(run.name)}</h3>"
         if not (run.path / EXPLAIN).is_dir():
-            parts.append(head + note(f"No explanations: run `cxrdx explain --checkpoint {run.path}/checkpoints/best.pt --split test --limit 16 --out {run.path}/{EXPLAIN}`."))
+            parts.append(head + note(f"No explanations: run `cxrdx explain --checkpoint {rundir.best_checkpoint(run.path)} --split test --limit 16 --out {run.path}/{EXPLAIN}`."))
             continue
         panels, source = classify_panels(run)
         if panels.empty:
@@ -550,7 +550,7 @@ def localization_section(runs: list[Run]) -> Section:
     for run in runs:
         path = run.path / LOCALIZE / rundir.LOCALIZATION
         if not path.is_file():
-            parts.append(note(f"{run.name}: no localization: run `cxrdx localize --checkpoint {run.path}/checkpoints/best.pt --out {run.path}/{LOCALIZE}`."))
+            parts.append(note(f"{run.name}: no localization: run `cxrdx localize --checkpoint {rundir.best_checkpoint(run.path)} --out {run.path}/{LOCALIZE}`."))
             continue
         try:
             parts.append(tables.html(tables.localization_table(rundir.read_localization(path.parent), run.name)))
