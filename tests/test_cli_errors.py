@@ -283,6 +283,7 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(monkeypatch,
 def test_a_run_failing_later_is_marked_failed_and_cleared_by_success(monkeypatch, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     import cxrdx.engine
+    import cxrdx.rundir
 
     run = tmp_path / "run"
 
@@ -298,7 +299,7 @@ def test_a_run_failing_later_is_marked_failed_and_cleared_by_success(monkeypatch
     assert (run / "FAILED").read_text() == "CxrdxError: disk full in epoch 2\n"
 
     monkeypatch.setattr(cxrdx.engine, "train", lambda config, **kwargs: Path(config.out))
-    monkeypatch.setattr(cxrdx.engine, "load_run_config", lambda path: cxrdx.config.load_config())
+    monkeypatch.setattr(cxrdx.rundir, "read_config", lambda path: cxrdx.config.load_config())
     code, out, _ = run_cli(["train", "--resume", run], capsys)
     assert code == 0 and out.strip() == str(run)
     assert not (run / "FAILED").exists()

@@ -45,7 +45,7 @@ def one_epoch_run(phantom_cache: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_run_directory_contract(one_epoch_run: Path, phantom_cache: Path):
     from cxrdx.data.cache import open_cache, pixel_stats
     from cxrdx.data.splits import make_split, read_split
-    from cxrdx.engine import load_run_config
+    from cxrdx.rundir import read_config
 
     run = one_epoch_run
     for name in ("config.yaml", "split.csv", "metrics.jsonl", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt",
@@ -57,7 +57,7 @@ def test_run_directory_contract(one_epoch_run: Path, phantom_cache: Path):
     cache = open_cache(phantom_cache)
     split = read_split(run / "split.csv")
     pd.testing.assert_series_equal(split, make_split(cache.index, strategy="patient", seed=0), check_names=False)
-    config = load_run_config(run)  # mean / std resolved from the training split and recorded
+    config = read_config(run)  # mean / std resolved from the training split and recorded
     rows = np.flatnonzero(split.reindex(cache.index["Image Index"]).to_numpy() == "train")
     mean, std = pixel_stats(cache, rows=rows)
     np.testing.assert_allclose([config.data.mean[0], config.data.std[0]], [mean, std], rtol=1e-6)

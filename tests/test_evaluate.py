@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrdx import evaluation, metrics, report
+from cxrdx import evaluation, metrics, report, rundir
 from cxrdx.cli import main
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
@@ -188,7 +188,7 @@ def test_prediction_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture):
 def _store_thresholds(folder: Path, thresholds: np.ndarray) -> None:
     """metrics.json's per-finding thresholds, as `cxrdx evaluate --thresholds youden` leaves them."""
     per = {f: {"auroc": 0.7, "threshold": float(t)} for f, t in zip(FINDINGS, thresholds)}
-    (folder / "metrics.json").write_text(json.dumps({"settings": {"thresholds": "youden"}, "per_finding": per}))
+    rundir.write_eval_metrics(folder, rundir.EvalMetrics(settings={"thresholds": "youden"}, per_finding=per))
 
 
 def test_compare_uses_each_runs_own_thresholds(tmp_path: Path, capsys: pytest.CaptureFixture):

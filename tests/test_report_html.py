@@ -1,4 +1,4 @@
-"""cxrdx.report_html: the self-contained HTML report over run folders, `cxrdx report`, and a real browser rendering it."""
+"""cxrdx.report: the self-contained HTML report over run folders, `cxrdx report`, and a real browser rendering it."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
-from cxrdx import report, report_html
+from cxrdx import report, rundir
 from cxrdx.cli import main
-from cxrdx.evaluation import write_labels, write_predictions
+from cxrdx.config import config_from_dict
 from cxrdx.findings import FINDINGS
+from cxrdx.report import sections
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -62,42 +62,41 @@ def make_run(
               "model": {"name": "resnet18"}, "loss": {"name": name}, "optim": {"epochs": 3, "global_batch": 8, "lr": 1e-3},
               "ema": {"enabled": False}}
     if "config" not in skip:
-        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        rundir.write_config(run, config_from_dict(config))
     if "split" not in skip:
-        write_split(split, run / "split.csv")
+        write_split(split, rundir.split_path(run))
     if "metrics" not in skip:
-        rows = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_mean_auroc": 0.5 + 0.1 * e,
-                 "ema_val_loss": None, "ema_val_mean_auroc": None, "best": True, "seconds": 2.0} for e in (1, 2, 3)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = [rundir.EpochRow(e, train_loss=1 / e, val_loss=1.1 / e, val_mean_auroc=0.5 + 0.1 * e, best=True, seconds=2.0) for e in (1, 2, 3)]
+        rundir.write_epochs(run, rows)
     if "curves" not in skip:
-        (run / "curves.png").write_bytes(png_bytes(seed=seed))
+        rundir.curves_path(run).write_bytes(png_bytes(seed=seed))
     test = index[index["Image Index"].isin(split.index[split.to_numpy() == "test"])]
     names = test["Image Index"].tolist()
     y = test[list(FINDINGS)].to_numpy(np.uint8)
     probs = np.clip(signal * y + (1 - signal) * np.random.default_rng(seed).random(y.shape), 0, 1)
     if "eval" not in skip:
-        write_predictions(run / "eval" / "predictions.csv", names, probs)
-        write_labels(run / "eval" / "labels.csv", names, y, test["Patient ID"].to_numpy())
+        folder = run / rundir.EVAL
+        rundir.write_predictions(folder / rundir.PREDICTIONS, names, probs)
+        rundir.write_labels(folder / rundir.LABELS, names, y, test["Patient ID"].to_numpy())
         per = {f: {"threshold": 0.5} for f in FINDINGS}
-        (run / "eval" / "metrics.json").write_text(json.dumps({"settings": {"split": "test", "images": len(names)}, "per_finding": per}))
-        (run / "eval" / "reliability.png").write_bytes(png_bytes(seed=seed + 1))
-        (run / "eval" / "roc.png").write_bytes(png_bytes(seed=seed + 2))
+        rundir.write_eval_metrics(folder, rundir.EvalMetrics(settings={"split": "test", "images": len(names)}, per_finding=per))
+        (folder / rundir.RELIABILITY).write_bytes(png_bytes(seed=seed + 1))
+        (folder / rundir.ROC).write_bytes(png_bytes(seed=seed + 2))
     if "explain" not in skip:
         rows = []
         for i, (image, labels, p) in enumerate(list(zip(names, y, probs))[:6]):
             k = int(np.argmax(p))
-            png = run / "explain" / FINDINGS[k] / f"{Path(image).stem}.groupcam.png"
+            png = run / rundir.EXPLAIN / FINDINGS[k] / f"{Path(image).stem}.groupcam.png"
             png.parent.mkdir(parents=True, exist_ok=True)
             png.write_bytes(png_bytes(seed=100 + i))
             rows.append({"Image Index": image, "Finding": FINDINGS[k], "probability": p[k], "flat": False, "png": str(png), "npy": ""})
-        pd.DataFrame(rows).to_csv(run / "explain" / "explanations.csv", index=False)
+        rundir.write_explanations(run / rundir.EXPLAIN, pd.DataFrame(rows))
     if "localize" not in skip:
         summary = [{"method": m, "Finding": f, "n": n, "pointing_game": hit, "iou": iou, "flat": 0}
                    for m, hit in (("groupcam", 0.75), ("gradcam", 0.5))
                    for f, n, iou in (("Effusion", 4, 0.31), ("Mass", 2, 0.12), ("all", 6, 0.25))]
-        (run / "localize").mkdir()
-        (run / "localize" / "localization.json").write_text(json.dumps(
-            {"split": "test", "threshold": 0.5, "threshold_mode": "relative", "tolerance": 0, "images": 5, "summary": summary}))
+        settings = {"split": "test", "threshold": 0.5, "threshold_mode": "relative", "tolerance": 0, "images": 5}
+        rundir.write_localization(run / rundir.LOCALIZE, pd.DataFrame(summary), settings)
     return run
 
 
@@ -110,7 +109,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, dataset) -> list[Path]:
 def seed_table2(out: Path) -> None:
     """Table 2's cache, so the tests need no forward pass (model_rows itself is tested below)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / report_html.TABLE2).write_text(json.dumps([TABLE2_ROW]))
+    (out / report.TABLE2).write_text(json.dumps([TABLE2_ROW]))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +117,7 @@ def page(runs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     out = tmp_path_factory.mktemp("report")
     seed_table2(out)
     extra = [("Demo timings", "<p id='demo-extra'>12 s in all</p>")]
-    path = report_html.write_report(runs, out, extra_sections=extra, progress=False)
+    path = report.write_report(runs, out, extra_sections=extra, progress=False)
     return path, path.read_text(encoding="utf-8")
 
 
@@ -143,7 +142,7 @@ def test_page_has_every_section_and_numbers(page: tuple[Path, str], runs: list[P
     for table in ("table1", "table2", "table3", "table4", "delong", "anova", "table5_ours", "table5_wbce", "ece", "localization"):
         assert f"id='table-{table}'" in text
     assert "id='demo-extra'" in text and text.index("Demo timings") < text.index("<section id='dataset'>")
-    summary = json.loads((path.parent / report_html.SUMMARY).read_text())
+    summary = json.loads((path.parent / report.SUMMARY).read_text())
     assert summary["best_model"] == "ours" and summary["models"]["ours"]["mean"] > summary["models"]["wbce"]["mean"]
     assert f"<strong class='big'>{summary['mean_auroc']['mean']:.3f}</strong>" in text
     assert "Leakage" in text or "No leakage" in text
@@ -160,13 +159,13 @@ def test_page_is_self_contained(page: tuple[Path, str]):
     sources = re.findall(r"<img src='([^']*)'", text)
     assert len(sources) >= 8 and all(s.startswith("data:image/png;base64,") for s in sources)
     # curves.png of "ours" embedded byte for byte; "wbce" had none and was re-plotted from metrics.jsonl
-    assert report_html.data_uri(png_bytes(seed=1)) in text
+    assert sections.data_uri(png_bytes(seed=1)) in text
     assert "(from metrics.jsonl)" in text
 
 
 def test_missing_parts_become_notes(tmp_path: Path, dataset, runs: list[Path]):
     bare = make_run(tmp_path, "bare", dataset, 0.3, 3, skip=("config", "split", "metrics", "curves", "eval", "explain", "localize"))
-    path = report_html.write_report([bare], tmp_path / "out", progress=False)
+    path = report.write_report([bare], tmp_path / "out", progress=False)
     text = path.read_text()
     for phrase in ("no split.csv", "No config.yaml names a model", "No training curves", "No evaluation: run",
                    "No explanations: run", "no localization: run", "No config.yaml in"):
@@ -183,10 +182,42 @@ def test_damaged_parts_become_notes(tmp_path: Path, runs: list[Path]):
     (damaged / "metrics.jsonl").write_text("garbage\n")
     (damaged / "curves.png").unlink()
     seed_table2(tmp_path / "out")
-    text = report_html.write_report([damaged], tmp_path / "out", progress=False).read_text()
+    text = report.write_report([damaged], tmp_path / "out", progress=False).read_text()
     assert "evaluation not readable" in text and "missing column(s)" in text
-    assert "localization.json not usable" in text and "No training curves" in text
+    assert "localization.json not usable" in text and "No training curves" in text and "could not be built" not in text
+    # labels.csv is damaged: the panels are sorted with the labels of the run's prepared cache
+    assert "Labels from the prepared cache" in text and "Correct predictions" in text and "No labels to sort" not in text
+
+    config = rundir.read_config(damaged)
+    config.data.cache = str(tmp_path / "gone")  # no cache: the NIH table, which names images as the phantoms do
+    rundir.write_config(damaged, config)
+    text = report.write_report([damaged], tmp_path / "out", progress=False).read_text()
+    assert "Labels from the NIH label table shipped with cxrdx" in text and "No labels to sort" not in text
+    panels = rundir.read_explanations(damaged / rundir.EXPLAIN)
+    rundir.write_explanations(damaged / rundir.EXPLAIN, panels.assign(**{"Image Index": "elsewhere_" + panels["Image Index"]}))
+    text = report.write_report([damaged], tmp_path / "out", progress=False).read_text()
     assert "No labels to sort the panels" in text and "Without a label to check" in text and "could not be built" not in text
+
+
+def test_template_and_style_are_package_data_and_can_be_replaced(tmp_path: Path, runs: list[Path]):
+    from importlib import resources
+
+    packaged = resources.files("cxrdx.report") / "templates"
+    assert (packaged / "report.html.j2").is_file() and ":root{" in (packaged / "report.css").read_text()
+    mine = tmp_path / "brand"
+    mine.mkdir()
+    (mine / "report.css").write_text("body{color:#123456}")  # the packaged page with another style sheet
+    seed_table2(tmp_path / "out")
+    path = report.write_report([runs[0]], tmp_path / "out", progress=False, template_dir=mine)
+    text = path.read_text()
+    assert "<style>\nbody{color:#123456}\n</style>" in text and "--accent" not in text and "<section id='results'" not in text
+    assert "id='table-table3'" in text
+    (mine / "report.html.j2").write_text(
+        "<html lang='de'><title>{{ title }}</title>{% for s in sections %}<h2>{{ s.title }}</h2>{{ s.body }}{% endfor %}</html>")
+    assert main(["report", str(runs[0]), "--out", str(tmp_path / "out"), "--template-dir", str(mine), "--title", "Befund <1>", "--quiet"]) == 0
+    text = path.read_text()
+    assert text.startswith("<html lang='de'><title>Befund &lt;1&gt;</title>") and "id='table-table3'" in text
+    assert main(["report", str(runs[0]), "--template-dir", str(tmp_path / "nowhere")]) == 2
 
 
 def test_runs_on_different_images_are_shown_one_by_one(tmp_path: Path, runs: list[Path]):
@@ -195,7 +226,7 @@ def test_runs_on_different_images_are_shown_one_by_one(tmp_path: Path, runs: lis
     predictions = pd.read_csv(other / "eval" / "predictions.csv").iloc[1:]
     predictions.to_csv(other / "eval" / "predictions.csv", index=False)
     seed_table2(tmp_path / "out")
-    text = report_html.write_report([runs[0], other], tmp_path / "out", progress=False).read_text()
+    text = report.write_report([runs[0], other], tmp_path / "out", progress=False).read_text()
     assert "cannot be compared on the same test images" in text
     assert "id='table-delong'" not in text and text.count("id='table-table3'") == 2
 
@@ -216,7 +247,7 @@ def test_bootstrap_and_expert_label_results_are_shown(tmp_path: Path, runs: list
     with pytest.warns(Warning):  # tiny test split: some findings lack positives
         result = evaluate_predictions(preds, run / "eval", "boot", 0.5, n_bootstrap=30, expert_labels=tmp_path / "expert.csv")
     seed_table2(tmp_path / "out")
-    text = report_html.write_report([run], tmp_path / "out", progress=False).read_text()
+    text = report.write_report([run], tmp_path / "out", progress=False).read_text()
     start = text.index("<section id='performance'>")
     performance = text[start : text.index("</section>", start)]
     assert "id='table-bootstrap-boot'" in performance and "id='table-expert-boot'" in performance
@@ -246,9 +277,9 @@ def test_bootstrap_and_expert_label_results_are_shown(tmp_path: Path, runs: list
      {"overall": {"auroc_bootstrap": {"low": 0.6}}, "per_finding": []}, {"expert_labels": [1, 2]},
      {"expert_labels": {"Pneumothorax": {"images": 3}}}, {"expert_labels": {"Pneumothorax": 1}}, {"expert_labels": {}}],
 )
-def test_missing_or_damaged_extras_show_nothing(tmp_path: Path, result: dict):
-    run = report_html.Run("r", tmp_path, {})
-    assert report_html.bootstrap_table(run, result) is None and report_html.expert_labels_table(run, result) is None
+def test_missing_or_damaged_extras_show_nothing(result: dict):
+    metrics = rundir.EvalMetrics.from_dict(result)
+    assert report.tables.bootstrap_table("r", metrics) is None and report.tables.expert_labels_table("r", metrics) is None
 
 
 def test_plain_evaluations_have_no_extra_tables(page: tuple[Path, str]):
@@ -265,11 +296,11 @@ def test_model_rows_are_cached(tmp_path: Path):
             raise RuntimeError("no such model")
         return [{**TABLE2_ROW, "resolution": f"1*{size}*{size}"}]
 
-    cache = tmp_path / report_html.TABLE2
-    rows, notes = report_html.model_rows([("resnet18", 32)], cache, measure)
+    cache = tmp_path / report.TABLE2
+    rows, notes = sections.model_rows([("resnet18", 32)], cache, measure)
     assert rows[0]["params"] == TABLE2_ROW["params"] and notes == [] and calls == [(["resnet18"], 32)]
-    assert report_html.model_rows([("resnet18", 32)], cache, measure)[0] == rows and len(calls) == 1
-    rows, notes = report_html.model_rows([("resnet18", 32), ("nonexistent", 32)], cache, measure)
+    assert sections.model_rows([("resnet18", 32)], cache, measure)[0] == rows and len(calls) == 1
+    rows, notes = sections.model_rows([("resnet18", 32), ("nonexistent", 32)], cache, measure)
     assert rows[0]["model"] == "resnet18" and len(rows) == 1 and "no such model" in notes[0]
 
 

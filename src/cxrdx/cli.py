@@ -323,12 +323,13 @@ def _train(args: argparse.Namespace) -> int:
     import os
 
     from cxrdx.config import apply_overrides, config_from_dict, load_config
-    from cxrdx.engine import leave_torchrun_worker, load_run_config, train
+    from cxrdx.engine import leave_torchrun_worker, train
+    from cxrdx.rundir import read_config
 
     if args.resume:
         if args.config:
             raise CxrdxError("--resume continues a run with its own config.yaml; drop --config")
-        config = config_from_dict(apply_overrides(load_run_config(args.resume).to_dict(), args.overrides))
+        config = config_from_dict(apply_overrides(read_config(args.resume).to_dict(), args.overrides))
         config.out = args.resume
     else:
         config = load_config(args.config, args.overrides)
@@ -828,17 +829,18 @@ def _report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder for report.html (default: RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--title", default="Chest X-ray diagnosis: report", help="page title")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--template-dir", help="folder with report.html.j2 and/or report.css replacing the packaged ones (rebrand, translate)")
 
 
 def _report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from cxrdx.report_html import SUMMARY, headline, write_report
+    from cxrdx.report import SUMMARY, headline, write_report
 
     out = args.out or (Path(args.runs[0]) / "report" if len(args.runs) == 1 else Path("report"))
     check_output_dir(out, "--out")
-    path = write_report(args.runs, out, args.names, title=args.title, progress=not args.quiet)
+    path = write_report(args.runs, out, args.names, title=args.title, progress=not args.quiet, template_dir=args.template_dir)
     print(headline(json.loads((path.parent / SUMMARY).read_text(encoding="utf-8"))))
     print(path)
     return 0

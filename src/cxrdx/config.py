@@ -111,6 +111,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self, plan: dict[str, Any] | None = None) -> str:
+        """The config as RUN/config.yaml holds it, with the engine's `plan` under its own key."""
+        values = self.to_dict()
+        if plan is not None:
+            values["plan"] = plan
+        return yaml.safe_dump(values, sort_keys=False)
+
 
 _CHOICES = {
     ("optim", "name"): ("adam", "adamw"),
@@ -282,10 +289,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def save_config(config: TrainConfig, path: str | Path, plan: dict[str, Any] | None = None) -> Path:
     """Write the config as YAML; `plan` (what the engine derived: processes, batches, steps, warnings)
     is appended under the key `plan`, which `config_from_dict` ignores."""
-    values = config.to_dict()
-    if plan is not None:
-        values["plan"] = plan
-    return write_text(path, yaml.safe_dump(values, sort_keys=False))
+    return write_text(path, config.to_yaml(plan))
 
 
 # --- value checks: counts positive, rates finite and in range ------------------------------------

@@ -7,7 +7,6 @@ compare -> explain (Group-CAM) -> localize -> report. No data and no internet ne
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from cxrdx import rundir
 from cxrdx.errors import CxrdxError
 
 LOSSES = ("wbce", "ours")
@@ -55,14 +55,14 @@ def commands(s: DemoSettings) -> list[tuple[str, list[str]]]:
                      f"optim.epochs={s.epochs}", f"seed={s.seed}", f"data.input_size={s.input_size}"]
         steps.append((f"train with L_{loss}", ["train", "--config", preset_path(), *[a for o in overrides for a in ("--set", o)]]))
     for loss, run in runs.items():
-        steps.append((f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", run / "checkpoints" / "best.pt", "--split", "test", "--out", run / "eval"]))
-    steps.append(("compare the losses (Tables 3-5)", ["compare", *[run / "eval" for run in runs.values()], "--names", *LOSSES, "--out", s.out / "compare"]))
+        steps.append((f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--split", "test", "--out", run / rundir.EVAL]))
+    steps.append(("compare the losses (Tables 3-5)", ["compare", *[run / rundir.EVAL for run in runs.values()], "--names", *LOSSES, "--out", s.out / "compare"]))
     for loss, run in runs.items():
-        best = run / "checkpoints" / "best.pt"
+        best = rundir.best_checkpoint(run)
         steps.append((f"Group-CAM heatmaps (L_{loss})", ["explain", "--checkpoint", best, "--split", "test", "--limit", s.explain_images, "--predicted",
-                                                      "--target-layer", s.cam_layer, "--out", run / "explain"]))
+                                                      "--target-layer", s.cam_layer, "--out", run / rundir.EXPLAIN]))
         steps.append((f"localization vs boxes (L_{loss})", ["localize", "--checkpoint", best, "--boxes", data / "BBox_List_2017.csv", "--split", "test", "--limit", s.localize_images,
-                                                     "--methods", "groupcam", "gradcam", "--target-layer", s.cam_layer, "--out", run / "localize"]))
+                                                     "--methods", "groupcam", "gradcam", "--target-layer", s.cam_layer, "--out", run / rundir.LOCALIZE]))
     steps.append(("HTML report", ["report", *runs.values(), "--names", *LOSSES, "--out", s.out / "report"]))
     return [(title, [str(a) for a in args]) for title, args in steps]
 
@@ -72,13 +72,10 @@ def headline(s: DemoSettings) -> list[str]:
     lines = []
     for loss in LOSSES:
         run = s.out / "runs" / loss
-        overall = json.loads((run / "eval" / "metrics.json").read_text())["overall"]
-        auroc = overall["auroc"]
+        auroc = rundir.read_eval_metrics(run / rundir.EVAL).overall["auroc"]
         text = f"L_{loss}: mean test AUROC {auroc['mean']:.3f} ± {auroc['se']:.3f} (95% CI {auroc['low']:.3f}-{auroc['high']:.3f})"
-        located = run / "localize" / "localization.json"
-        if located.is_file():
-            rows = json.loads(located.read_text())["summary"]
-            rates = {r["method"]: r["pointing_game"] for r in rows if r["Finding"] == "all"}
+        if (run / rundir.LOCALIZE / rundir.LOCALIZATION).is_file():
+            rates = rundir.read_localization(run / rundir.LOCALIZE).pointing_game()
             text += ", pointing game " + ", ".join(f"{m} {v:.2f}" for m, v in rates.items())
         lines.append(text)
     return lines

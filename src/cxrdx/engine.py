@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
@@ -23,9 +22,9 @@ from scipy.special import expit
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from cxrdx.atomic import atomic_path, write_text
+from cxrdx import rundir
 from cxrdx.checkpoint import Checkpoint, load_train_state, pickle_train_state, save_checkpoint, save_train_state
-from cxrdx.config import TrainConfig, config_from_dict, save_config
+from cxrdx.config import TrainConfig
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 
@@ -539,41 +538,6 @@ def _better(value: float, best: float | None, monitor: str) -> bool:
 # --- logging -------------------------------------------------------------------------------------
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Loss and mean-AUROC curves per epoch, raw and EMA weights (matplotlib without pyplot: no GUI backend)."""
-    from matplotlib.figure import Figure
-
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(10, 4))
-    ax_loss, ax_auc = fig.subplots(1, 2)
-    present = lambda key: any(r.get(key) is not None for r in rows)  # noqa: E731
-    for ax, metric, extra in ((ax_loss, "loss", (("train_loss", "train"),)), (ax_auc, "mean_auroc", ())):
-        series = [*extra, (f"raw_val_{metric}", "val (raw)"), (f"ema_val_{metric}", "val (EMA)")]
-        if not (present(f"raw_val_{metric}") or present(f"ema_val_{metric}")):  # rows written without raw_/ema_ columns
-            series.append((f"val_{metric}", "val"))
-        for key, label in series:
-            if present(key):
-                ax.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    ax_loss.set(xlabel="epoch", ylabel="loss per image", title="Loss")
-    ax_auc.set(xlabel="epoch", ylabel="mean AUROC", title="Validation mean AUROC")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
-
-
 def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -753,37 +717,24 @@ def _restore(run: Run, train_state: dict[str, Any]) -> None:
                        train_state["bad_epochs"])
 
 
-TRAIN_STATE = "train_state.pt"  # RUN/checkpoints/ file of the resume state, beside last.pt
-
-
 def _load_resume_state(run_dir: Path, trust_pickle: bool) -> dict[str, Any]:
     """RUN/checkpoints/train_state.pt; a run of an older cxrdx keeps it inside its pickle last.pt."""
-    folder = run_dir / "checkpoints"
-    if (folder / TRAIN_STATE).is_file():
-        return load_train_state(folder / TRAIN_STATE)  # never unpickles classes, whatever trust_pickle says
-    return pickle_train_state(folder / "last.pt", trust_pickle)
+    path = rundir.train_state_path(run_dir)
+    if path.is_file():
+        return load_train_state(path)  # never unpickles classes, whatever trust_pickle says
+    return pickle_train_state(rundir.last_checkpoint(run_dir), trust_pickle)
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool, info: Dist) -> Path:
     run_dir = Path(config.out)
-    last = run_dir / "checkpoints" / "last.pt"
+    last = rundir.last_checkpoint(run_dir)
     if resume and not last.is_file():
         raise CxrdxError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
     if not resume and last.is_file():
         raise CxrdxError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose --set out=OTHER_DIR")
     if info.main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        rundir.last_checkpoint(run_dir).parent.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The config a run directory was trained with (RUN/config.yaml)."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CxrdxError(f"{run_dir}: not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
 def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = None, device: torch.device | None = None,
@@ -797,7 +748,7 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
         torch.set_num_threads(config.runtime.threads)
     run_dir = _prepare_run_dir(config, resume, info)
     resume_state = _load_resume_state(run_dir, trust_pickle) if resume else None  # a refused file fails before the slow setup
-    split_path = run_dir / "split.csv" if resume else (Path(config.data.split_file) if config.data.split_file else None)
+    split_path = rundir.split_path(run_dir) if resume else (Path(config.data.split_file) if config.data.split_file else None)
     data = _open_data(config, split_path)
     if not resume:
         config.data.mean, config.data.std = data.mean, data.std
@@ -810,8 +761,8 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
     if info.main and not resume:
         from cxrdx.data.splits import write_split
 
-        write_split(data.split, run_dir / "split.csv")
-        save_config(config, run_dir / "config.yaml", plan.to_dict())
+        write_split(data.split, rundir.split_path(run_dir))
+        rundir.write_config(run_dir, config, plan.to_dict())
 
     criterion = _criterion(config, data, device)
     _seed_everything(config.seed)  # identical initial weights on every rank
@@ -855,9 +806,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
 
 
 def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
+    from cxrdx.report.figures import plot_curves
+
     config, info, state = run.config, run.info, run.state
-    metrics_path = run.run_dir / "metrics.jsonl"
-    history = [r for r in _read_metrics(metrics_path) if r["epoch"] <= state.epoch]
+    history = [r for r in rundir.read_epochs(run.run_dir) if r.epoch <= state.epoch]
     writer = _tensorboard(run.run_dir) if info.main else None
     last_epoch = config.optim.epochs if stop_after_epoch is None else min(stop_after_epoch, config.optim.epochs)
     monitor = config.selection.monitor
@@ -881,17 +833,17 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
             **_prefixed("ema_val_", ema_metrics), "best": improved, "images_per_s": images_per_s,
             "seconds": time.perf_counter() - start,
         }
-        history.append(row)
+        history.append(rundir.EpochRow.from_dict(row))
         rng = _all_rng_states(run.device, info)  # every rank takes part in the gather
         if info.main:
             metrics = {"loss": selected["loss"], "mean_auroc": selected["mean_auroc"], "auroc": selected["auroc"],
                        "weights": config.selection.weights, "warnings": list(run.plan.warnings)}
             if improved:
-                save_checkpoint(run.run_dir / "checkpoints" / "best.pt", _checkpoint(run, metrics))
-            _write_metrics(metrics_path, history)
-            save_train_state(run.run_dir / "checkpoints" / TRAIN_STATE, _train_state(run, rng))  # before last.pt: never older than it
-            save_checkpoint(run.run_dir / "checkpoints" / "last.pt", _checkpoint(run, metrics))
-            plot_curves(history, run.run_dir / "curves.png")
+                save_checkpoint(rundir.best_checkpoint(run.run_dir), _checkpoint(run, metrics))
+            rundir.write_epochs(run.run_dir, history)
+            save_train_state(rundir.train_state_path(run.run_dir), _train_state(run, rng))  # before last.pt: never older than it
+            save_checkpoint(rundir.last_checkpoint(run.run_dir), _checkpoint(run, metrics))
+            plot_curves(history, rundir.curves_path(run.run_dir))
             if writer is not None:
                 for key in ("train_loss", "raw_val_loss", "raw_val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr"):
                     if row[key] is not None:

@@ -22,8 +22,11 @@ from cxrdx.atomic import write_text
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cxrdx.errors import CxrdxError, CxrdxWarning, MissingImagesWarning
 from cxrdx.findings import FINDINGS
-
-PREDICTIONS, LABELS, METRICS, REPORT = "predictions.csv", "labels.csv", "metrics.json", "report.md"
+from cxrdx.rundir import EVAL_REPORT as REPORT
+from cxrdx.rundir import (  # the evaluation folder's files; compare and the tests read them through here too
+    LABELS, PREDICTIONS, EvalMetrics, read_eval_metrics, read_labels, read_predictions, run_dir_of, split_path,
+    write_eval_metrics, write_labels, write_predictions,
+)
 
 
 @dataclass
@@ -37,64 +40,6 @@ class SplitPredictions:
 
 
 # --- files ---------------------------------------------------------------------------------------
-
-
-def write_predictions(path: str | Path, names: Sequence[str], probs: np.ndarray, findings: Sequence[str] = FINDINGS) -> Path:
-    frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(findings))
-    frame.insert(0, "Image Index", list(names))
-    return write_text(path, frame.to_csv(index=False))  # full precision: compare reproduces evaluate exactly
-
-
-def write_labels(path: str | Path, names: Sequence[str], labels: np.ndarray, patients: np.ndarray | None) -> Path:
-    frame = pd.DataFrame(np.asarray(labels, dtype=np.uint8), columns=list(FINDINGS))
-    frame.insert(0, "Image Index", list(names))
-    if patients is not None:
-        frame.insert(1, "Patient ID", np.asarray(patients))
-    return write_text(path, frame.to_csv(index=False))
-
-
-def read_predictions(path: str | Path, findings: Sequence[str] = FINDINGS) -> pd.DataFrame:
-    """A predictions CSV -> DataFrame indexed by Image Index with one float column per finding."""
-    path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise CxrdxError(f"{path}: predictions file not found") from None
-    except (ValueError, OSError) as exc:
-        raise CxrdxError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [c for c in ("Image Index", *findings) if c not in frame.columns]
-    if missing:
-        raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected 'Image Index' and one probability column per finding")
-    if frame["Image Index"].duplicated().any():
-        raise CxrdxError(f"{path}: image {frame['Image Index'][frame['Image Index'].duplicated()].iloc[0]!r} is listed twice")
-    values = frame[list(findings)].apply(pd.to_numeric, errors="coerce")
-    bad = ~(values.notna() & (values >= 0) & (values <= 1)).all(axis=1)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise CxrdxError(f"{path}: line {row + 2} ({frame['Image Index'].iloc[row]}): probabilities must be numbers in [0, 1]")
-    return values.set_axis(frame["Image Index"].astype(str)).astype(np.float64)
-
-
-def read_labels(path: str | Path) -> pd.DataFrame:
-    """Labels from evaluate's labels.csv or from a Data_Entry table -> DataFrame indexed by Image Index:
-    the 14 findings (uint8) and 'Patient ID' when known."""
-    path = Path(path)
-    if not path.is_file():
-        raise CxrdxError(f"{path}: labels file not found")
-    head = pd.read_csv(path, nrows=0).columns
-    if "Finding Labels" in head:
-        from cxrdx.data.metadata import read_metadata
-
-        table = read_metadata(path)
-    else:
-        table = pd.read_csv(path)
-        missing = [c for c in ("Image Index", *FINDINGS) if c not in table.columns]
-        if missing:
-            raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected evaluate's labels.csv or a Data_Entry table")
-        if not table[list(FINDINGS)].isin((0, 1)).all().all():
-            raise CxrdxError(f"{path}: label columns must hold 0 or 1")
-    columns = list(FINDINGS) + (["Patient ID"] if "Patient ID" in table.columns else [])
-    return table.set_index(table["Image Index"].astype(str))[columns]
 
 
 def find_predictions(path: str | Path) -> Path:
@@ -115,12 +60,6 @@ def find_predictions(path: str | Path) -> Path:
 
 
 # --- inference -----------------------------------------------------------------------------------
-
-
-def run_dir_of(checkpoint: str | Path) -> Path:
-    """RUN for RUN/checkpoints/best.pt, else the checkpoint's folder."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 class _Progress:
@@ -146,7 +85,7 @@ def _split_series(checkpoint: Path, split_file: str | Path | None, split: str) -
         return None
     from cxrdx.data.splits import read_split, resolve_split_file
 
-    path = resolve_split_file(split_file) if split_file else run_dir_of(checkpoint) / "split.csv"
+    path = resolve_split_file(split_file) if split_file else split_path(run_dir_of(checkpoint))
     if not path.exists():
         raise CxrdxError(f"{path}: split file not found; pass --split-file FILE, or --split all for every image")
     return read_split(path)
@@ -277,7 +216,7 @@ def evaluate_predictions(
         expert = metrics.expert_auroc(preds.names, preds.labels, preds.probs, metrics.read_expert_labels(expert_labels))
         tables.append(report.expert_table(expert))
         result["expert_labels"] = json.loads(expert.to_json(orient="index"))
-    write_text(out / METRICS, json.dumps(result, indent=1) + "\n")
+    write_eval_metrics(out, EvalMetrics.from_dict(result))
     write_text(out / REPORT, report.markdown_report(tables, f"Evaluation: {name}", result["notes"]))
     report.roc_figure(preds.labels, {name: preds.probs}, FINDINGS, out / "roc.png")
     report.reliability_figure(preds.labels, preds.probs, FINDINGS, out / "reliability.png")
@@ -326,28 +265,9 @@ def evaluate_checkpoint(
 # --- compare ---------------------------------------------------------------------------------------
 
 
-def read_metrics(folder: str | Path) -> dict[str, Any]:
-    """An evaluation folder's metrics.json as `cxrdx evaluate` wrote it; {} when missing or unreadable."""
-    try:
-        result = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return result if isinstance(result, dict) else {}
-
-
-def stored_thresholds(folder: str | Path) -> np.ndarray | None:
-    """The per-finding decision thresholds in an evaluation folder's metrics.json; None when absent or unusable."""
-    try:
-        per = read_metrics(folder)["per_finding"]
-        values = np.array([float(per[f]["threshold"]) for f in FINDINGS])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return values if np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all() else None
-
-
 def run_thresholds(paths: Sequence[str | Path], models: Sequence[str]) -> dict[str, np.ndarray | float]:
     """{model: the thresholds stored beside its predictions, else 0.5}, for runs given as to `load_runs`."""
-    stored = [stored_thresholds(find_predictions(p).parent) for p in paths]
+    stored = [read_eval_metrics(find_predictions(p).parent).thresholds for p in paths]
     lacking = [m for m, s in zip(models, stored) if s is None]
     if lacking and len(lacking) < len(models):  # mixed: say so, Table 4 is then not like for like
         warnings.warn(f"no thresholds in metrics.json for {', '.join(lacking)}: Table 4 uses 0.5 for them, "

@@ -8,7 +8,6 @@ A pixel (row r, column c) covers [c, c+1) x [r, r+1); it belongs to a box when i
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cxrdx import rundir
 from cxrdx.atomic import write_text
 from cxrdx.data.packaged import nih_boxes
 from cxrdx.errors import CxrdxError
@@ -251,9 +251,9 @@ def write_localization(
 ) -> Path:
     """out/localization.md (the tables), localization.json (`settings` and the "summary" rows), localization_records.csv."""
     out = Path(out)
-    write_text(out / "localization.md", text)
-    write_text(out / "localization.json", json.dumps({**settings, "summary": summary.to_dict(orient="records")}, indent=2))
-    write_text(out / "localization_records.csv", records.to_csv(index=False))
+    write_text(out / rundir.LOCALIZATION_MD, text)
+    rundir.write_localization(out, summary, settings)
+    write_text(out / rundir.LOCALIZATION_RECORDS, records.to_csv(index=False))
     return out
 
 

@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from cxrdx.atomic import atomic_path, write_text
+from cxrdx import rundir
+from cxrdx.atomic import atomic_path
 from cxrdx.errors import CxrdxError, ImageReadError
 
 if TYPE_CHECKING:
@@ -118,6 +119,6 @@ def write_explanations(
                      "flat": flat, "png": str(png), "npy": str(npy), "error": ""}
                 )
             bar.update(1)
-    table = pd.DataFrame(rows, columns=["Image Index", "Finding", "probability", "flat", "png", "npy", "error"])
-    write_text(out / "explanations.csv", table.to_csv(index=False))
+    table = pd.DataFrame(rows, columns=rundir.EXPLANATION_COLUMNS)
+    rundir.write_explanations(out, table)
     return table

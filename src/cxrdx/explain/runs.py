@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 
 def run_split_file(checkpoint: str | Path) -> Path | None:
     """RUN/split.csv of the run a checkpoint (RUN/checkpoints/X.pt) comes from, when it exists."""
-    from cxrdx.evaluation import run_dir_of
+    from cxrdx.rundir import run_dir_of, split_path
 
-    path = run_dir_of(Path(checkpoint).resolve()) / "split.csv"
+    path = split_path(run_dir_of(Path(checkpoint).resolve()))
     return path if path.is_file() else None
 
 

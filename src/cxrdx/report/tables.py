@@ -1,8 +1,9 @@
-"""Tables (Markdown, CSV, JSON, HTML) and figures (ROC curves, reliability diagrams) for evaluations.
+"""Tables (Markdown, CSV, JSON, HTML) for evaluations.
 
 A `Table` carries numbers (`data`, written to CSV and JSON) and their display strings (`display`,
-written to Markdown and HTML). Builders take a `metrics.Comparison`; renderers take a `Table`.
-The whole HTML page is assembled in `cxrdx.report_html`.
+written to Markdown and HTML). The paper's tables take a `metrics.Comparison`; the report page's
+further tables (Table 1, bootstrap and expert-label AUROCs, localization) take what `cxrdx.rundir`
+reads; renderers take a `Table`. The figures are in `cxrdx.report.figures`, the page in `cxrdx.report.page`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrdx.atomic import atomic_path, write_text
+from cxrdx import rundir
+from cxrdx.atomic import write_text
 from cxrdx.errors import CxrdxError
-from cxrdx.metrics import Comparison, reliability
+from cxrdx.findings import FINDINGS
+from cxrdx.metrics import Comparison
 from cxrdx.stats import stars
 
 FORMATS = ("md", "csv", "json")
 DASH = "–"
+METHOD_NAMES = {
+    "groupcam": "Group-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+    "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "layercam": "Layer-CAM", "hirescam": "HiRes-CAM",
+}
 
 
 @dataclass
@@ -359,66 +366,128 @@ def markdown_report(tables: Sequence[Table], title: str, notes: Sequence[str] = 
     return "\n".join(head) + "\n" + "\n".join(markdown(t) for t in tables)
 
 
-# --- figures -------------------------------------------------------------------------------------
+# --- the report page's further tables ------------------------------------------------------------
 
 
-def _grid(n: int, width: float = 3.2) -> tuple[Any, list[Any]]:
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
-
-    cols = min(4, max(1, n))
-    rows = -(-n // cols)
-    w, h = width * cols, width * rows
-    fig = Figure(figsize=(w, h))
-    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
-    # fixed margins in inches: constrained layout would double the drawing time
-    fig.subplots_adjust(left=0.55 / w, right=1 - 0.1 / w, bottom=0.5 / h, top=1 - 0.3 / h, wspace=0.3, hspace=0.35)
-    return fig, axes
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return Path(path)
+def table1_table(index: pd.DataFrame, split: pd.Series, title: str) -> tuple[Table, dict[str, int]]:
+    """Table 1 (images, patients, labels and findings per image by split) and the leakage """
+    from cxrdx.data.splits import LABEL_COUNT_ROWS, SPLITS, split_summary, table1
+
+    counts = table1(index, split)
+    parts = counts["splits"]
+    columns = [*SPLITS, "all"]
+    patients = {k: v["patients"] for k, v in split_summary(index, split).items()}
+    patients["all"] = int(index.loc[index["Image Index"].isin(split.index), "Patient ID"].nunique())
+    total = parts["all"]["images"]
+    names = {"train": "Train", "val": "Validation", "test": "Test", "all": "Total"}
+    heads = [f"{names[c]} ({100 * parts[c]['images'] / max(total, 1):.0f}%)" if c != "all" else "Total" for c in columns]
+    data: dict[tuple[str, str], list[int]] = {("Split", "Images"): [parts[c]["images"] for c in columns]}
+    data[("Split", "Patients")] = [patients[c] for c in columns]
+    for f in FINDINGS:
+        data[("Labels", f)] = [parts[c]["findings"][f] for c in columns]
+    row_names = {"0": "0 (No Finding)", ">=4": "≥4"}
+    for k in LABEL_COUNT_ROWS:
+        data[("Findings per image", row_names.get(k, k))] = [parts[c]["label_counts"][k] for c in columns]
+    frame = pd.DataFrame.from_dict(data, orient="index", columns=heads)
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["", ""])
+    display = frame.astype(object).copy()
+    for key in frame.index:
+        for head, c in zip(heads, columns):
+            count = int(frame.loc[key, head])
+            share = "" if key[0] == "Split" or not parts[c]["images"] else f" ({100 * count / parts[c]['images']:.1f}%)"
+            display.loc[key, head] = f"{count:,}{share}"
+    table_notes = ["Percentages: share of the split's images. An image can carry several findings."]
+    return Table("table1", title, frame, display, table_notes), counts["leakage"]
 
 
-def roc_figure(y: np.ndarray, probs: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path) -> Path:
-    """One panel per finding, one ROC curve per model, AUROC in the legend."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y = np.asarray(y)
-    fig, axes = _grid(len(names))
-    for k, (ax, name) in enumerate(zip(axes, names)):
-        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        both = 0 < y[:, k].sum() < len(y)
-        for model, p in probs.items():
-            if both:
-                fpr, tpr, _ = roc_curve(y[:, k], p[:, k])
-                ax.plot(fpr, tpr, lw=1.2, label=f"{model} ({roc_auc_score(y[:, k], p[:, k]):.3f})")
-        ax.set_title(name if both else f"{name} (no AUROC: one class only)", fontsize=9)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-        ax.set_xlabel("1 - specificity", fontsize=8), ax.set_ylabel("sensitivity", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if both:
-            ax.legend(fontsize=6, loc="lower right")
-    return _save(fig, path)
+def wide_table4(table: Table) -> Table:
+    """Table 4 with findings as rows and (model, metric) as columns: one screen instead of four."""
+    display = table.display.unstack(level="Metric")
+    rest = sorted((i for i in display.index if i not in FINDINGS), key=lambda i: not str(i).startswith("Overall"))
+    order = [f for f in FINDINGS if f in display.index] + rest
+    metrics_order = list(dict.fromkeys(table.display.index.get_level_values("Metric")))
+    columns = [(m, k) for m in table.display.columns for k in metrics_order]
+    display = display.reindex(index=order, columns=pd.MultiIndex.from_tuples(columns)).fillna("")
+    display.index.name = "Finding"
+    return Table(table.name, table.title, table.data, display, table.notes)
 
 
-def reliability_figure(y: np.ndarray, probs: np.ndarray, names: Sequence[str], path: str | Path, n_bins: int = 10) -> Path:
-    """Per finding: observed positive fraction against mean predicted probability per bin, with the ECE."""
-    from cxrdx.metrics import expected_calibration_error
+def ece_table(cmp: Comparison) -> Table:
+    data = pd.DataFrame({m: cmp.evaluations[m].per_finding["ece"] for m in cmp.models})
+    data.index.name = "Finding"
+    data.loc["Overall (mean over findings)"] = data.mean()
+    display = data.map(format_value)
+    notes = ["ECE: expected calibration error, |observed positive fraction − mean probability| over 10 equal-width bins, weighted by the images in each bin; 0 is perfect."]
+    return Table("ece", "Calibration: ECE by finding", data, display, notes)
 
-    y, probs = np.asarray(y), np.asarray(probs)
-    ece = expected_calibration_error(y, probs, n_bins)
-    fig, axes = _grid(len(names), width=2.8)
-    for k, (ax, name) in enumerate(zip(axes, names)):
-        curve = reliability(y[:, k], probs[:, k], n_bins)
-        filled = curve["count"] > 0
-        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        ax.bar(curve["low"], curve["count"] / max(1, len(y)), width=1 / n_bins, align="edge", color="0.9", label="share of images")
-        ax.plot(curve.loc[filled, "mean_prob"], curve.loc[filled, "frac_pos"], "o-", ms=3, lw=1.2, label="positive fraction")
-        ax.set_title(f"{name} (ECE {ece[k]:.3f})", fontsize=9)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-        ax.set_xlabel("predicted probability", fontsize=8), ax.set_ylabel("observed positive fraction", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6, loc="upper left")
-    return _save(fig, path)
+
+def bootstrap_table(name: str, result: rundir.EvalMetrics) -> Table | None:
+    """AUROC with its DeLong and its bootstrap CI per finding (`cxrdx evaluate --bootstrap N`); None without them."""
+    try:
+        boot, overall = result.overall["auroc_bootstrap"], result.overall["auroc"]
+        per = pd.DataFrame.from_dict(result.per_finding, orient="index")
+        data = per[["auroc", "auroc_low", "auroc_high", "auroc_boot_low", "auroc_boot_high"]].apply(pd.to_numeric, errors="coerce")
+        data.loc["Overall (mean over findings)"] = [overall["mean"], overall["low"], overall["high"], boot["low"], boot["high"]]
+        data = data.astype(np.float64)
+        replicates, unit, level = int(boot["replicates"]), str(boot["unit"]), float(result.overall.get("level", 0.95))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    data.index.name = "Finding"
+    interval = lambda lo, hi: f"{format_value(lo)}–{format_value(hi)}" if np.isfinite(lo) and np.isfinite(hi) else DASH  # noqa: E731
+    display = pd.DataFrame(
+        {
+            "AUROC": data["auroc"].map(format_value),
+            f"{round(level * 100)}% CI (DeLong)": [interval(lo, hi) for lo, hi in data[["auroc_low", "auroc_high"]].to_numpy()],
+            f"{round(level * 100)}% CI (bootstrap)": [interval(lo, hi) for lo, hi in data[["auroc_boot_low", "auroc_boot_high"]].to_numpy()],
+        },
+        index=data.index,
+    )
+    whole = " (a drawn patient brings all their images)" if unit == "patient" else ""
+    notes = [f"Bootstrap: percentile interval over {replicates} resamples of the test {unit}s{whole}.",
+             "Overall row: the mean AUROC over findings; its first interval is the t-interval over findings."]
+    return Table(f"bootstrap-{slug(name)}", f"AUROC with {unit}-level bootstrap CIs: {name}", data, display, notes)
+
+
+def expert_labels_table(name: str, result: rundir.EvalMetrics) -> Table | None:
+    """AUROC against expert labels beside the NLP labels (`cxrdx evaluate --expert-labels`); None without them."""
+    expert = result.expert_labels
+    if not expert:
+        return None
+    try:
+        table = expert_table(pd.DataFrame.from_dict(expert, orient="index").apply(pd.to_numeric, errors="coerce"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return Table(f"expert-{slug(name)}", f"{table.title}: {name}", table.data, table.display, table.notes)
+
+
+def localization_table(result: rundir.Localization, name: str) -> Table:
+    records = result.summary
+    if records.empty:
+        raise CxrdxError("no boxed findings were scored")
+    methods = list(dict.fromkeys(records["method"]))
+    wide = records.pivot_table(index="Finding", columns="method", values=["pointing_game", "iou"], aggfunc="first")
+    boxes = records.groupby("Finding")["n"].max()
+    order = [f for f in FINDINGS if f in boxes.index] + [f for f in boxes.index if f not in FINDINGS]
+    data = pd.DataFrame({("", "Boxes"): boxes}).join(
+        pd.DataFrame({(METHOD_NAMES.get(m, m), label): wide[(metric, m)] for m in methods
+                      for metric, label in (("pointing_game", "Pointing game"), ("iou", "IoU"))})
+    ).reindex(order)
+    data.index = ["All boxed findings" if i == "all" else i for i in data.index]
+    data.index.name = "Finding"
+    display = data.astype(object).copy()
+    display[("", "Boxes")] = data[("", "Boxes")].map(lambda v: f"{int(v):,}")
+    for column in data.columns[1:]:
+        display[column] = data[column].map(format_value)
+    mode, threshold = result.threshold_mode, result.threshold
+    cut = f"map ≥ {threshold:g} × its maximum" if mode == "relative" else f"the top {threshold:.0%} of pixels"
+    notes = [
+        f"Pointing game: share of boxed findings whose map maximum lies in a box (tolerance {result.tolerance} px). IoU: {cut} against the boxes.",
+        f"{'?' if result.images is None else result.images} boxed image(s)" + (f" of the {result.split} split" if result.split else "") + ".",
+    ]
+    flat = records.groupby("method")["flat"].max()
+    notes += [f"{METHOD_NAMES.get(m, m)}: {int(v)} flat map(s) (nothing highlighted) counted as misses." for m, v in flat.items() if v]
+    return Table("localization", f"Localization against the boxes: {name}", data, display, notes)
