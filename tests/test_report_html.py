@@ -60,7 +60,7 @@ def make_run(
     run.mkdir(parents=True)
     config = {"name": name, "seed": seed, "data": {"cache": str(cache), "input_size": 32},
               "model": {"name": "resnet18"}, "loss": {"name": name}, "optim": {"epochs": 3, "global_batch": 8, "lr": 1e-3},
-              "ema": {"enabled": False}}
+              "ema": {"enabled": False}, "selection": {"weights": "raw"}}
     if "config" not in skip:
         rundir.write_config(run, config_from_dict(config))
     if "split" not in skip:

@@ -31,9 +31,11 @@ def test_config_round_trip_and_errors(tmp_path: Path):
 
 def test_epoch_rows_keep_unknown_columns(tmp_path: Path):
     assert rundir.read_epochs(tmp_path) == []
-    written = {"epoch": 1, "step": 5, "lr": 1e-3, "train_loss": 0.7, "val_loss": 0.6, "val_mean_auroc": 0.55, "ema_val_loss": None,
-               "ema_val_mean_auroc": None, "val_auroc": {"Mass": 0.5}, "best": True, "images_per_s": 80.0, "seconds": 2.5,
-               "grad_norm": 1.25}  # a column a newer version writes
+    written = {"epoch": 1, "step": 5, "lr": 1e-3, "train_loss": 0.7, "weights": "raw", "val_loss": 0.6, "val_mean_auroc": 0.55,
+               "val_auroc": {"Mass": 0.5}, "raw_val_loss": 0.6, "raw_val_mean_auroc": 0.55, "raw_val_auroc": {"Mass": 0.5},
+               "ema_val_loss": None, "ema_val_mean_auroc": None, "ema_val_auroc": None, "best": True, "images_per_s": 80.0,
+               "seconds": 2.5, "grad_norm": 1.25}  # the last: a column a newer version writes
+    # the second row as earlier versions wrote it: no `weights`, val_* of the raw weights, selection on EMA
     rows = [rundir.EpochRow.from_dict(written), rundir.EpochRow(2, val_mean_auroc=0.6, ema_val_mean_auroc=0.65)]
     rundir.write_epochs(tmp_path, rows)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

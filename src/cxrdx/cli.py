@@ -101,7 +101,7 @@ def _split_args(parser: argparse.ArgumentParser) -> None:
                         help="patient (default): no patient in two splits; random: image-level as the paper; "
                         "official: NIH's train_val/test lists, val carved out by patient")
     parser.add_argument("--ratios", nargs=3, type=float, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
-                        help="image fractions (default 0.7 0.1 0.2); official keeps NIH's test list and uses TRAIN:VAL")
+                        help="image fractions (default: 0.7 0.1 0.2); official keeps NIH's test list and uses TRAIN:VAL")
     parser.add_argument("--seed", type=_COUNT, default=0, help="random seed; the same seed gives the same split")
     parser.add_argument("--lists", help="folder with train_val_list.txt and test_list.txt, plain or .gz "
                         "(default: NIH's lists shipped with cxrdx)")
@@ -146,7 +146,7 @@ def _stats_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixels", action="store_true", help="print the pixel mean/std of a prepared cache instead")
     parser.add_argument("--cache", help="with --pixels: the cache folder made by 'cxrdx prepare'")
     parser.add_argument("--split", choices=("train", "val", "test"), default="train",
-                        help="with --pixels and --split-file: the split to measure (default train)")
+                        help="with --pixels and --split-file: the split to measure (default: train)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="with --pixels: measure the split's images that are in the cache, naming the others, instead of stopping")
 
@@ -190,10 +190,10 @@ def _pixel_stats(args: argparse.Namespace) -> int:
 def _prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, help="folder with the images (flat, images/ or images_0XX/images/)")
     parser.add_argument("--metadata", help="Data_Entry table (default: found in --data-dir)")
-    parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="side of the cached square images (default 256)")
+    parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="side of the cached square images (default: 256)")
     parser.add_argument("--out", required=True, help="cache folder to create or to continue")
     parser.add_argument("--workers", type=_COUNT, default=0,
-                        help="decoding processes (default 0: in this process; about one per core for the full dataset)")
+                        help="decoding processes (default: 0: in this process; about one per core for the full dataset)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -220,12 +220,12 @@ def _prepare(args: argparse.Namespace) -> int:
 # --- phantoms (cxrdx.data.phantoms) ------------------------------------------------------------
 def _phantoms_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write images/, Data_Entry_2017.csv, BBox_List_2017.csv")
-    parser.add_argument("--n", type=_POSITIVE_INT, default=3000, help="number of images (default 3000)")
-    parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--n", type=_POSITIVE_INT, default=3000, help="number of images (default: 3000)")
+    parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="image side in pixels (default: 256)")
     parser.add_argument("--seed", type=_COUNT, default=0, help="random seed; the same seed gives the same files")
     parser.add_argument(
         "--tail-floor", type=_FRACTION, default=0.0,
-        help="raise every finding's prevalence to at least this fraction (default 0: the paper's long tail)",
+        help="raise every finding's prevalence to at least this fraction (default: 0: the paper's long tail)",
     )
 
 
@@ -241,9 +241,9 @@ def _phantoms(args: argparse.Namespace) -> int:
 # --- models (cxrdx.models) ---------------------------------------------------------------------
 def _models_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="timm model names (default: the paper's three)")
-    parser.add_argument("--input-size", type=_POSITIVE_INT, default=224, help="square input side in pixels (default 224)")
-    parser.add_argument("--in-chans", type=_POSITIVE_INT, default=1, help="input channels (default 1; 3 = ImageNet stem)")
-    parser.add_argument("--num-findings", type=_POSITIVE_INT, default=14, help="outputs (default 14; 1000 = ImageNet head)")
+    parser.add_argument("--input-size", type=_POSITIVE_INT, default=224, help="square input side in pixels (default: 224)")
+    parser.add_argument("--in-chans", type=_POSITIVE_INT, default=1, help="input channels (default: 1; 3 = ImageNet stem)")
+    parser.add_argument("--num-findings", type=_POSITIVE_INT, default=14, help="outputs (default: 14; 1000 = ImageNet head)")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format")
 
 
@@ -400,9 +400,9 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     _inference_args(parser, "test")
     parser.add_argument("--out", required=True, help="folder for predictions.csv, labels.csv, metrics.json, report.md, roc.png")
     parser.add_argument("--thresholds", default="0.5",
-                        help="decision thresholds: a number (default 0.5, the paper), checkpoint (stored by calibrate), "
+                        help="decision thresholds: a number (default: 0.5, the paper), checkpoint (stored by calibrate), "
                         "or youden / f1 chosen per finding on the val split")
-    parser.add_argument("--bootstrap", type=_COUNT, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates (default 0: none)")
+    parser.add_argument("--bootstrap", type=_COUNT, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates (default: 0: none)")
     parser.add_argument("--expert-labels", metavar="CSV", nargs="?", const="",
                         help="AUROC against Google's 2019 adjudicated labels (no CSV: the copy shipped with cxrdx)")
     parser.add_argument("--name", help="model name in the tables (default: run folder and model)")
@@ -493,10 +493,10 @@ _METHOD_NAMES = "groupcam (default), gradcam, gradcam++, xgradcam, scorecam, eig
 
 def _cam_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint, e.g. RUN/checkpoints/best.pt")
-    parser.add_argument("--groups", type=_POSITIVE_INT, default=32, help="Group-CAM channel groups (default 32)")
-    parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass of Group-CAM / Score-CAM (default 32)")
+    parser.add_argument("--groups", type=_POSITIVE_INT, default=32, help="Group-CAM channel groups (default: 32)")
+    parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass of Group-CAM / Score-CAM (default: 32)")
     parser.add_argument("--target-layer", help="module name to explain, e.g. layer4 (default: chosen for the model)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _trust_pickle_arg(parser)
 
@@ -570,11 +570,11 @@ def _localize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="only the boxed images of this split (train, val or test)")
     parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
     parser.add_argument("--box-size", type=_POSITIVE_INT, help="pixel size of the images the boxes refer to (default: the original files' size, else 1024)")
-    parser.add_argument("--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default groupcam gradcam): {_METHOD_NAMES}")
-    parser.add_argument("--threshold", type=_FRACTION, default=0.5, help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default 0.5)")
+    parser.add_argument("--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default: groupcam gradcam): {_METHOD_NAMES}")
+    parser.add_argument("--threshold", type=_FRACTION, default=0.5, help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default: 0.5)")
     parser.add_argument("--threshold-mode", choices=("relative", "top"), default="relative",
                         help="relative: pixels above the threshold times the map's max; top: that fraction of the hottest pixels")
-    parser.add_argument("--tolerance", type=_NONNEGATIVE, default=0.0, help="pointing game: pixels of slack around each box (default 0)")
+    parser.add_argument("--tolerance", type=_NONNEGATIVE, default=0.0, help="pointing game: pixels of slack around each box (default: 0)")
     parser.add_argument("--limit", type=_POSITIVE_INT, help="at most this many boxed images")
     parser.add_argument("--out", help="folder for localization.md, localization.json and the per-map records")
 
@@ -620,7 +620,7 @@ def _model_source_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a cxrdx checkpoint (e.g. RUN/checkpoints/best.pt): PyTorch")
     source.add_argument("--onnx", help="a model written by 'cxrdx export': ONNX Runtime")
-    parser.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda, cuda:1 (default auto)")
+    parser.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda, cuda:1 (default: auto)")
     _trust_pickle_arg(parser)
 
 
@@ -637,7 +637,7 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     _model_source_args(parser)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="PNG, JPEG, TIFF, BMP or DICOM files, or folders of them")
     parser.add_argument("--recursive", action="store_true", help="also look in sub-folders")
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default: table)")
     parser.add_argument("--out", help="write the output to this file instead of standard output")
     parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass")
     parser.add_argument("--allow-ood", action="store_true",
@@ -706,23 +706,23 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
     d = ServeSettings()
     _model_source_args(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default 8000)")
-    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model (default 1)")
-    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20, help="larger uploads get 413 (default 32)")
-    parser.add_argument("--queue-size", type=int, default=d.queue_size, help="requests admitted per worker before 503 (default 16)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535 (default: 8000)")
+    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model (default: 1)")
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20, help="larger uploads get 413 (default: 32)")
+    parser.add_argument("--queue-size", type=int, default=d.queue_size, help="requests admitted per worker before 503 (default: 16)")
     parser.add_argument("--max-inflight-mb", type=float, default=d.max_inflight_bytes / 2**20,
-                        help="upload bytes held at once per worker; more gets 503 before the body is read (default 256)")
+                        help="upload bytes held at once per worker; more gets 503 before the body is read (default: 256)")
     parser.add_argument("--max-decoded-mb", type=float, default=d.max_decoded_bytes / 2**20,
-                        help="images whose header announces more decoded pixel bytes get 422 (default 128)")
+                        help="images whose header announces more decoded pixel bytes get 422 (default: 128)")
     parser.add_argument("--api-key-file", help="file holding the API key that /v1/ requests must send as 'Authorization: Bearer KEY' "
                         "(default: the CXRDX_API_KEY environment variable; no key when neither is set)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help=f"also answer requests whose Host header names NAME (repeatable; '*' for any); always: {', '.join(LOOPBACK_HOSTS)}")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    parser.add_argument("--rate-limit", default="120/min", help="requests per client address to /v1/, e.g. 120/min, 5/s, or off (default 120/min)")
-    parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s, help="seconds to receive an upload before 408 (default 60)")
-    parser.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open (default 5)")
+    parser.add_argument("--rate-limit", default="120/min", help="requests per client address to /v1/, e.g. 120/min, 5/s, or off (default: 120/min)")
+    parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s, help="seconds to receive an upload before 408 (default: 60)")
+    parser.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open (default: 5)")
 
 
 def _serve_settings(args: argparse.Namespace):
@@ -805,7 +805,7 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint")
     parser.add_argument("--onnx", required=True, help="the .onnx file to write")
     parser.add_argument(
-        "--dynamic-batch", action=argparse.BooleanOptionalAction, default=True, help="any batch size at run time (default on)"
+        "--dynamic-batch", action=argparse.BooleanOptionalAction, default=True, help="any batch size at run time (default: on)"
     )
     _trust_pickle_arg(parser)
 
@@ -850,11 +850,11 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     from cxrdx.demo import DemoSettings
 
     d = DemoSettings()
-    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
-    parser.add_argument("--n", type=_POSITIVE_INT, default=d.n, help=f"phantom images (default {d.n})")
-    parser.add_argument("--size", type=_POSITIVE_INT, default=d.size, help=f"phantom and cache side in pixels (default {d.size})")
-    parser.add_argument("--input-size", type=_POSITIVE_INT, default=d.input_size, help=f"model input side in pixels (default {d.input_size})")
-    parser.add_argument("--epochs", type=_POSITIVE_INT, default=d.epochs, help=f"training epochs per loss (default {d.epochs})")
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
+    parser.add_argument("--n", type=_POSITIVE_INT, default=d.n, help=f"phantom images (default: {d.n})")
+    parser.add_argument("--size", type=_POSITIVE_INT, default=d.size, help=f"phantom and cache side in pixels (default: {d.size})")
+    parser.add_argument("--input-size", type=_POSITIVE_INT, default=d.input_size, help=f"model input side in pixels (default: {d.input_size})")
+    parser.add_argument("--epochs", type=_POSITIVE_INT, default=d.epochs, help=f"training epochs per loss (default: {d.epochs})")
     parser.add_argument("--seed", type=_COUNT, default=d.seed, help="random seed; the same seed gives the same results")
 
 

@@ -278,8 +278,7 @@ def run_thresholds(paths: Sequence[str | Path], models: Sequence[str]) -> dict[s
 def run_name(predictions: Path) -> str:
     """The model name `cxrdx evaluate` recorded beside a predictions file, else its checkpoint's run
     folder, else the name of the folder holding the file."""
-    settings = read_metrics(predictions.parent).get("settings")
-    settings = settings if isinstance(settings, dict) else {}
+    settings = read_eval_metrics(predictions.parent).settings
     if isinstance(settings.get("name"), str) and settings["name"]:
         return settings["name"]
     if isinstance(settings.get("checkpoint"), str) and settings["checkpoint"]:
