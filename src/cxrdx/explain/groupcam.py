@@ -19,8 +19,8 @@ Differences kept from the authors' code, all documented here:
   `probability="softmax"` gives the published score for single-label (softmax) models.
 - The blur's kernel and sigma scale with the input side (51 and 50 at 224 px, the published values).
 - The groups are `torch.tensor_split`'s G groups (sizes differ by at most one); the authors'
-  `torch.chunk` gives the same groups whenever G divides the channel count (the models here have
-  24, 6 or 3 channels per group), and fewer, larger groups otherwise.
+  `torch.chunk` gives the same groups whenever G divides the channel count (2048 for ResNet50 and
+  EfficientNet-b5, 768 for CoAtNet-0), and fewer, larger groups otherwise.
 - A saliency whose range after the ReLU is below `flat_tol` (no group raised the probability) is
   reported as flat: zeros and `flat=True`, never noise stretched to [0, 1] (the authors return None).
   `cxrdx.explain.explain` turns the flag into a FlatSaliencyWarning.
