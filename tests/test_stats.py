@@ -171,13 +171,87 @@ def test_pearson_matches_scipy_and_skips_nan():
     assert np.isnan(stats.pearson([1, 2], [3, 4])[0])
 
 
+def _correlated_findings(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two findings sharing most positives, scored by one model whose two outputs share most signal."""
+    latent = rng.random(n) < 0.3
+    y = np.stack([latent, latent ^ (rng.random(n) < 0.05)], axis=1).astype(np.uint8)
+    common = rng.normal(size=n)
+    s = np.stack([common + 1.0 * y[:, 0], common + 0.6 * y[:, 1]], axis=1) + 0.3 * rng.normal(size=(n, 2))
+    return y, s
+
+
+def _brute_force_components(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Each image's DeLong structural component for each finding, by the definition (double loops)."""
+    n, k = y.shape
+    out = np.zeros((n, k))
+    for j in range(k):
+        pos, neg = np.flatnonzero(y[:, j]), np.flatnonzero(1 - y[:, j])
+        kernel = lambda a, b: 1.0 if s[a, j] > s[b, j] else 0.5 if s[a, j] == s[b, j] else 0.0
+        auc = np.mean([kernel(a, b) for a in pos for b in neg])
+        for i in pos:
+            out[i, j] = (np.mean([kernel(i, b) for b in neg]) - auc) / np.sqrt(len(pos) * (len(pos) - 1))
+        for i in neg:
+            out[i, j] = (np.mean([kernel(a, i) for a in pos]) - auc) / np.sqrt(len(neg) * (len(neg) - 1))
+    return out
+
+
+def test_findings_covariance_by_hand():
+    # A: positives 0.9 (outranks both negatives) and 0.4 (one of two): AUROC 0.75; placements 1, 0.5 | 0.5, 1
+    # B: positives 0.8 and 0.6, negatives 0.3 and 0.7: AUROC 0.75; placements 1, 0.5 | 1, 0.5
+    y = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
+    s = np.array([[0.9, 0.8], [0.4, 0.3], [0.5, 0.6], [0.1, 0.7]])
+    auc, cov = stats.findings_covariance(y, s)
+    # components ±0.25/sqrt(2): A (+, -, -, +), B (+, +, -, -): variances 4 * 0.0625 / 2, covariance 0
+    np.testing.assert_allclose(auc, [0.75, 0.75])
+    np.testing.assert_allclose(cov, [[0.125, 0.0], [0.0, 0.125]], atol=1e-15)
+    y[:, 1], s[:, 1] = y[:, 0], [0.9, 0.6, 0.5, 0.1]  # B now A's labels, 0.6 outranking both negatives
+    auc, cov = stats.findings_covariance(y, s)
+    np.testing.assert_allclose(auc, [0.75, 1.0])
+    np.testing.assert_allclose(cov, [[0.125, 0.0], [0.0, 0.0]], atol=1e-15)  # a perfect AUROC has no variance
+
+
+def test_findings_covariance_matches_the_definition_and_delong():
+    rng = np.random.default_rng(7)
+    y = (rng.random((40, 3)) < [0.3, 0.5, 0.2]).astype(np.uint8)
+    s = np.round(rng.random((40, 3)) + 0.4 * y, 1)  # rounded: ties
+    components = _brute_force_components(y, s)
+    auc, cov = stats.findings_covariance(y, s)
+    np.testing.assert_allclose(cov, components.T @ components, atol=1e-12)
+    np.testing.assert_allclose(np.diagonal(cov), stats.delong_covariance(y, s[None])[1][:, 0, 0], rtol=1e-12)
+    np.testing.assert_allclose(auc, [roc_auc_score(y[:, j], s[:, j]) for j in range(3)])
+    y[:, 2] = 0
+    assert np.isnan(stats.findings_covariance(y, s)[1][2]).all()
+
+
+def test_paired_variance_of_the_difference_matches_a_large_bootstrap():
+    rng = np.random.default_rng(11)
+    y, s = _correlated_findings(400, rng)
+    auc, cov = stats.findings_covariance(y, s)
+    paired = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    counts = np.stack([np.bincount(d, minlength=400) for d in rng.integers(0, 400, size=(4000, 400))]).astype(float)
+    replicates = []
+    for j in range(2):  # AUROC of each resample by its definition, counts weighting the image pairs
+        pos, neg = y[:, j] == 1, y[:, j] == 0
+        kernel = (s[pos, j][:, None] > s[neg, j][None, :]) + 0.5 * (s[pos, j][:, None] == s[neg, j][None, :])
+        w_pos, w_neg = counts[:, pos], counts[:, neg]
+        replicates.append(np.einsum("bi,ij,bj->b", w_pos, kernel, w_neg) / (w_pos.sum(1) * w_neg.sum(1)))
+    assert paired == pytest.approx(np.var(replicates[0] - replicates[1]), rel=0.1)
+    assert paired < 0.35 * (cov[0, 0] + cov[1, 1])  # strongly correlated: far below the independent variance
+
+
 def test_compare_findings_bonferroni_and_stars():
-    auc = np.array([0.94, 0.91, 0.70])
-    var = np.array([0.0001, 0.0001, 0.0004])
-    p = stats.compare_findings(auc, var)
-    z = (0.94 - 0.91) / np.sqrt(0.0002)
-    assert p[0, 1] == pytest.approx(min(1.0, 2 * sps.norm.sf(z) * 3)) == pytest.approx(p[1, 0])
-    assert np.isnan(p[0, 0])
+    rng = np.random.default_rng(3)
+    y = (rng.random((60, 4)) < 0.4).astype(np.uint8)
+    s = rng.random((60, 4)) + np.array([1.5, 0.2, 0.9, 0.0]) * y
+    components = _brute_force_components(y, s)
+    cov = components.T @ components
+    auc = np.array([roc_auc_score(y[:, j], s[:, j]) for j in range(4)])
+    p = stats.compare_findings(y, s)
+    for a, b in [(0, 1), (0, 3), (1, 2), (2, 3)]:
+        z = (auc[a] - auc[b]) / np.sqrt(cov[a, a] + cov[b, b] - 2 * cov[a, b])
+        assert p[a, b] == pytest.approx(min(1.0, 6 * 2 * sps.norm.sf(abs(z)))) == pytest.approx(p[b, a])
+    assert p[0, 3] < 0.001 and p[1, 3] == 1.0  # one clear difference, one capped at 1
+    assert np.isnan(np.diagonal(p)).all()
     assert [stats.stars(v) for v in (0.0005, 0.005, 0.03, 0.2)] == ["***", "**", "*", "n.s."]
 
 

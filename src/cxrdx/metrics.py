@@ -406,7 +406,7 @@ def compare_models(
         anova=stats.rm_anova(auc.T),
         pairwise_diff=diff,
         pairwise_p=pair_p,
-        findings_p={m: stats.compare_findings(auc[i], var[i]) for i, m in enumerate(models)},
+        findings_p={m: stats.compare_findings(y, a) for m, a in zip(models, arrays)},
         notes=notes,
         level=level,
     )

@@ -193,15 +193,39 @@ def pairwise_delong(auc: np.ndarray, cov: np.ndarray) -> np.ndarray:
     return _z_test(diff, var[:, :, None] + var[:, None, :] - 2 * cov)[1]
 
 
-def compare_findings(auc: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """Table 5: p-values (K, K), Bonferroni-adjusted over the K(K-1)/2 pairs, between findings' AUROCs.
+def findings_covariance(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs of one model's K findings on the same images and their joint DeLong covariance (K, K).
 
-    The findings of one model have different positive sets, so DeLong's paired test does not apply;
-    as SPSS's ROC comparison of independent groups (the paper's software) does, each pair is a z-test
-    of the difference over sqrt(var_a + var_b) with DeLong variances.
+    The findings have different positive sets, but every image enters every AUROC, so the estimates
+    are correlated. DeLong's structural components generalise: each image's placement value for a
+    finding, centred and scaled by 1/sqrt(m(m-1)) as a positive or 1/sqrt(n(n-1)) as a negative of
+    that finding, is its component; the covariance is the components' cross product over images. The
+    diagonal is DeLong's variance, and for two scores of one finding it is DeLong's paired covariance.
+    Findings with fewer than two positives or negatives get NaN rows and columns.
     """
-    auc, var = np.asarray(auc, float), np.asarray(var, float)
-    _, p = _z_test(auc[:, None] - auc[None, :], var[:, None] + var[None, :])
+    yb, s, _ = _check(y, score)
+    auc, v = placements(yb, s)
+    m, n = yb.sum(axis=0).astype(float), (~yb).sum(axis=0).astype(float)
+    valid = (m >= 2) & (n >= 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(yb, 1 / np.sqrt(m * (m - 1)), 1 / np.sqrt(n * (n - 1)))
+        components = np.where(valid, (v - auc) * scale, 0.0)
+    cov = components.T @ components
+    cov[~valid, :] = np.nan
+    cov[:, ~valid] = np.nan
+    return auc, cov
+
+
+def compare_findings(y: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Table 5: p-values (K, K) between one model's findings' AUROCs, Bonferroni-adjusted over K(K-1)/2 pairs.
+
+    Two-sided z-test of each AUROC difference with its paired variance var_a + var_b - 2 cov_ab from
+    `findings_covariance`: the AUROCs share the test images, so treating them as independent
+    (var_a + var_b) would misstate the variance of their difference.
+    """
+    auc, cov = findings_covariance(y, score)
+    var = np.diagonal(cov)
+    _, p = _z_test(auc[:, None] - auc[None, :], var[:, None] + var[None, :] - 2 * cov)
     k = auc.size
     adjusted = bonferroni(p, k * (k - 1) // 2)
     np.fill_diagonal(adjusted, np.nan)

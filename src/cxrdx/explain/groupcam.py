@@ -1,15 +1,29 @@
-"""Group-CAM (Zhang, Rao & Yang 2021) for multi-label sigmoid models, with batched blend forwards.
+"""Group-CAM (Zhang, Rao & Yang 2021) as published, scored on the sigmoid probability, with batched forwards.
+
+The published algorithm (the authors' `cam/groupcam.py`), step by step:
 
 1. One forward and one backward of the target finding's logit: Grad-CAM channel weights (the mean
    gradient) times the target layer's activations.
-2. The weighted channels are split into G contiguous groups (sizes differ by at most one); each
-   group is summed, ReLU'd, upsampled bilinearly to the input size and min-max normalised.
-3. Each group map m blends the input with its blurred copy, x·m + blur(x)·(1−m); its score is
-   ReLU(p(blend) − p(blur(x))) with p the **sigmoid** probability of the target finding (softmax,
-   as in the original, couples findings that are independent here).
-4. saliency = Σ score_g · m_g, min-max normalised. A saliency whose range is below `flat_tol`
-   (no group raised the probability) is reported as flat: zeros and `flat=True`, never noise
-   stretched to [0, 1]. `cxrdx.explain.explain` turns the flag into a FlatSaliencyWarning.
+2. The weighted channels are split into G = 32 groups; each group is summed over its channels and
+   ReLU'd, then de-noised on its own low-resolution map: values at or below the map's 70th percentile
+   (linear interpolation, as numpy's) become 0. The map is upsampled bilinearly to the input size and
+   min-max normalised to [0, 1]; a map without range is skipped.
+3. Each group map m blends the input with its blurred copy, x·m + blur(x)·(1−m); the blur is a
+   Gaussian of kernel 51 and sigma 50 (reflect padding) at 224 px. The group's score is the signed
+   difference p(blend) − p(blur(x)) of the target's probability.
+4. saliency = ReLU(Σ score_g · m_g), min-max normalised.
+
+Differences kept from the authors' code, all documented here:
+- The score p is the **sigmoid** probability of the target finding by default: the findings are
+  independent multi-label outputs, and the published softmax over all outputs would couple them.
+  `probability="softmax"` gives the published score for single-label (softmax) models.
+- The blur's kernel and sigma scale with the input side (51 and 50 at 224 px, the published values).
+- The groups are `torch.tensor_split`'s G groups (sizes differ by at most one); the authors'
+  `torch.chunk` gives the same groups whenever G divides the channel count (2048 for ResNet50 and
+  EfficientNet-b5, 768 for CoAtNet-0), and fewer, larger groups otherwise.
+- A saliency whose range after the ReLU is below `flat_tol` (no group raised the probability) is
+  reported as flat: zeros and `flat=True`, never noise stretched to [0, 1] (the authors return None).
+  `cxrdx.explain.explain` turns the flag into a FlatSaliencyWarning.
 
 The blurred baseline and the blends of the non-flat groups run in batches of `batch_size`, so one
 explanation costs 1 + ceil((kept groups + 1) / batch_size) forward passes and one backward.
@@ -32,14 +46,16 @@ from cxrdx.errors import CxrdxError
 
 BLUR_KERNEL_224 = 51
 BLUR_SIGMA_224 = 50.0
+DENOISE_PERCENTILE = 70.0
+PROBABILITIES = ("sigmoid", "softmax")
 
 
 @dataclass
 class GroupCamResult:
     saliency: np.ndarray  # (H, W) float32 in [0, 1]; zeros when flat
     flat: bool
-    probability: float  # sigmoid probability of the target finding on the input
-    scores: np.ndarray  # (G,) score of each group; 0 for groups whose map was flat
+    probability: float  # probability of the target finding on the input (sigmoid or softmax)
+    scores: np.ndarray  # (G,) signed score of each group; 0 for groups whose map was flat
     forwards: int  # forward passes of the model spent on this explanation
 
 
@@ -59,6 +75,12 @@ def blur(x: torch.Tensor) -> torch.Tensor:
     return gaussian_blur(x, kernel_size=kernels, sigma=sigmas)
 
 
+def denoise(maps: torch.Tensor, percentile: float = DENOISE_PERCENTILE) -> torch.Tensor:
+    """Zero each (h, w) map of (..., h, w) at or below its own `percentile` (linear interpolation)."""
+    threshold = torch.quantile(maps.flatten(-2), percentile / 100, dim=-1)[..., None, None]
+    return torch.where(maps > threshold, maps, torch.zeros_like(maps))
+
+
 def group_cam(
     model: nn.Module,
     image: torch.Tensor,
@@ -67,14 +89,23 @@ def group_cam(
     groups: int = 32,
     batch_size: int = 32,
     flat_tol: float = 1e-6,
+    probability: str = "sigmoid",
 ) -> GroupCamResult:
-    """Group-CAM saliency of `finding_index` for one image (1, C, H, W), on the model's device."""
+    """Group-CAM saliency of `finding_index` for one image (1, C, H, W), on the model's device.
+
+    `probability`: "sigmoid" (multi-label findings, the default) or "softmax" (the published score,
+    for single-label models).
+    """
     if image.ndim != 4 or image.shape[0] != 1:
         raise CxrdxError(f"group_cam explains one image shaped (1, C, H, W); got {tuple(image.shape)}")
     if groups < 1 or batch_size < 1:
         raise CxrdxError(f"groups and batch_size must be at least 1; got {groups} and {batch_size}")
-    device = next(model.parameters()).device
-    x = image.detach().to(device=device, dtype=torch.float32)
+    if probability not in PROBABILITIES:
+        raise CxrdxError(f"probability must be one of {', '.join(PROBABILITIES)}; got {probability!r}")
+    to_probability = torch.sigmoid if probability == "sigmoid" else lambda z: torch.softmax(z, dim=-1)
+    parameter = next(model.parameters())
+    device = parameter.device
+    x = image.detach().to(device=device, dtype=parameter.dtype if parameter.is_floating_point() else torch.float32)
     height, width = x.shape[-2:]
 
     with explaining(model), _capture(target_layer) as captured:
@@ -84,11 +115,11 @@ def group_cam(
         _check_logits(logits, finding_index)
         activations = captured["output"]
         (gradients,) = torch.autograd.grad(logits[0, finding_index], activations)
-        probability = float(torch.sigmoid(logits[0, finding_index].detach()))
+        input_probability = float(to_probability(logits.detach())[0, finding_index])
 
     weighted = gradients.mean(dim=(2, 3), keepdim=True) * activations.detach()
     group_sums = torch.cat([g.sum(1, keepdim=True) for g in torch.tensor_split(weighted, groups, dim=1)], dim=1)
-    maps = F.interpolate(F.relu(group_sums), size=(height, width), mode="bilinear", align_corners=False)[0]
+    maps = F.interpolate(denoise(F.relu(group_sums)), size=(height, width), mode="bilinear", align_corners=False)[0]
     low = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - low
     kept = torch.nonzero(span.flatten() > 0).flatten()
@@ -102,13 +133,14 @@ def group_cam(
             parts = [blurred] if start == 0 else []
             m = masks[max(start - 1, 0) : stop - 1]
             parts.append(x * m + blurred * (1 - m))
-            probabilities.append(torch.sigmoid(model(torch.cat(parts))[:, finding_index]))
+            probabilities.append(to_probability(model(torch.cat(parts)))[:, finding_index])
             forwards += 1
     probabilities = torch.cat(probabilities)
-    kept_scores = F.relu(probabilities[1:] - probabilities[0])
+    kept_scores = probabilities[1:] - probabilities[0]
 
     saliency = (kept_scores.view(-1, 1, 1) * masks[:, 0]).sum(0) if len(kept) else torch.zeros_like(x[0, 0])
-    scores = torch.zeros(groups, device=device)
+    saliency = F.relu(saliency)
+    scores = torch.zeros(groups, device=device, dtype=kept_scores.dtype)
     scores[kept] = kept_scores
     low, high = saliency.min(), saliency.max()
     flat = bool(high - low <= flat_tol)
@@ -116,8 +148,8 @@ def group_cam(
     return GroupCamResult(
         saliency=saliency.float().cpu().numpy(),
         flat=flat,
-        probability=probability,
-        scores=scores.cpu().numpy(),
+        probability=input_probability,
+        scores=scores.float().cpu().numpy(),
         forwards=forwards,
     )
 

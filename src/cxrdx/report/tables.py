@@ -302,8 +302,9 @@ def table5(cmp: Comparison, model: str) -> Table:
     k = int(np.isfinite(auc).sum())
     notes = [
         "*** p < 0.001, ** p < 0.01, * p < 0.05, n.s. no significant difference; Bonferroni adjustment over "
-        f"{len(cmp.findings) * (len(cmp.findings) - 1) // 2} pairs. Two-sided z-test of the AUROC difference with DeLong "
-        "variances (independent-groups ROC comparison).",
+        f"{len(cmp.findings) * (len(cmp.findings) - 1) // 2} pairs. Two-sided z-test of the AUROC difference with its "
+        "paired DeLong variance var_a + var_b - 2 cov_ab: the findings share the test images, and their covariance comes "
+        "from each image's structural components (placement values) for both findings.",
     ]
     if k < len(cmp.findings):
         notes.append("Findings without an AUROC are marked –.")
