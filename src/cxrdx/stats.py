@@ -201,15 +201,24 @@ def findings_covariance(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, n
     finding, centred and scaled by 1/sqrt(m(m-1)) as a positive or 1/sqrt(n(n-1)) as a negative of
     that finding, is its component; the covariance is the components' cross product over images. The
     diagonal is DeLong's variance, and for two scores of one finding it is DeLong's paired covariance.
-    Findings with fewer than two positives or negatives get NaN rows and columns.
+    Findings with fewer than two positives or negatives get NaN rows and columns; NaN labels (a
+    finding a dataset does not label) leave that image out of that finding.
     """
-    yb, s, _ = _check(y, score)
-    auc, v = placements(yb, s)
-    m, n = yb.sum(axis=0).astype(float), (~yb).sum(axis=0).astype(float)
-    valid = (m >= 2) & (n >= 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.where(yb, 1 / np.sqrt(m * (m - 1)), 1 / np.sqrt(n * (n - 1)))
-        components = np.where(valid, (v - auc) * scale, 0.0)
+    y = np.asarray(y, dtype=np.float64)
+    labelled = ~np.isnan(y)  # an unlabelled image (NaN) enters neither that finding's AUROC nor its component
+    _, s, _ = _check(np.where(labelled, y, 0), score)
+    auc = np.full(y.shape[1], np.nan)
+    components = np.zeros_like(s)
+    for k in range(y.shape[1]):
+        rows = labelled[:, k]
+        yb = y[rows, k] == 1
+        m, n = float(yb.sum()), float((~yb).sum())
+        if m < 2 or n < 2:
+            continue
+        a, v = placements(yb[:, None], s[rows, k][:, None])
+        auc[k] = a[0]
+        components[rows, k] = (v[:, 0] - a[0]) * np.where(yb, 1 / np.sqrt(m * (m - 1)), 1 / np.sqrt(n * (n - 1)))
+    valid = ~np.isnan(auc)
     cov = components.T @ components
     cov[~valid, :] = np.nan
     cov[:, ~valid] = np.nan
