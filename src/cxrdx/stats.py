@@ -271,11 +271,11 @@ def mean_se_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Mea
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """Pearson r and two-sided p over the pairs where both are finite; NaN with fewer than 3."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 3 or np.ptp(a[keep]) == 0 or np.ptp(b[keep]) == 0:
         return np.nan, np.nan
-    result = sps.pearsonr(x[keep], y[keep])
+    result = sps.pearsonr(a[keep], b[keep])
     return float(result.statistic), float(result.pvalue)
 
 

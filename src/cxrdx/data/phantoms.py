@@ -640,7 +640,7 @@ def render_phantom(
     value = np.clip((density + 0.01) / 0.72, 0.0, 1.0) ** acq.gamma
     value = (value - 0.5) * acq.contrast + 0.5 + acq.brightness + acq.heel * Y
     mottle = rng.random((9, 9), dtype=np.float32)
-    value += np.asarray(Image.fromarray(mottle, mode="F").resize((size, size), Image.BICUBIC)) * (acq.noise * 1.5)
+    value += np.asarray(Image.fromarray(mottle, mode="F").resize((size, size), Image.Resampling.BICUBIC)) * (acq.noise * 1.5)
     value += rng.standard_normal((size, size), dtype=np.float32) * acq.noise - acq.noise * 0.75
     return np.clip(value * 255.0 + 0.5, 0, 255).astype(np.uint8), boxes
 

@@ -386,7 +386,7 @@ def table1_table(index: pd.DataFrame, split: pd.Series, title: str) -> tuple[Tab
     total = parts["all"]["images"]
     names = {"train": "Train", "val": "Validation", "test": "Test", "all": "Total"}
     heads = [f"{names[c]} ({100 * parts[c]['images'] / max(total, 1):.0f}%)" if c != "all" else "Total" for c in columns]
-    data: dict[tuple[str, str], list[int]] = {("Split", "Images"): [parts[c]["images"] for c in columns]}
+    data: dict[tuple[str, str], list[float]] = {("Split", "Images"): [parts[c]["images"] for c in columns]}
     data[("Split", "Patients")] = [patients[c] for c in columns]
     for f in FINDINGS:
         data[("Labels", f)] = [parts[c]["findings"][f] for c in columns]
