@@ -226,7 +226,7 @@ def _findings(index: pd.DataFrame) -> np.ndarray:
     missing = [f for f in FINDINGS if f not in index.columns]
     if missing:
         raise CxrdxError(f"the patient split needs the finding columns of the metadata; missing {', '.join(missing)}")
-    return index[list(FINDINGS)].to_numpy(dtype=np.int64)
+    return (index[list(FINDINGS)] == 1).to_numpy(dtype=np.int64)  # positives; NaN (not labelled) is not one
 
 
 def _patient_split(
