@@ -145,7 +145,8 @@ def subgroup_tables(result: Subgroups) -> list[Table]:
     )
     gap_table = Table(
         "subgroup_gaps", "Largest AUROC gap between the groups of each attribute", gaps, shown_gaps,
-        ["gap: highest minus lowest group AUROC; unpaired DeLong z-test (different images: the variances add).",
+        ["gap: highest minus lowest AUROC among the groups with a CI (two or more positive and negative images); "
+         "unpaired DeLong z-test (different images: the variances add).",
          "p is not adjusted for multiple comparisons, and the largest of several gaps is an optimistic pick."],
     )
     return [groups, gap_table]
