@@ -273,3 +273,23 @@ def test_subgroup_groups_of_bands_and_datasets() -> None:
     assert groups["sex"].tolist() == ["F", "M", "", "F"] and groups["age"].tolist() == ["<40", "40–59", "", "≥80"]
     assert groups["view"].tolist() == ["AP", "", "PA", ""] and groups["dataset"].tolist() == ["a", "a", "b", "b"]
     assert "dataset" not in subgroups.groups_of(meta.assign(dataset="a"))
+
+
+# --- the demo's second site ------------------------------------------------------------------------
+
+
+def test_second_site_phantoms_are_an_external_csv_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cxrdx.data.datasets import read_dataset
+    from cxrdx.data.phantoms import SITE2_UNLABELLED, render_phantom, sample_specs
+
+    assert main(["phantoms", "--site", "2", "--out", str(tmp_path / "site2"), "--n", "60", "--size", "48", "--seed", "0"]) == 0
+    index = read_dataset("generic", tmp_path / "site2", views=None)
+    table = index.table
+    assert len(table) == 60 and not index.missing
+    assert index.unlabelled() == list(SITE2_UNLABELLED)
+    assert table["Patient ID"].str.startswith("site2-").all() and (table["View Position"] == "AP").mean() > 0.7
+    site1, site2 = sample_specs(60, 0), sample_specs(60, 0, site=2)
+    assert [s.labels for s in site1] != [s.labels for s in site2]  # other patients, not the first site's
+    one, two = render_phantom(site1[0], 64)[0], render_phantom(site2[0], 64)[0]
+    assert two[0].mean() < 20 and one[0].mean() > 20  # collimation: a dark top border at the second site only
+    assert two.max() >= 240  # the side marker

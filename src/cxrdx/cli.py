@@ -198,11 +198,17 @@ def _phantoms_args(parser: argparse.ArgumentParser) -> None:
         "--tail-floor", type=float, default=0.0,
         help="raise every finding's prevalence to at least this fraction (default 0: the paper's long tail)",
     )
+    parser.add_argument("--site", type=int, choices=(1, 2), default=1,
+                        help="2: other patients through another scanner, in the csv layout (labels.csv), an external test set")
 
 
 def _phantoms(args: argparse.Namespace) -> int:
-    from cxrdx.data.phantoms import generate_phantoms
+    from cxrdx.data.phantoms import generate_phantoms, generate_second_site
 
+    if args.site == 2:
+        out = generate_second_site(args.out, n=args.n, size=args.size, seed=args.seed, tail_floor=args.tail_floor)
+        print(f"wrote {args.n} second-site phantom images ({args.size}x{args.size}) and labels.csv to {out}")
+        return 0
     out = generate_phantoms(args.out, n=args.n, size=args.size, seed=args.seed, tail_floor=args.tail_floor)
     boxes = sum(1 for _ in open(out / "BBox_List_2017.csv", encoding="utf-8")) - 1
     print(f"wrote {args.n} phantom images ({args.size}x{args.size}) and {boxes} boxes to {out}")
