@@ -127,8 +127,8 @@ def generalisation_table(g: Generalisation) -> report.Table:
 
 def _notes(g: Generalisation, common: int) -> list[str]:
     notes = [
-        "Difference: external − internal AUROC; the sets hold different images, so it is an unpaired DeLong z-test "
-        "(the variances add). p is not adjusted for multiple comparisons.",
+        ("Difference: external − internal AUROC; the sets hold different images, so it is an unpaired DeLong z-test "
+         "(the variances add). p is not adjusted for multiple comparisons."),
         f"Mean: over the {common} findings with an AUROC on every set (no CI).",
     ]
     for e in g.external:

@@ -9,7 +9,7 @@ and taking the largest of several gaps makes them optimistic: read them as a scr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +51,7 @@ def groups_of(meta: pd.DataFrame) -> dict[str, pd.Series]:
     return out
 
 
-def _order(attribute: str, values: Sequence[str]) -> list[str]:
+def _order(attribute: str, values: Iterable[str]) -> list[str]:
     fixed = {"sex": SEXES, "age": tuple(b[2] for b in AGE_BANDS), "view": VIEWS}.get(attribute)
     present = set(values) - {""}
     return [g for g in fixed if g in present] if fixed else sorted(present)
@@ -145,8 +145,8 @@ def subgroup_tables(result: Subgroups) -> list[Table]:
     )
     gap_table = Table(
         "subgroup_gaps", "Largest AUROC gap between the groups of each attribute", gaps, shown_gaps,
-        ["gap: highest minus lowest AUROC among the groups with a CI (two or more positive and negative images); "
-         "unpaired DeLong z-test (different images: the variances add).",
+        [("gap: highest minus lowest AUROC among the groups with a CI (two or more positive and negative images); "
+          "unpaired DeLong z-test (different images: the variances add)."),
          "p is not adjusted for multiple comparisons, and the largest of several gaps is an optimistic pick."],
     )
     return [groups, gap_table]
