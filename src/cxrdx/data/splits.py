@@ -134,7 +134,7 @@ def table1(index: pd.DataFrame, split: pd.Series) -> dict:
     "label_counts": {"0", "1", "2", "3", ">=4": int}}}, "leakage": leakage_report(...)}
     """
     frame = _join(index, split)
-    labels = frame[list(FINDINGS)].to_numpy()
+    labels = _findings(frame)
     per_image = np.minimum(labels.sum(axis=1), len(LABEL_COUNT_ROWS) - 1)
     names = frame["split"].to_numpy()
 
