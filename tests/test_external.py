@@ -177,6 +177,11 @@ def test_evaluate_on_an_external_cache_and_the_generalisation_table(
     assert labels["Nodule"].isna().all() and labels["Cardiomegaly"].isna().sum() == 1
     assert {"Patient Gender", "Patient Age", "View Position", "dataset"} <= set(labels.columns)
     assert (outside / "subgroups.csv").is_file() and (outside / "subgroup_gaps.md").is_file()
+    again = subgroups.read_subgroups(outside)  # from the folder alone, as the report reads it
+    written = pd.read_csv(outside / "subgroups.csv").set_index(["finding", "attribute", "group"])
+    assert np.allclose(again.auroc["auroc"], written.loc[again.auroc.index, "auroc"], equal_nan=True)
+    assert set(again.auroc.index.get_level_values("attribute")) == {"sex", "age", "view"}
+    assert again.auroc.loc[("Effusion", "sex", "F"), "images"] == 12
     # the same images read from the files with --dataset give the same probabilities
     evaluate("--checkpoint", str(checkpoint), "--dataset", "csv", "--data-dir", str(csv_dir), "--out", str(raw))
     a = pd.read_csv(outside / "predictions.csv").set_index("Image Index")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,6 +108,20 @@ def _gaps(table: pd.DataFrame, level: float) -> pd.DataFrame:
         rows.append((finding, attribute, low_row[2], high_row[2], d.diff, d.low, d.high, d.z, d.p))
     columns = ["finding", "attribute", "low_group", "high_group", "gap", "low", "high", "z", "p"]
     return pd.DataFrame(rows, columns=columns).set_index(["finding", "attribute"])
+
+
+def read_subgroups(folder: str | Path) -> Subgroups | None:
+    """The subgroup AUROCs of an evaluation folder (predictions.csv + labels.csv with the subgroup
+    columns, as `cxrdx evaluate` writes it); None when its labels have no subgroup column."""
+    from cxrdx.evaluation import LABELS, find_predictions, load_runs
+
+    predictions = find_predictions(folder)
+    names, probs, y, _ = load_runs([predictions])
+    labels = pd.read_csv(predictions.parent / LABELS, dtype={"Image Index": str}).set_index("Image Index")
+    meta = labels.loc[names, [c for c in COLUMNS if c in labels.columns]]
+    if not groups_of(meta):
+        return None
+    return subgroup_auroc(y, next(iter(probs.values())), meta)
 
 
 # --- tables ----------------------------------------------------------------------------------------
