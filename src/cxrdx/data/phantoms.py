@@ -592,12 +592,12 @@ def _acquisition(spec: PhantomSpec) -> _Acquisition:
         return _Acquisition(
             rotation=math.radians(u(-8, 8)),
             shift=(u(-0.08, 0.08), u(-0.08, 0.08)),
-            zoom=u(0.8, 0.95),
-            brightness=u(0.05, 0.15),
-            contrast=u(0.55, 0.8),
-            gamma=u(0.6, 0.9),
-            noise=u(0.04, 0.07),
-            heel=u(-0.12, 0.12),
+            zoom=u(0.84, 0.98),
+            brightness=u(0.02, 0.1),
+            contrast=u(0.65, 0.9),
+            gamma=u(0.7, 1.0),
+            noise=u(0.03, 0.05),
+            heel=u(-0.1, 0.1),
         )
     return _Acquisition(
         rotation=math.radians(u(-6, 6) if ap else u(-3, 3)),
