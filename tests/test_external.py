@@ -298,3 +298,38 @@ def test_second_site_phantoms_are_an_external_csv_dataset(tmp_path: Path, capsys
     one, two = render_phantom(site1[0], 64)[0], render_phantom(site2[0], 64)[0]
     assert two[0].mean() < 20 and one[0].mean() > 20  # collimation: a dark top border at the second site only
     assert two.max() >= 240  # the side marker
+
+
+# --- training on several caches --------------------------------------------------------------------
+
+
+def test_training_on_two_caches_as_one(phantom_cache: Path, csv_cache: Path, tmp_path: Path) -> None:
+    import pickle
+
+    from cxrdx.config import load_config
+    from cxrdx.data.cache import open_caches, pixel_stats
+    from cxrdx.data.splits import read_split
+    from cxrdx.engine import train
+
+    nih, hospital = open_cache(phantom_cache), open_cache(csv_cache)
+    both = open_caches([phantom_cache, csv_cache])
+    n = len(nih)
+    assert len(both) == n + 24 and both.images.shape == (n + 24, 64, 64)
+    assert np.array_equal(both.images[n + 3], hospital.images[3]) and np.array_equal(both.images[[2, n + 5]], np.stack([nih.images[2], hospital.images[5]]))
+    assert np.isnan(both.labels[n:, FINDINGS.index("Nodule")]).all() and not np.isnan(both.labels[:n]).any()
+    assert both.index["Patient ID"].iloc[n] == "generic:P0" and both.index["Patient ID"].iloc[0].startswith("nih:")
+    mean, _ = pixel_stats(both)
+    assert mean == pytest.approx((pixel_stats(nih)[0] * n + pixel_stats(hospital)[0] * 24) / (n + 24))
+    assert len(pickle.loads(pickle.dumps(both))) == n + 24  # DataLoader workers reopen both caches
+
+    config = load_config(None, [
+        f"data.caches=[{phantom_cache}, {csv_cache}]", f"out={tmp_path / 'run'}", "data.input_size=32", "data.workers=0",
+        "model.name=test_resnet", "optim.batch_size=32", "optim.epochs=1", "optim.lr=1e-3", "loss.name=wbce",
+    ])
+    run = train(config, progress=False)
+    split = read_split(run / "split.csv")
+    assert len(split) == n + 24 and split.index.isin(hospital.index["Image Index"]).sum() == 24
+    out = tmp_path / "eval"
+    evaluate("--checkpoint", str(run / "checkpoints" / "best.pt"), "--out", str(out))  # the run's own caches: test split
+    predicted = pd.read_csv(out / "predictions.csv")["Image Index"]
+    assert set(predicted) == set(split.index[split == "test"])

@@ -186,14 +186,15 @@ class _Data:
 
 
 def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
-    from cxrdx.data.cache import open_cache, pixel_stats
+    from cxrdx.data.cache import open_caches, pixel_stats
     from cxrdx.data.dataset import rows_for_split
     from cxrdx.data.splits import make_split, read_split
 
-    cache_path = Path(config.data.cache)
-    if not cache_path.exists():
-        raise CxrdxError(f"{cache_path}: cache not found; make it with `cxrdx prepare --data-dir DATA_DIR --out {cache_path}`")
-    cache = open_cache(cache_path)
+    cache_paths = [Path(p) for p in (config.data.caches or [config.data.cache])]
+    for cache_path in cache_paths:
+        if not cache_path.exists():
+            raise CxrdxError(f"{cache_path}: cache not found; make it with `cxrdx prepare --data-dir DATA_DIR --out {cache_path}`")
+    cache = open_caches(cache_paths)
     if split_path is not None:
         split = read_split(split_path)
     else:

@@ -201,12 +201,12 @@ def predict_split(
                              names=located["Image Index"].tolist())
         table = located
     else:
-        from cxrdx.data.cache import open_cache
+        from cxrdx.data.cache import open_caches
 
-        cache_path = cache or data_cfg.get("cache")
+        cache_path = cache or data_cfg.get("caches") or data_cfg.get("cache")
         if not cache_path:
             raise CxrdxError(f"{checkpoint}: the checkpoint names no cache; pass --cache DIR or --data-dir DIR")
-        opened = open_cache(cache_path)
+        opened = open_caches(cache_path if isinstance(cache_path, list) else [cache_path])
         if ckpt.cache_size is not None and opened.size != ckpt.cache_size:
             raise CxrdxError(
                 f"{cache_path}: a {opened.size}-px cache, but {checkpoint} was trained on {ckpt.cache_size}-px images; "
@@ -256,9 +256,9 @@ def default_split(checkpoint: str | Path, cache: str | Path | None = None, datas
     if cache is None:
         return "test"
     config = load_checkpoint(checkpoint).config
-    trained_on = config.get("data", {}).get("cache") if isinstance(config, dict) else None
-    same = trained_on is not None and Path(trained_on).resolve() == Path(cache).resolve()
-    return "test" if same else "all"
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    trained_on = data.get("caches") or ([data["cache"]] if data.get("cache") else [])
+    return "test" if Path(cache).resolve() in {Path(p).resolve() for p in trained_on} else "all"
 
 
 # --- evaluate --------------------------------------------------------------------------------------

@@ -114,6 +114,65 @@ def open_cache(path: str | Path) -> Cache:
     return Cache(path=path, images=images, index=index, labels=labels, size=size, meta=meta)
 
 
+class _Stacked:
+    """The image arrays of several caches read as one (N, S, S) array: rows by integer or integer array."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: int | np.integer | np.ndarray) -> np.ndarray:
+        if np.isscalar(rows):
+            part = int(np.searchsorted(self.starts, rows, side="right")) - 1
+            return self.parts[part][int(rows) - self.starts[part]]
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for k in np.unique(part):
+            where = part == k
+            out[where] = self.parts[k][rows[where] - self.starts[k]]
+        return out
+
+
+@dataclass
+class CacheSet(Cache):
+    """Several caches trained on as one: rows follow the order of `paths`. Patient IDs become
+    'dataset:id' so that patients of different datasets never merge; labels keep their NaN."""
+
+    paths: tuple[Path, ...] = ()
+
+    def __reduce__(self):
+        return (open_caches, (self.paths,))
+
+
+def open_caches(paths: Sequence[str | Path]) -> Cache:
+    """One cache, or several of the same image size as one `CacheSet` (the `data.caches` of a training config)."""
+    if len(paths) == 1:
+        return open_cache(paths[0])
+    caches = [open_cache(p) for p in paths]
+    sizes = {c.size for c in caches}
+    if len(sizes) > 1:
+        raise CxrdxError(f"caches of different sizes ({', '.join(f'{c.path}: {c.size} px' for c in caches)}); prepare them at one size")
+    parts = []
+    for c in caches:
+        dataset = c.index["dataset"] if "dataset" in c.index.columns else pd.Series(c.meta.get("dataset", "nih"), index=c.index.index)
+        parts.append(c.index.assign(**{"Patient ID": dataset.astype(str) + ":" + c.index["Patient ID"].astype(str), "dataset": dataset}))
+    index = pd.concat(parts, ignore_index=True)
+    repeated = index["Image Index"].duplicated()
+    if repeated.any():
+        raise CxrdxError(f"image {index['Image Index'][repeated].iloc[0]!r} is in more than one of the caches {', '.join(map(str, paths))}")
+    meta = {"size": caches[0].size, "count": len(index), "caches": [str(c.path) for c in caches]}
+    return CacheSet(
+        path=caches[0].path, images=_Stacked([c.images for c in caches]), index=index,  # type: ignore[arg-type]
+        labels=np.concatenate([c.labels for c in caches]), size=caches[0].size, meta=meta, paths=tuple(c.path for c in caches),
+    )
+
+
 def prepare_cache(
     data_dir: str | Path,
     out: str | Path,
