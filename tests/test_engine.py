@@ -106,7 +106,7 @@ def test_run_inference_reproduces_the_validation_auroc(one_epoch_run: Path):
     loader = make_loader(dataset, batch_size=7, shuffle=False, workers=0)
     model = best.build_model()
     probs, targets, names = run_inference(model, loader, "cpu")
-    assert probs.dtype == np.float64 and probs.shape == (len(rows), 14) and targets.dtype == np.uint8
+    assert probs.dtype == np.float64 and probs.shape == (len(rows), 14) and targets.dtype == np.float32
     assert names == dataset.names and np.array_equal(targets, cache.labels[rows])
     assert mean_auroc(probs, targets)[0] == pytest.approx(best.val_metrics["mean_auroc"], abs=1e-6)
 

@@ -286,14 +286,15 @@ class _Data:
 
 
 def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
-    from cxrdx.data.cache import open_cache, pixel_stats
+    from cxrdx.data.cache import open_caches, pixel_stats
     from cxrdx.data.dataset import rows_for_split
     from cxrdx.data.splits import make_split, read_split
 
-    cache_path = Path(config.data.cache)
-    if not cache_path.exists():
-        raise CxrdxError(f"{cache_path}: cache not found; make it with `cxrdx prepare --data-dir DATA_DIR --out {cache_path}`")
-    cache = open_cache(cache_path)
+    cache_paths = [Path(p) for p in (config.data.caches or [config.data.cache])]
+    for cache_path in cache_paths:
+        if not cache_path.exists():
+            raise CxrdxError(f"{cache_path}: cache not found; make it with `cxrdx prepare --data-dir DATA_DIR --out {cache_path}`")
+    cache = open_caches(cache_paths)
     if split_path is not None:
         split = read_split(split_path)
     else:
@@ -358,7 +359,7 @@ def _local_indices(loader: DataLoader) -> list[int]:
 def _logits(
     model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None, hflip: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits (float64), targets (uint8) and names of every sample, in dataset order, on every rank."""
+    """Logits (float64), targets (float32: 1, 0, NaN = not labelled) and names of every sample, in dataset order, on every rank."""
     was_training = model.training
     model.eval()
     outputs, targets, names = [], [], []
@@ -372,18 +373,18 @@ def _logits(
             if hflip:
                 out = (out + model(torch.flip(images, dims=[-1])).float()) / 2
         outputs.append(out.cpu().double().numpy())
-        targets.append(np.asarray(labels, dtype=np.uint8))
+        targets.append(np.asarray(labels, dtype=np.float32))
         names.extend(batch_names)
     model.train(was_training)
     width = len(FINDINGS)
     out = np.concatenate(outputs) if outputs else np.zeros((0, width))
-    tgt = np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.uint8)
+    tgt = np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.float32)
     if not _gathering():
         return out, tgt, np.asarray(names, dtype=object)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (_local_indices(loader), out, tgt, names))
     n = len(loader.dataset)
-    out_all, tgt_all, names_all = np.zeros((n, width)), np.zeros((n, width), dtype=np.uint8), np.empty(n, dtype=object)
+    out_all, tgt_all, names_all = np.zeros((n, width)), np.zeros((n, width), dtype=np.float32), np.empty(n, dtype=object)
     for indices, out, tgt, nm in gathered:  # DistributedSampler's padding repeats samples: same values
         out_all[indices], tgt_all[indices], names_all[indices] = out, tgt, nm
     return out_all, tgt_all, names_all
@@ -397,7 +398,7 @@ def run_inference(
     hflip: bool = False,
     temperature: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Probabilities (N,14) float64, targets (N,14) uint8 and image names, in dataset order, gathered
+    """Probabilities (N,14) float64, targets (N,14) float32 (NaN: not labelled) and image names, in dataset order, gathered
     over all ranks under DDP (DistributedSampler padding dropped). `amp`: autocast as resolve_amp
     decides (True = "auto": on CUDA only); `hflip`: average the logits of each image and its mirror;
     `temperature`: per-finding divisor of the logits before the sigmoid."""
@@ -409,13 +410,14 @@ def run_inference(
 
 
 def mean_auroc(probs: np.ndarray, targets: np.ndarray) -> tuple[float, list[float | None]]:
-    """Mean AUROC over the findings with both classes present, and the per-finding values (None: undefined)."""
+    """Mean AUROC over the findings with both classes among their labelled images, and the per-finding values (None: undefined)."""
     from sklearn.metrics import roc_auc_score
 
     per = []
     for j in range(targets.shape[1]):
-        column = targets[:, j]
-        per.append(float(roc_auc_score(column, probs[:, j])) if 0 < column.sum() < len(column) else None)
+        labelled = ~np.isnan(targets[:, j])
+        column = targets[labelled, j]
+        per.append(float(roc_auc_score(column, probs[labelled, j])) if 0 < column.sum() < len(column) else None)
     defined = [v for v in per if v is not None]
     return (float(np.mean(defined)) if defined else float("nan")), per
 
@@ -465,11 +467,9 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
 
 
 def _criterion(config: TrainConfig, data: _Data, device: torch.device) -> nn.Module:
-    from cxrdx.losses import create_loss
+    from cxrdx.losses import create_loss, label_counts
 
-    labels = np.asarray(data.cache.labels[data.train_rows])
-    positives = labels.sum(axis=0).astype(np.int64)
-    negatives = len(labels) - positives
+    positives, negatives = label_counts(data.cache.labels[data.train_rows])
     try:
         return create_loss(config.loss.name, positives, negatives, **config.loss.hyper).to(device)
     except CxrdxError as exc:  # e.g. a finding without positive training images: name the split

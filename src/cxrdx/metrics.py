@@ -45,8 +45,9 @@ def _labelled(y: np.ndarray) -> np.ndarray:
     return ~np.isnan(np.asarray(y, dtype=np.float64))
 
 
-def _delong(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """stats.delong_covariance of (M, N, K) scores, each finding on the images that label it."""
+def delong(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC (M, K) and DeLong covariance (K, M, M) of (M, N, K) scores (stats.delong_covariance), each finding
+    on the images that label it (NaN labels masked); NaN where a finding lacks positives or negatives."""
     labelled = _labelled(y)
     if labelled.all():
         return stats.delong_covariance(y, probs)
@@ -288,7 +289,7 @@ def evaluate(
     notes = list(degenerate(y, names).values())
     thr = _thresholds(thresholds, len(names))
     if auroc is None:
-        auc, cov = _delong(y, probs[None])
+        auc, cov = delong(y, probs[None])
         auroc = auc[0], cov[:, 0, 0]
     auc, var = auroc
     low, high = stats.normal_ci(auc, var, level)
@@ -381,7 +382,7 @@ def compare_models(
     arrays = [_arrays(y, probs[m], names)[1] for m in models]
     y = _arrays(y, arrays[0], names)[0]
     notes = list(degenerate(y, names).values())
-    auc, cov = _delong(y, np.stack(arrays))
+    auc, cov = delong(y, np.stack(arrays))
     var = np.einsum("kmm->mk", cov)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)  # said once above for all models

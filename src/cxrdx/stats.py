@@ -47,6 +47,16 @@ class AnovaResult(NamedTuple):
     subjects: int  # findings that entered the test: those with an AUROC for every model
 
 
+class Difference(NamedTuple):
+    """b - a with its confidence interval and two-sided z-test."""
+
+    diff: float | np.ndarray
+    low: float | np.ndarray
+    high: float | np.ndarray
+    z: float | np.ndarray
+    p: float | np.ndarray
+
+
 class BootstrapCI(NamedTuple):
     low: np.ndarray  # (K,) per-column percentile interval
     high: np.ndarray
@@ -175,6 +185,19 @@ def _z_test(diff: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = np.where(var > 0, diff / np.sqrt(np.where(var > 0, var, 1.0)), np.where(diff == 0, 0.0, np.sign(diff) * np.inf))
     z = np.where(np.isnan(diff) | np.isnan(var), np.nan, z)
     return z, 2 * sps.norm.sf(np.abs(z))
+
+
+def unpaired_difference(
+    auc_a: np.ndarray | float, var_a: np.ndarray | float, auc_b: np.ndarray | float, var_b: np.ndarray | float, level: float = 0.95
+) -> Difference:
+    """AUROC b - a of two independent sets of images (other patients, another hospital): their
+    DeLong variances add. The CI is diff ± z·sqrt(var_a + var_b), not clipped; p is two-sided."""
+    a, b = np.asarray(auc_a, dtype=float), np.asarray(auc_b, dtype=float)
+    diff, var = b - a, np.asarray(var_a, dtype=float) + np.asarray(var_b, dtype=float)
+    half = sps.norm.ppf(0.5 + level / 2) * np.sqrt(var)
+    z, p = _z_test(diff, var)
+    one = diff.ndim == 0
+    return Difference(*(float(v) if one else v for v in (diff, diff - half, diff + half, z, p)))
 
 
 def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> DeLongTest:
