@@ -324,7 +324,7 @@ def test_training_on_two_caches_as_one(phantom_cache: Path, csv_cache: Path, tmp
 
     config = load_config(None, [
         f"data.caches=[{phantom_cache}, {csv_cache}]", f"out={tmp_path / 'run'}", "data.input_size=32", "data.workers=0",
-        "model.name=test_resnet", "optim.batch_size=32", "optim.epochs=1", "optim.lr=1e-3", "loss.name=wbce",
+        "model.name=test_resnet", "optim.global_batch=32", "optim.epochs=1", "optim.lr=1e-3", "loss.name=wbce",
     ])
     run = train(config, progress=False)
     split = read_split(run / "split.csv")

@@ -44,12 +44,12 @@ def score_set(name: str, y: np.ndarray, probs: np.ndarray, checkpoint: str = "")
 
 def read_set(folder: str | Path, name: str | None = None) -> ScoredSet:
     """An evaluation folder (or its predictions.csv) of `cxrdx evaluate` -> its ScoredSet."""
-    from cxrdx.evaluation import find_predictions, load_runs, read_metrics
+    from cxrdx.evaluation import find_predictions, load_runs
+    from cxrdx.rundir import read_eval_metrics
 
     predictions = find_predictions(folder)
     _, probs, y, _ = load_runs([predictions])
-    settings = read_metrics(predictions.parent).get("settings", {})
-    checkpoint = str(settings.get("checkpoint", "")) if isinstance(settings, dict) else ""
+    checkpoint = str(read_eval_metrics(predictions.parent).settings.get("checkpoint", ""))
     label = name or (Path(folder).name if Path(folder).is_dir() else predictions.parent.name)
     return score_set(label, y, next(iter(probs.values())), checkpoint)
 
