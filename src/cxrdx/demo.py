@@ -66,8 +66,8 @@ def commands(s: DemoSettings) -> list[tuple[str, list[str]]]:
         ("second site cache", ["prepare", "--dataset", "csv", "--data-dir", site2, "--out", cache2, "--size", s.size]),
     ]
     for loss, run in runs.items():
-        steps.append((f"evaluate L_{loss} on the second site", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--cache", cache2, "--out", run / "eval-site2"]))
-        steps.append((f"generalisation table (L_{loss})", ["compare", run / rundir.EVAL, "--external", run / "eval-site2", "--names", "site1", "site2",
+        steps.append((f"evaluate L_{loss} on the second site", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--cache", cache2, "--out", rundir.external_eval_dir(run, "site2")]))
+        steps.append((f"generalisation table (L_{loss})", ["compare", run / rundir.EVAL, "--external", rundir.external_eval_dir(run, "site2"), "--names", "site1", "site2",
                                                           "--out", run / "generalisation"]))
     for loss, run in runs.items():
         best = rundir.best_checkpoint(run)

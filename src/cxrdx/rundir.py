@@ -64,6 +64,17 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS / LAST
 
 
+def external_eval_dir(run_dir: str | Path, name: str) -> Path:
+    """RUN/eval-NAME: `cxrdx evaluate` of the run's model on another dataset (an external set)."""
+    return Path(run_dir) / f"{EVAL}-{name}"
+
+
+def external_evals(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """(name, folder) of every external evaluation of a run that holds predictions, sorted by name."""
+    found = sorted(Path(run_dir).glob(f"{EVAL}-*"))
+    return [(p.name.removeprefix(f"{EVAL}-"), p) for p in found if (p / PREDICTIONS).is_file()]
+
+
 def train_state_path(run_dir: str | Path) -> Path:
     """The resume state beside last.pt (written by the engine through cxrdx.checkpoint.save_train_state)."""
     return Path(run_dir) / CHECKPOINTS / TRAIN_STATE

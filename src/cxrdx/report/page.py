@@ -189,7 +189,7 @@ def write_report(
     out = Path(out_dir)
     runs = s.open_runs(run_dirs, names)
     template_environment(template_dir)  # a wrong folder fails before the work
-    steps = ["scores", "dataset", "models", "training", "results", "explanations", "localization", "page"]
+    steps = ["scores", "dataset", "models", "training", "results", "explanations", "localization", "external", "page"]
     with tqdm(total=len(steps), desc="report", unit="part", disable=not progress, leave=False) as bar:
 
         def step(value: Any) -> Any:
@@ -207,6 +207,7 @@ def write_report(
             *step(s.results_sections(groups, notes)),
             step(s.guarded("explanations", "Where the model looks", s.explanations_section, runs)),
             step(s.guarded("localization", "Localization", s.localization_section, runs)),
+            step(s.guarded("external", "External validation and subgroups", s.external_section, runs)),
             s.guarded("settings", "Settings", s.settings_section, runs),
         ]
         path = out / REPORT
