@@ -323,8 +323,9 @@ def _train(args: argparse.Namespace) -> int:
     import os
 
     from cxrdx.config import apply_overrides, config_from_dict, load_config
-    from cxrdx.engine import leave_torchrun_worker, train
+    from cxrdx.engine import train
     from cxrdx.rundir import read_config
+    from cxrdx.runtime import leave_torchrun_worker
 
     if args.resume:
         if args.config:
@@ -412,9 +413,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     import warnings
 
     from cxrdx.data.packaged import google2019_labels
-    from cxrdx.engine import leave_torchrun_worker
     from cxrdx.evaluation import evaluate_checkpoint
     from cxrdx.report import format_mean_ci
+    from cxrdx.runtime import leave_torchrun_worker
 
     check_output_dir(args.out, "--out")
     expert = google2019_labels() if args.expert_labels == "" else args.expert_labels

@@ -115,7 +115,8 @@ def predict_split(
     `trust_pickle` also loads an old pickle checkpoint (see cxrdx.checkpoint).
     """
     from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
-    from cxrdx.engine import distributed, inference_sampler, run_inference
+    from cxrdx.inference import inference_sampler, run_inference
+    from cxrdx.runtime import distributed
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
@@ -237,7 +238,7 @@ def evaluate_checkpoint(
 
     Under torchrun every process predicts its shard; rank 0 alone writes and gets the result, the others None.
     """
-    from cxrdx.engine import distributed
+    from cxrdx.runtime import distributed
 
     with distributed(predict_kwargs.get("device", "auto")) as (info, _):  # one process group for both splits
         ckpt, preds, notes = predict_split(checkpoint, split=split, **predict_kwargs)

@@ -215,7 +215,7 @@ class Predictor(BasePredictor):
     backend = "pytorch"
 
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "auto", batch_size: int = 32):
-        from cxrdx.engine import resolve_device
+        from cxrdx.runtime import resolve_device
 
         super().__init__(ModelInfo.from_checkpoint(checkpoint), batch_size)
         self.checkpoint = checkpoint
