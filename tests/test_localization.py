@@ -152,7 +152,7 @@ def test_localize_scales_boxes_to_the_input(tiny_checkpoint, phantom_dir, phanto
     torch.testing.assert_close(cached_image, image)  # cache path == file path
     assert boxed_images(boxes, predictor, data_dir=phantom_dir, box_size=128)[1](names[0])[1] == (128, 128)
 
-    records = localize(predictor.model, ((n, *load(n)) for n in names), boxes, methods=("gradcam", "eigencam"))
+    records = localize(predictor, ((n, *load(n)) for n in names), boxes, methods=("gradcam", "eigencam"))
     expected = boxes[boxes["Image Index"].isin(names)].drop_duplicates(["Image Index", "Finding"])
     assert len(records) == 2 * len(expected)
     assert records["iou"].between(0, 1).all() and records["hit"].dtype == bool

@@ -602,9 +602,9 @@ def _localize(args: argparse.Namespace) -> int:
         raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} is in {where}")
     images = ((name, *load(name)) for name in names)
     records = localize(
-        predictor.model, images, boxes, methods=args.methods, findings=predictor.findings, threshold=args.threshold,
+        predictor, images, boxes, methods=args.methods, threshold=args.threshold,
         mode=args.threshold_mode, tolerance=args.tolerance, progress=not args.quiet, total=len(names), target_layers=layers,
-        temperature=predictor.info.temperature, **options,
+        **options,
     )
     summary = summarize(records)
     text = markdown_tables(summary, args.threshold, args.threshold_mode)
