@@ -863,7 +863,7 @@ def _demo(args: argparse.Namespace) -> int:
     from cxrdx.demo import DemoSettings, run_demo
 
     check_output_dir(args.out, "--out")
-    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed))
+    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed), main)
     return 0
 
 
