@@ -545,7 +545,7 @@ def _explain(args: argparse.Namespace) -> int:
     findings = [resolve_finding(name) for name in args.finding or []]
     check_output_dir(args.out, "--out")
     predictor, layers, options = _cam_setup(args)
-    count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.cache, args.split_file, args.limit)
+    count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.split_file, args.cache, args.limit)
     how = findings or ("all" if args.all else "predicted")
     table = write_explanations(
         predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, progress=not args.quiet,
@@ -593,8 +593,9 @@ def _localize(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
     boxes = read_boxes(boxes_path)
     predictor, layers, options = _cam_setup(args)
-    boxes, names, load, missing = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file,
-                                                      args.data_dir, args.cache, args.box_size, args.limit)
+    inputs = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file, args.data_dir, args.cache,
+                                 args.box_size, args.limit)
+    boxes, names, load, missing = inputs.boxes, inputs.names, inputs.load, inputs.missing
     if missing:
         print(f"cxrdx localize: {len(missing)} boxed image(s) not found, e.g. {', '.join(missing[:3])}", file=sys.stderr)
     if not names:

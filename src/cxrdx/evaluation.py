@@ -39,6 +39,25 @@ class SplitPredictions:
     patients: np.ndarray | None  # (N,) patient ids when known
 
 
+@dataclass
+class PredictedSplit:
+    """What `predict_split` gives: the checkpoint it loaded, its predictions, and notes for the user."""
+
+    checkpoint: Checkpoint
+    predictions: SplitPredictions
+    notes: list[str]
+
+
+@dataclass
+class AlignedRuns:
+    """Prediction files of the same images (`load_runs`), rows in the first file's order."""
+
+    names: list[str]  # image names
+    probs: dict[str, np.ndarray]  # model -> (N, K) probabilities
+    labels: np.ndarray  # (N, K) uint8
+    patients: np.ndarray | None  # (N,) patient ids when the labels have them
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 
@@ -105,7 +124,7 @@ def predict_split(
     apply_temperature: bool = True,
     allow_missing: bool = False,
     trust_pickle: bool = False,
-) -> tuple[Checkpoint, SplitPredictions, list[str]]:
+) -> PredictedSplit:
     """Model probabilities (the checkpoint's temperature applied unless `apply_temperature` is off) for one split.
 
     Images come from the prepared cache (default: the one the model was trained on) or, with
@@ -169,7 +188,7 @@ def predict_split(
         # fp32 as Predictor: thresholds and temperatures fitted here must hold for what predict/serve output
         temperature = ckpt.temperature if apply_temperature else None
         probs, targets, names = run_inference(model, shown, torch_device, amp=False, hflip=hflip, temperature=temperature)
-    return ckpt, SplitPredictions(list(names), probs, targets, np.array([patients[n] for n in names])), notes
+    return PredictedSplit(ckpt, SplitPredictions(list(names), probs, targets, np.array([patients[n] for n in names])), notes)
 
 
 # --- evaluate --------------------------------------------------------------------------------------
@@ -241,12 +260,13 @@ def evaluate_checkpoint(
     from cxrdx.runtime import distributed
 
     with distributed(predict_kwargs.get("device", "auto")) as (info, _):  # one process group for both splits
-        ckpt, preds, notes = predict_split(checkpoint, split=split, **predict_kwargs)
+        predicted = predict_split(checkpoint, split=split, **predict_kwargs)
         validation = None
         if thresholds in metrics.THRESHOLD_METHODS:
-            validation = predict_split(checkpoint, split="val", **predict_kwargs)[1]
+            validation = predict_split(checkpoint, split="val", **predict_kwargs).predictions
     if not info.main:
         return None
+    ckpt, preds = predicted.checkpoint, predicted.predictions
     chosen = resolve_thresholds(thresholds, ckpt, validation)
     label = name or run_dir_of(checkpoint).name
     settings = {
@@ -260,7 +280,7 @@ def evaluate_checkpoint(
         "tta_hflip": bool(predict_kwargs.get("hflip", False)),
         "bootstrap": n_bootstrap,
     }
-    return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
+    return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, predicted.notes, settings)
 
 
 # --- compare ---------------------------------------------------------------------------------------
@@ -289,11 +309,9 @@ def run_name(predictions: Path) -> str:
 
 def load_runs(
     paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None
-) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    """Prediction files of the same images, aligned on the first file's order, and their labels.
-
-    Returns image names, {model: probs (N, K)}, labels (N, K) and patient ids (or None).
-    """
+) -> AlignedRuns:
+    """Prediction files of the same images, aligned on the first file's order, and their labels
+    (`labels`: evaluate's labels.csv or the Data_Entry table; default: the labels.csv beside the first file)."""
     files = [find_predictions(p) for p in paths]
     if names is not None and len(names) != len(files):
         raise CxrdxError(f"{len(names)} names for {len(files)} prediction files")
@@ -321,7 +339,7 @@ def load_runs(
     truth = truth.loc[order]
     probs = {m: t.loc[order].to_numpy() for m, t in zip(models, tables)}
     patients = truth["Patient ID"].to_numpy() if "Patient ID" in truth.columns else None
-    return list(order), probs, truth[list(FINDINGS)].to_numpy(np.uint8), patients
+    return AlignedRuns(list(order), probs, truth[list(FINDINGS)].to_numpy(np.uint8), patients)
 
 
 def compare_runs(
@@ -337,7 +355,8 @@ def compare_runs(
     Table 4 applies `threshold` to every model when given; by default each run's own thresholds
     (its metrics.json, as `cxrdx evaluate` chose them), else 0.5.
     """
-    _, probs, y, _ = load_runs(paths, names, labels)
+    runs = load_runs(paths, names, labels)
+    probs, y = runs.probs, runs.labels
     thresholds = run_thresholds(paths, list(probs)) if threshold is None else threshold
     cmp = metrics.compare_models(y, probs, thresholds=thresholds)
     tables = report.comparison_tables(cmp)
@@ -369,7 +388,8 @@ def calibrate_checkpoint(
         raise CxrdxError(f"calibrating on the '{split}' split would leak it into the test results; use 'val'")
     if predict_kwargs.get("hflip"):
         raise CxrdxError("--tta-hflip: predict, serve and export do not flip, so thresholds fitted on flipped averages would not hold")
-    ckpt, preds, _ = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
+    predicted = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
+    ckpt, preds = predicted.checkpoint, predicted.predictions
     raw = preds.probs
     probs = metrics.apply_temperature(raw, ckpt.temperature)
     summary = pd.DataFrame({"ece_before": metrics.expected_calibration_error(preds.labels, probs)}, index=list(FINDINGS))
