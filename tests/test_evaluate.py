@@ -132,7 +132,7 @@ def test_findings_without_positives_are_notes_not_crashes(run_dir: Path, capsys:
         warnings.simplefilter("always")
         cmp = metrics.compare_models(labels, {"tiny": probs, "flat": np.full_like(probs, 0.5)})
     assert [str(w.message).split(":")[0] for w in caught if w.category is metrics.MetricWarning] == missing
-    assert cmp.evaluations["tiny"].overall["left_out_of_auroc_mean"] == missing
+    assert cmp.evaluations["tiny"].overall.left_out_of_auroc_mean == missing
     assert cmp.anova.subjects == 14 - len(missing)
     assert "Table 5" in report.markdown(report.table5(cmp, "tiny"))
 
