@@ -355,8 +355,9 @@ def _train(args: argparse.Namespace) -> int:
     import os
 
     from cxrdx.config import apply_overrides, config_from_dict, load_config
-    from cxrdx.engine import leave_torchrun_worker, train
+    from cxrdx.engine import train
     from cxrdx.rundir import read_config
+    from cxrdx.runtime import leave_torchrun_worker
 
     if args.resume:
         if args.config:
@@ -446,9 +447,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     import warnings
 
     from cxrdx.data.packaged import google2019_labels
-    from cxrdx.engine import leave_torchrun_worker
     from cxrdx.evaluation import default_split, evaluate_checkpoint
     from cxrdx.report import format_mean_ci
+    from cxrdx.runtime import leave_torchrun_worker
 
     check_output_dir(args.out, "--out")
     expert = google2019_labels() if args.expert_labels == "" else args.expert_labels
@@ -598,7 +599,7 @@ def _explain(args: argparse.Namespace) -> int:
     findings = [resolve_finding(name) for name in args.finding or []]
     check_output_dir(args.out, "--out")
     predictor, layers, options = _cam_setup(args)
-    count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.cache, args.split_file, args.limit)
+    count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.split_file, args.cache, args.limit)
     how = findings or ("all" if args.all else "predicted")
     table = write_explanations(
         predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, progress=not args.quiet,
@@ -646,8 +647,9 @@ def _localize(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
     boxes = read_boxes(boxes_path)
     predictor, layers, options = _cam_setup(args)
-    boxes, names, load, missing = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file,
-                                                      args.data_dir, args.cache, args.box_size, args.limit)
+    inputs = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file, args.data_dir, args.cache,
+                                 args.box_size, args.limit)
+    boxes, names, load, missing = inputs.boxes, inputs.names, inputs.load, inputs.missing
     if missing:
         print(f"cxrdx localize: {len(missing)} boxed image(s) not found, e.g. {', '.join(missing[:3])}", file=sys.stderr)
     if not names:
@@ -655,9 +657,9 @@ def _localize(args: argparse.Namespace) -> int:
         raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} is in {where}")
     images = ((name, *load(name)) for name in names)
     records = localize(
-        predictor.model, images, boxes, methods=args.methods, findings=predictor.findings, threshold=args.threshold,
+        predictor, images, boxes, methods=args.methods, threshold=args.threshold,
         mode=args.threshold_mode, tolerance=args.tolerance, progress=not args.quiet, total=len(names), target_layers=layers,
-        temperature=predictor.info.temperature, **options,
+        **options,
     )
     summary = summarize(records)
     text = markdown_tables(summary, args.threshold, args.threshold_mode)
@@ -916,7 +918,7 @@ def _demo(args: argparse.Namespace) -> int:
     from cxrdx.demo import DemoSettings, run_demo
 
     check_output_dir(args.out, "--out")
-    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed))
+    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed), main)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -97,10 +98,9 @@ def headline(s: DemoSettings) -> list[str]:
     return lines
 
 
-def run_demo(settings: DemoSettings) -> Path:
-    """Run every step, stopping at the first failure; return the report's path."""
-    from cxrdx.cli import main
-
+def run_demo(settings: DemoSettings, main: Callable[[list[str]], int]) -> Path:
+    """Run every step through `main` (the CLI's entry point, which passes itself: nothing below the CLI
+    imports it), stopping at the first failure; return the report's path."""
     if (settings.out / "runs").exists():
         raise CxrdxError(f"{settings.out}: holds an earlier demo; remove it or pass --out OTHER_DIR")
     steps = commands(settings)

@@ -42,6 +42,25 @@ class SplitPredictions:
     meta: pd.DataFrame | None = None  # N rows: the subgroups.COLUMNS the images have
 
 
+@dataclass
+class PredictedSplit:
+    """What `predict_split` gives: the checkpoint it loaded, its predictions, and notes for the user."""
+
+    checkpoint: Checkpoint
+    predictions: SplitPredictions
+    notes: list[str]
+
+
+@dataclass
+class AlignedRuns:
+    """Prediction files of the same images (`load_runs`), rows in the first file's order."""
+
+    names: list[str]  # image names
+    probs: dict[str, np.ndarray]  # model -> (N, K) probabilities
+    labels: np.ndarray  # (N, K) float: 1, 0, NaN = not labelled
+    patients: np.ndarray | None  # (N,) patient ids when the labels have them
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 
@@ -109,7 +128,7 @@ def predict_split(
     allow_missing: bool = False,
     trust_pickle: bool = False,
     dataset: str | None = None,
-) -> tuple[Checkpoint, SplitPredictions, list[str]]:
+) -> PredictedSplit:
     """Model probabilities (the checkpoint's temperature applied unless `apply_temperature` is off) for one split.
 
     Images come from the prepared cache (default: the one the model was trained on) or, with
@@ -120,7 +139,8 @@ def predict_split(
     `trust_pickle` also loads an old pickle checkpoint (see cxrdx.checkpoint).
     """
     from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
-    from cxrdx.engine import distributed, inference_sampler, run_inference
+    from cxrdx.inference import inference_sampler, run_inference
+    from cxrdx.runtime import distributed
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
@@ -171,7 +191,8 @@ def predict_split(
         probs, targets, names = run_inference(model, shown, torch_device, amp=False, hflip=hflip, temperature=temperature)
     rows_of = table.set_index(pd.Index(table["Image Index"].astype(str))).loc[[str(n) for n in names]]
     meta = rows_of[[c for c in subgroups.COLUMNS if c in rows_of.columns]].reset_index(drop=True)
-    return ckpt, SplitPredictions(list(names), probs, targets, rows_of["Patient ID"].to_numpy(), meta if len(meta.columns) else None), notes
+    predictions = SplitPredictions(list(names), probs, targets, rows_of["Patient ID"].to_numpy(), meta if len(meta.columns) else None)
+    return PredictedSplit(ckpt, predictions, notes)
 
 
 def _read_images(
@@ -277,15 +298,16 @@ def evaluate_checkpoint(
 
     Under torchrun every process predicts its shard; rank 0 alone writes and gets the result, the others None.
     """
-    from cxrdx.engine import distributed
+    from cxrdx.runtime import distributed
 
     with distributed(predict_kwargs.get("device", "auto")) as (info, _):  # one process group for both splits
-        ckpt, preds, notes = predict_split(checkpoint, split=split, **predict_kwargs)
+        predicted = predict_split(checkpoint, split=split, **predict_kwargs)
         validation = None
         if thresholds in metrics.THRESHOLD_METHODS:
-            validation = predict_split(checkpoint, split="val", **predict_kwargs)[1]
+            validation = predict_split(checkpoint, split="val", **predict_kwargs).predictions
     if not info.main:
         return None
+    ckpt, preds = predicted.checkpoint, predicted.predictions
     chosen = resolve_thresholds(thresholds, ckpt, validation)
     label = name or run_dir_of(checkpoint).name
     settings = {
@@ -299,7 +321,7 @@ def evaluate_checkpoint(
         "tta_hflip": bool(predict_kwargs.get("hflip", False)),
         "bootstrap": n_bootstrap,
     }
-    return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
+    return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, predicted.notes, settings)
 
 
 # --- compare ---------------------------------------------------------------------------------------
@@ -328,11 +350,9 @@ def run_name(predictions: Path) -> str:
 
 def load_runs(
     paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None
-) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    """Prediction files of the same images, aligned on the first file's order, and their labels.
-
-    Returns image names, {model: probs (N, K)}, labels (N, K) and patient ids (or None).
-    """
+) -> AlignedRuns:
+    """Prediction files of the same images, aligned on the first file's order, and their labels
+    (`labels`: evaluate's labels.csv or the Data_Entry table; default: the labels.csv beside the first file)."""
     files = [find_predictions(p) for p in paths]
     if names is not None and len(names) != len(files):
         raise CxrdxError(f"{len(names)} names for {len(files)} prediction files")
@@ -360,7 +380,7 @@ def load_runs(
     truth = truth.loc[order]
     probs = {m: t.loc[order].to_numpy() for m, t in zip(models, tables)}
     patients = truth["Patient ID"].to_numpy() if "Patient ID" in truth.columns else None
-    return list(order), probs, truth[list(FINDINGS)].to_numpy(np.float64), patients
+    return AlignedRuns(list(order), probs, truth[list(FINDINGS)].to_numpy(np.float64), patients)
 
 
 def compare_runs(
@@ -376,7 +396,8 @@ def compare_runs(
     Table 4 applies `threshold` to every model when given; by default each run's own thresholds
     (its metrics.json, as `cxrdx evaluate` chose them), else 0.5.
     """
-    _, probs, y, _ = load_runs(paths, names, labels)
+    runs = load_runs(paths, names, labels)
+    probs, y = runs.probs, runs.labels
     thresholds = run_thresholds(paths, list(probs)) if threshold is None else threshold
     cmp = metrics.compare_models(y, probs, thresholds=thresholds)
     tables = report.comparison_tables(cmp)
@@ -408,7 +429,8 @@ def calibrate_checkpoint(
         raise CxrdxError(f"calibrating on the '{split}' split would leak it into the test results; use 'val'")
     if predict_kwargs.get("hflip"):
         raise CxrdxError("--tta-hflip: predict, serve and export do not flip, so thresholds fitted on flipped averages would not hold")
-    ckpt, preds, _ = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
+    predicted = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
+    ckpt, preds = predicted.checkpoint, predicted.predictions
     raw = preds.probs
     probs = metrics.apply_temperature(raw, ckpt.temperature)
     summary = pd.DataFrame({"ece_before": metrics.expected_calibration_error(preds.labels, probs)}, index=list(FINDINGS))

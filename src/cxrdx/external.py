@@ -48,7 +48,8 @@ def read_set(folder: str | Path, name: str | None = None) -> ScoredSet:
     from cxrdx.rundir import read_eval_metrics
 
     predictions = find_predictions(folder)
-    _, probs, y, _ = load_runs([predictions])
+    aligned = load_runs([predictions])
+    probs, y = aligned.probs, aligned.labels
     checkpoint = str(read_eval_metrics(predictions.parent).settings.get("checkpoint", ""))
     label = name or (Path(folder).name if Path(folder).is_dir() else predictions.parent.name)
     return score_set(label, y, next(iter(probs.values())), checkpoint)

@@ -116,7 +116,8 @@ def read_subgroups(folder: str | Path) -> Subgroups | None:
     from cxrdx.evaluation import LABELS, find_predictions, load_runs
 
     predictions = find_predictions(folder)
-    names, probs, y, _ = load_runs([predictions])
+    aligned = load_runs([predictions])
+    names, probs, y = aligned.names, aligned.probs, aligned.labels
     labels = pd.read_csv(predictions.parent / LABELS, dtype={"Image Index": str}).set_index("Image Index")
     meta = labels.loc[names, [c for c in COLUMNS if c in labels.columns]]
     if not groups_of(meta):

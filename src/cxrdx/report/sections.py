@@ -119,7 +119,8 @@ def _thresholds(run: Run) -> np.ndarray | float:
 def _score(runs: list[Run]) -> Scores:
     from cxrdx.evaluation import load_runs
 
-    _, probs, y, _ = load_runs([r.path / EVAL for r in runs], [r.name for r in runs])
+    aligned = load_runs([r.path / EVAL for r in runs], [r.name for r in runs])
+    probs, y = aligned.probs, aligned.labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)  # kept in cmp.notes
         cmp = metrics.compare_models(y, probs, thresholds={r.name: _thresholds(r) for r in runs})
