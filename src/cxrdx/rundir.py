@@ -207,6 +207,9 @@ def read_predictions(path: str | Path, findings: Sequence[str] = FINDINGS) -> pd
     return values.set_axis(frame["Image Index"].astype(str)).astype(np.float64)
 
 
+META_COLUMNS = ("Patient Gender", "Patient Age", "View Position", "dataset")  # what subgroups are drawn from
+
+
 def write_labels(
     path: str | Path, names: Sequence[str], labels: np.ndarray, patients: np.ndarray | None, meta: pd.DataFrame | None = None
 ) -> Path:
@@ -222,7 +225,8 @@ def write_labels(
 
 def read_labels(path: str | Path) -> pd.DataFrame:
     """Labels from evaluate's labels.csv or from a Data_Entry table -> DataFrame indexed by Image Index:
-    the 14 findings (float: 1, 0, NaN = not labelled) and 'Patient ID' when known."""
+    the 14 findings (float: 1, 0, NaN = not labelled), then 'Patient ID' and the subgroup columns
+    (`META_COLUMNS`) the file has."""
     path = Path(path)
     if not path.is_file():
         raise CxrdxError(f"{path}: labels file not found")
@@ -232,13 +236,13 @@ def read_labels(path: str | Path) -> pd.DataFrame:
 
         table = read_metadata(path)
     else:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype={"Image Index": str})
         missing = [c for c in ("Image Index", *FINDINGS) if c not in table.columns]
         if missing:
             raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected evaluate's labels.csv or a Data_Entry table")
         if not (table[list(FINDINGS)].isin((0, 1)) | table[list(FINDINGS)].isna()).all().all():
             raise CxrdxError(f"{path}: label columns must hold 0, 1 or blank (not labelled)")
-    columns = list(FINDINGS) + (["Patient ID"] if "Patient ID" in table.columns else [])
+    columns = list(FINDINGS) + [c for c in ("Patient ID", *META_COLUMNS) if c in table.columns]
     return table.set_index(table["Image Index"].astype(str))[columns]
 
 

@@ -19,9 +19,10 @@ import pandas as pd
 from cxrdx import metrics, stats
 from cxrdx.findings import FINDINGS
 from cxrdx.report import DASH, Table, format_p, format_value
+from cxrdx.rundir import META_COLUMNS
 
-SEX, AGE, VIEW, DATASET = "Patient Gender", "Patient Age", "View Position", "dataset"
-COLUMNS = (SEX, AGE, VIEW, DATASET)  # the index columns subgroups are drawn from
+COLUMNS = META_COLUMNS  # the index columns subgroups are drawn from
+SEX, AGE, VIEW, DATASET = COLUMNS
 AGE_BANDS = ((0.0, 40.0, "<40"), (40.0, 60.0, "40–59"), (60.0, 80.0, "60–79"), (80.0, np.inf, "≥80"))
 SEXES, VIEWS = ("F", "M"), ("AP", "PA")
 
@@ -114,11 +115,12 @@ def read_subgroups(folder: str | Path) -> Subgroups | None:
     """The subgroup AUROCs of an evaluation folder (predictions.csv + labels.csv with the subgroup
     columns, as `cxrdx evaluate` writes it); None when its labels have no subgroup column."""
     from cxrdx.evaluation import LABELS, find_predictions, load_runs
+    from cxrdx.rundir import read_labels
 
     predictions = find_predictions(folder)
     aligned = load_runs([predictions])
     names, probs, y = aligned.names, aligned.probs, aligned.labels
-    labels = pd.read_csv(predictions.parent / LABELS, dtype={"Image Index": str}).set_index("Image Index")
+    labels = read_labels(predictions.parent / LABELS)
     meta = labels.loc[names, [c for c in COLUMNS if c in labels.columns]]
     if not groups_of(meta):
         return None
