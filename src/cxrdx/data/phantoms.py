@@ -21,7 +21,9 @@ from PIL import Image
 from scipy.optimize import brentq
 from tqdm import tqdm
 
+from cxrdx import __version__
 from cxrdx.atomic import write_text
+from cxrdx.data.metadata import write_source_marker
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS, format_labels
 
@@ -676,6 +678,7 @@ def generate_phantoms(
     """Write `n` phantom images with Data_Entry_2017.csv and BBox_List_2017.csv under `out`.
 
     Images are `out/images/PPPPPPPP_FFF.png` (patient, follow-up); boxes are in their pixels.
+    `cxrdx_source.json` marks the folder as synthetic (model cards say so).
     """
     if size < 32:
         raise CxrdxError(f"size must be at least 32 pixels, got {size}")
@@ -693,4 +696,6 @@ def generate_phantoms(
         boxes.extend(f"{spec.image_index},{name},{x},{y},{w},{h}" for name, (x, y, w, h) in planted.items())
     write_text(out / "BBox_List_2017.csv", "\n".join([BBOX_HEADER, *boxes]) + "\n")
     write_text(out / "Data_Entry_2017.csv", "\n".join([DATA_ENTRY_HEADER, *_data_entry_rows(specs, size)]) + "\n")
+    write_source_marker(out, {"name": "cxrdx phantoms", "synthetic": True, "images": n, "size": size, "seed": seed,
+                              "tail_floor": tail_floor, "generator": "cxrdx.data.phantoms", "cxrdx_version": __version__})
     return out
