@@ -207,6 +207,7 @@ def write_report(
             *step(s.results_sections(groups, notes)),
             step(s.guarded("explanations", "Where the model looks", s.explanations_section, runs)),
             step(s.guarded("localization", "Localization", s.localization_section, runs)),
+            s.guarded("model-card", "Model card", s.card_section, runs),
             s.guarded("settings", "Settings", s.settings_section, runs),
         ]
         path = out / REPORT

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrdx import metrics, rundir
+from cxrdx import card, metrics, rundir
 from cxrdx.atomic import write_text
 from cxrdx.config import TrainConfig
 from cxrdx.errors import CxrdxError
@@ -557,6 +557,54 @@ def localization_section(runs: list[Run]) -> Section:
         except (ValueError, KeyError, CxrdxError) as exc:
             parts.append(note(f"{run.name}: {path} not usable ({exc})."))
     return Section("localization", "Localization", "".join(parts))
+
+
+# --- the model card ------------------------------------------------------------------------------------
+
+
+def _card_facts(facts: Sequence[tuple[str, str]]) -> str:
+    """(label, text) pairs as a definition list; a pair without a label continues the label above as a list."""
+    groups: list[tuple[str, list[str]]] = []
+    for label, text in facts:
+        if label or not groups:
+            groups.append((label, [text]))
+        else:
+            groups[-1][1].append(text)
+    items = "".join(
+        f"<dt>{escape(label)}</dt><dd>{escape(texts[0]) if len(texts) == 1 else '<ul>' + ''.join(f'<li>{escape(t)}</li>' for t in texts) + '</ul>'}</dd>"
+        for label, texts in groups
+    )
+    return f"<dl class='card'>{items}</dl>" if items else ""
+
+
+def _card_table(table: card.CardTable) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in table.header)
+    rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+    shown = f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+    return f"<details><summary>{escape(table.caption)}</summary>{shown}</details>"
+
+
+def card_html(model_card: card.ModelCard) -> str:
+    """A model card as an HTML fragment: the not-for-clinical-use line first, then its sections."""
+    parts = []
+    if model_card.not_for_clinical_use:
+        parts.append(f"<p class='not-clinical'>{escape(card.NOT_FOR_CLINICAL_USE)}: {escape('; '.join(model_card.not_for_clinical_use))}.</p>")
+    for part in card.card_sections(model_card):
+        parts.append(f"<h4>{escape(part.title)}</h4>{_card_facts(part.facts)}{''.join(_card_table(t) for t in part.tables)}")
+    return "".join(parts)
+
+
+def card_section(runs: list[Run]) -> Section:
+    """Each run's model card (RUN/card.json, written by training and enriched by evaluate)."""
+    parts = []
+    for run in runs:
+        head = f"<h3>{escape(run.name)}</h3>" if len(runs) > 1 else ""
+        model_card = card.read_run_card(run.path)
+        if model_card is None:
+            parts.append(head + note(f"No model card: run `cxrdx card --checkpoint {rundir.best_checkpoint(run.path)} --out {run.path}`."))
+        else:
+            parts.append(head + card_html(model_card))
+    return Section("model-card", "Model card", "".join(parts))
 
 
 # --- settings and the page ---------------------------------------------------------------------------
