@@ -344,8 +344,7 @@ def _performance(evaluation: rundir.EvalMetrics | str | Path, training_cache: st
         evaluation = rundir.read_eval_metrics(evaluation)
     settings, overall = evaluation.settings, evaluation.overall
     split = str(settings.get("split", "unknown"))
-    auroc = overall.get("auroc") if isinstance(overall.get("auroc"), dict) else {}
-    f1 = overall.get("macro_f1") if isinstance(overall.get("macro_f1"), dict) else {}
+    auroc, f1 = (overall[k] if isinstance(overall.get(k), dict) else {} for k in ("auroc", "macro_f1"))
     per = evaluation.per_finding
     scores = [
         FindingScore(f, *(_number((per.get(f) or {}).get(k)) for k in ("auroc", "auroc_low", "auroc_high", "threshold", "ece")))
@@ -402,8 +401,8 @@ def _clinical_reasons(training: TrainingData, performances: list[Performance]) -
 def _ethics(training: TrainingData) -> list[str]:
     items = [
         "no prospective or reader study: nothing here shows that the model helps patients or radiologists",
-        "models trained on one hospital's archive learn its population, scanners and shortcuts (chest drains for "
-        "pneumothorax, text markers); their errors are not evenly spread over patient groups",
+        ("models trained on one hospital's archive learn its population, scanners and shortcuts (chest drains for "
+         "pneumothorax, text markers); their errors are not evenly spread over patient groups"),
         "uploads to `cxrdx serve` are processed in memory and not stored; DICOM patient fields never reach a response or the log",
     ]
     if not training.synthetic:
@@ -487,9 +486,9 @@ def _from_dict(cls: type, values: dict[str, Any]) -> Any:
             continue
         hint, value = hints[f.name], values[f.name]
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = _from_dict(hint, value)
-        elif item is not None and dataclasses.is_dataclass(item) and isinstance(value, list):
+        elif isinstance(item, type) and dataclasses.is_dataclass(item) and isinstance(value, list):
             value = [_from_dict(item, v) for v in value]
         kwargs[f.name] = value
     return cls(**kwargs)
