@@ -584,18 +584,20 @@ def _card_table(table: card.CardTable) -> str:
     return f"<details><summary>{escape(table.caption)}</summary>{shown}</details>"
 
 
-def card_html(model_card: card.ModelCard) -> str:
-    """A model card as an HTML fragment: the not-for-clinical-use line first, then its sections."""
-    parts = []
+def card_html(model_card: card.ModelCard, folded: str | None = None) -> str:
+    """A model card as an HTML fragment: the not-for-clinical-use line, the intended use, then the sections (`folded`: under
+    a <details> element with this summary)."""
+    banner = ""
     if model_card.not_for_clinical_use:
-        parts.append(f"<p class='not-clinical'>{escape(card.NOT_FOR_CLINICAL_USE)}: {escape('; '.join(model_card.not_for_clinical_use))}.</p>")
-    for part in card.card_sections(model_card):
-        parts.append(f"<h4>{escape(part.title)}</h4>{_card_facts(part.facts)}{''.join(_card_table(t) for t in part.tables)}")
-    return "".join(parts)
+        banner = f"<p class='not-clinical'>{escape(card.NOT_FOR_CLINICAL_USE)}: {escape('; '.join(model_card.not_for_clinical_use))}.</p>"
+    body = "".join(f"<h4>{escape(part.title)}</h4>{_card_facts(part.facts)}{''.join(_card_table(t) for t in part.tables)}"
+                   for part in card.card_sections(model_card))
+    banner += f"<p><b>Intended use:</b> {escape(model_card.intended_use.primary)}</p>"
+    return banner + (f"<details><summary>{escape(folded)}</summary>{body}</details>" if folded else body)
 
 
 def card_section(runs: list[Run]) -> Section:
-    """Each run's model card (RUN/card.json, written by training and enriched by evaluate)."""
+    """Each run's model card (RUN/card.json, written by training and enriched by evaluate); several are folded."""
     parts = []
     for run in runs:
         head = f"<h3>{escape(run.name)}</h3>" if len(runs) > 1 else ""
@@ -603,7 +605,7 @@ def card_section(runs: list[Run]) -> Section:
         if model_card is None:
             parts.append(head + note(f"No model card: run `cxrdx card --checkpoint {rundir.best_checkpoint(run.path)} --out {run.path}`."))
         else:
-            parts.append(head + card_html(model_card))
+            parts.append(head + card_html(model_card, f"The model card of {run.name}" if len(runs) > 1 else None))
     return Section("model-card", "Model card", "".join(parts))
 
 
