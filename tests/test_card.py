@@ -76,6 +76,8 @@ def test_json_has_the_monai_bundle_keys_and_reads_back(run: Path):
     assert all(key in monai for key in MONAI_KEYS)
     image, pred = monai["network_data_format"]["inputs"]["image"], monai["network_data_format"]["outputs"]["pred"]
     assert image["num_channels"] == 1 and image["spatial_shape"] == [32, 32]
+    (mean,), (std,) = values["preprocessing"]["mean"], values["preprocessing"]["std"]
+    assert image["value_range"] == pytest.approx([-mean / std, (1 - mean) / std], abs=1e-4)  # the normalised network input
     assert pred["num_channels"] == 14 and pred["channel_def"]["0"] == "Atelectasis"
     assert "Not for clinical use" in monai["intended_use"]
     assert card.card_json(card.read_run_card(run)) == values  # one reader, one writer: the JSON round-trips

@@ -647,7 +647,8 @@ def monai_metadata(card: ModelCard) -> dict[str, Any]:
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "magnitude", "modality": "XR", "num_channels": 1,
-                "spatial_shape": [p.input_size, p.input_size], "dtype": "float32", "value_range": [0, 1],
+                "spatial_shape": [p.input_size, p.input_size], "dtype": "float32",
+                "value_range": [round((0 - p.mean[0]) / p.std[0], 4), round((1 - p.mean[0]) / p.std[0], 4)],  # after normalisation
                 "is_patch_data": False, "channel_def": {"0": "image"},
             }},
             "outputs": {"pred": {
