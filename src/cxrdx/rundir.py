@@ -66,6 +66,17 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS / LAST
 
 
+def external_eval_dir(run_dir: str | Path, name: str) -> Path:
+    """RUN/eval-NAME: `cxrdx evaluate` of the run's model on another dataset (an external set)."""
+    return Path(run_dir) / f"{EVAL}-{name}"
+
+
+def external_evals(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """(name, folder) of every external evaluation of a run that holds predictions, sorted by name."""
+    found = sorted(Path(run_dir).glob(f"{EVAL}-*"))
+    return [(p.name.removeprefix(f"{EVAL}-"), p) for p in found if (p / PREDICTIONS).is_file()]
+
+
 def train_state_path(run_dir: str | Path) -> Path:
     """The resume state beside last.pt (written by the engine through cxrdx.checkpoint.save_train_state)."""
     return Path(run_dir) / CHECKPOINTS / TRAIN_STATE
@@ -198,17 +209,22 @@ def read_predictions(path: str | Path, findings: Sequence[str] = FINDINGS) -> pd
     return values.set_axis(frame["Image Index"].astype(str)).astype(np.float64)
 
 
-def write_labels(path: str | Path, names: Sequence[str], labels: np.ndarray, patients: np.ndarray | None) -> Path:
-    frame = pd.DataFrame(np.asarray(labels, dtype=np.uint8), columns=list(FINDINGS))
+def write_labels(
+    path: str | Path, names: Sequence[str], labels: np.ndarray, patients: np.ndarray | None, meta: pd.DataFrame | None = None
+) -> Path:
+    """Labels as 1, 0 or blank (not labelled), with the patient and subgroup columns when given."""
+    frame = pd.DataFrame(np.asarray(labels, dtype=np.float64), columns=list(FINDINGS)).astype("Int8")
     frame.insert(0, "Image Index", list(names))
     if patients is not None:
         frame.insert(1, "Patient ID", np.asarray(patients))
+    if meta is not None:
+        frame = pd.concat([frame, meta.reset_index(drop=True)], axis=1)
     return write_text(path, frame.to_csv(index=False))
 
 
 def read_labels(path: str | Path) -> pd.DataFrame:
     """Labels from evaluate's labels.csv or from a Data_Entry table -> DataFrame indexed by Image Index:
-    the 14 findings (uint8) and 'Patient ID' when known."""
+    the 14 findings (float: 1, 0, NaN = not labelled) and 'Patient ID' when known."""
     path = Path(path)
     if not path.is_file():
         raise CxrdxError(f"{path}: labels file not found")
@@ -222,8 +238,8 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         missing = [c for c in ("Image Index", *FINDINGS) if c not in table.columns]
         if missing:
             raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected evaluate's labels.csv or a Data_Entry table")
-        if not table[list(FINDINGS)].isin((0, 1)).all().all():
-            raise CxrdxError(f"{path}: label columns must hold 0 or 1")
+        if not (table[list(FINDINGS)].isin((0, 1)) | table[list(FINDINGS)].isna()).all().all():
+            raise CxrdxError(f"{path}: label columns must hold 0, 1 or blank (not labelled)")
     columns = list(FINDINGS) + (["Patient ID"] if "Patient ID" in table.columns else [])
     return table.set_index(table["Image Index"].astype(str))[columns]
 

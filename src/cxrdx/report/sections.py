@@ -119,7 +119,8 @@ def _thresholds(run: Run) -> np.ndarray | float:
 def _score(runs: list[Run]) -> Scores:
     from cxrdx.evaluation import load_runs
 
-    _, probs, y, _ = load_runs([r.path / EVAL for r in runs], [r.name for r in runs])
+    aligned = load_runs([r.path / EVAL for r in runs], [r.name for r in runs])
+    probs, y = aligned.probs, aligned.labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)  # kept in cmp.notes
         cmp = metrics.compare_models(y, probs, thresholds={r.name: _thresholds(r) for r in runs})
@@ -557,6 +558,34 @@ def localization_section(runs: list[Run]) -> Section:
         except (ValueError, KeyError, CxrdxError) as exc:
             parts.append(note(f"{run.name}: {path} not usable ({exc})."))
     return Section("localization", "Localization", "".join(parts))
+
+
+def external_section(runs: list[Run]) -> Section:
+    """Per run: the generalisation table over its external evaluations (RUN/eval-NAME) and its
+    subgroup tables (from RUN/eval's labels.csv columns: sex, age band, view, dataset)."""
+    from cxrdx.external import compare_external
+    from cxrdx.subgroups import read_subgroups, subgroup_tables
+
+    parts = []
+    for run in runs:
+        internal = run.path / EVAL
+        if not (internal / rundir.PREDICTIONS).is_file():
+            continue
+        try:
+            externals = rundir.external_evals(run.path)
+            if externals:
+                names = ["internal", *(name for name, _ in externals)]
+                _, table = compare_external(internal, [path for _, path in externals], names)
+                parts.append(f"<h3>{escape(run.name)}: generalisation</h3>" + tables.html(table))
+            groups = read_subgroups(internal)
+            if groups is not None:
+                parts.append(f"<h3>{escape(run.name)}: subgroups</h3>" + "".join(tables.html(t) for t in subgroup_tables(groups)))
+        except (CxrdxError, ValueError, KeyError) as exc:
+            parts.append(note(f"{run.name}: external validation and subgroups not usable ({exc})."))
+    if not parts:
+        parts.append(note("No external evaluation (RUN/eval-NAME, from `cxrdx evaluate --cache OTHER --out RUN/eval-NAME`) "
+                          "and no subgroup columns in RUN/eval/labels.csv."))
+    return Section("external", "External validation and subgroups", "".join(parts))
 
 
 # --- the model card ------------------------------------------------------------------------------------
