@@ -922,6 +922,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- card (cxrdx.card) -------------------------------------------------------------------------
+def _card_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="the model, e.g. RUN/checkpoints/best.pt")
+    parser.add_argument("--eval", nargs="+", default=None, metavar="DIR",
+                        help="evaluation folders of `cxrdx evaluate` (default: those of the run's card and RUN/eval)")
+    parser.add_argument("--out", required=True, help="card.md (card.json is written beside it), or a folder for card.md and card.json")
+
+
+def _card(args: argparse.Namespace) -> int:
+    from cxrdx.card import build_card, run_evaluations, write_card
+    from cxrdx.rundir import config_path, run_dir_of
+
+    run_dir = run_dir_of(args.checkpoint)
+    run_dir = run_dir if config_path(run_dir).is_file() else None
+    evaluations = args.eval if args.eval is not None else (run_evaluations(run_dir) if run_dir is not None else [])
+    card = build_card(args.checkpoint, evaluations, run_dir)
+    md, js = write_card(card, args.out)
+    print(f"wrote {md} and {js}")
+    if card.not_for_clinical_use:
+        print(f"not for clinical use: {'; '.join(card.not_for_clinical_use)}")
+    return 0
+
+
 def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]]:
     return [
         ("demo", "run the whole system on built-in phantoms and write a report", _demo_args, _demo),
@@ -942,6 +965,7 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
         ("export", "export a checkpoint to ONNX and check it against PyTorch", _export_args, _export),
         ("convert", "rewrite an old pickle checkpoint in the safe format (safetensors + JSON header)", _convert_args, _convert),
         ("report", "write the HTML report for one or more run folders", _report_args, _report),
+        ("card", "write a model card (Markdown and JSON) for a checkpoint and its evaluations", _card_args, _card),
     ]
 
 

@@ -490,7 +490,7 @@ def _checkpoint(run: Run, metrics: dict[str, Any]) -> Checkpoint:
         std=run.data.std,
         cache_size=int(run.data.cache.size),
         model_kwargs={"drop_rate": config.model.drop_rate, **config.model.kwargs},
-        config=config.to_dict(),
+        config={**config.to_dict(), "data_source": run.data.cache.meta.get("data_source")},  # the phantoms' marker, for the model card
         val_metrics=metrics,
         epoch=run.state.epoch,
     )
@@ -616,6 +616,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     with distributed(config.runtime.device) as (info, device):
         run = setup_run(config, resume, info, device, trust_pickle)
         _fit(run, stop_after_epoch, progress)
+        if info.main:
+            from cxrdx.card import write_run_card
+
+            write_run_card(run.run_dir)
         return run.run_dir
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from cxrdx import metrics, report, subgroups
 from cxrdx.atomic import write_text
+from cxrdx.card import add_evaluation
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cxrdx.errors import CxrdxError, CxrdxWarning, MissingImagesWarning
 from cxrdx.findings import FINDINGS
@@ -321,7 +322,11 @@ def evaluate_checkpoint(
         "tta_hflip": bool(predict_kwargs.get("hflip", False)),
         "bootstrap": n_bootstrap,
     }
-    return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, predicted.notes, settings)
+    data = predict_kwargs.get("data_dir") or predict_kwargs.get("cache")
+    settings["data"] = None if data is None else str(data)  # None: the training data; the model card tells external data by it
+    result = evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, predicted.notes, settings)
+    add_evaluation(checkpoint, out)  # RUN/checkpoints/best.pt: the run's model card gains this evaluation
+    return result
 
 
 # --- compare ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     RUN/split.csv              the split the run used: Image Index,split
     RUN/metrics.jsonl          one EpochRow per line
     RUN/curves.png             loss and validation AUROC per epoch
+    RUN/card.md, RUN/card.json the model card (cxrdx.card): written by training, enriched by evaluate
     RUN/checkpoints/best.pt    the selected weights; last.pt the resumable state
     RUN/eval/                  an evaluation folder: predictions.csv, labels.csv, metrics.json (EvalMetrics),
                                report.md, roc.png, reliability.png
@@ -36,6 +37,7 @@ EVAL, EXPLAIN, LOCALIZE = "eval", "explain", "localize"
 PREDICTIONS, LABELS, METRICS, EVAL_REPORT = "predictions.csv", "labels.csv", "metrics.json", "report.md"
 ROC, RELIABILITY = "roc.png", "reliability.png"
 EXPLANATIONS = "explanations.csv"
+CARD_MD, CARD_JSON = "card.md", "card.json"
 LOCALIZATION, LOCALIZATION_MD, LOCALIZATION_RECORDS = "localization.json", "localization.md", "localization_records.csv"
 EXPLANATION_COLUMNS = ["Image Index", "Finding", "probability", "flat", "png", "npy", "error"]
 
@@ -306,6 +308,34 @@ def read_eval_metrics(folder: str | Path) -> EvalMetrics:
     except (OSError, ValueError):
         return EvalMetrics()
     return EvalMetrics.from_dict(values) if isinstance(values, dict) else EvalMetrics()
+
+
+# --- card.md, card.json ----------------------------------------------------------------------------
+
+
+def card_paths(out: str | Path) -> tuple[Path, Path]:
+    """(Markdown, JSON) of a model card: OUT/card.md and OUT/card.json for a folder, else FILE.md and FILE.json."""
+    out = Path(out)
+    if out.suffix.lower() not in (".md", ".json"):
+        out = out / CARD_MD
+    return out.with_suffix(".md"), out.with_suffix(".json")
+
+
+def write_card(out: str | Path, markdown: str, values: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write a model card's Markdown and JSON (each atomically, the JSON last)."""
+    md, js = card_paths(out)
+    write_text(md, markdown)
+    write_text(js, json.dumps(values, indent=1, allow_nan=False) + "\n")
+    return md, js
+
+
+def read_card(out: str | Path) -> dict[str, Any] | None:
+    """A model card's JSON (a folder such as RUN, or a card file), or None when there is none or it is unreadable."""
+    try:
+        values = json.loads(card_paths(out)[1].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
 
 
 # --- explain/explanations.csv --------------------------------------------------------------------

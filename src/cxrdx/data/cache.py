@@ -5,7 +5,8 @@ Layout of a cache folder:
     index.csv    the metadata rows of the N images, in the same order (plus their source `path`); the 14
                  finding columns are 1, 0 or blank (not labelled: NaN in `Cache.labels`)
     failed.csv   Image Index, path, reason for every image that could not be prepared
-    meta.json    size, count, sources; written last, so its presence means the cache is complete
+    meta.json    size, count, sources (`data_source`: the generator's marker for synthetic images);
+                 written last, so its presence means the cache is complete
 
 While `prepare_cache` runs, the folder holds `images.partial.npy` (all planned rows), `done.npy`
 (which of them are written; saved only after the image rows are flushed) and `plan.json`.
@@ -33,6 +34,7 @@ from PIL import Image
 from cxrdx import __version__
 from cxrdx.atomic import atomic_path, write_text
 from cxrdx.data.imageio import read_image
+from cxrdx.data.metadata import read_source_marker
 from cxrdx.errors import CxrdxError, ImageReadError
 from cxrdx.findings import FINDINGS
 
@@ -396,6 +398,9 @@ def _finish(out: Path, found: pd.DataFrame, done: np.ndarray, failures: list, pl
         "cxrdx_version": __version__,
         "plan": plan,
     }
+    marker = read_source_marker(data_dir)
+    if marker is not None:  # synthetic images say so all the way to the model card
+        meta["data_source"] = marker
     write_text(out / META, json.dumps(meta, indent=2) + "\n")
     (out / DONE).unlink(missing_ok=True)
     (out / PLAN).unlink(missing_ok=True)

@@ -26,7 +26,9 @@ from PIL import Image
 from scipy.optimize import brentq
 from tqdm import tqdm
 
+from cxrdx import __version__
 from cxrdx.atomic import write_text
+from cxrdx.data.metadata import write_source_marker
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS, format_labels
 
@@ -715,12 +717,14 @@ def generate_phantoms(
     """Write `n` phantom images with Data_Entry_2017.csv and BBox_List_2017.csv under `out`.
 
     Images are `out/images/PPPPPPPP_FFF.png` (patient, follow-up); boxes are in their pixels.
+    `cxrdx_source.json` marks the folder as synthetic (model cards say so).
     """
     specs = _specs(n, size, seed, tail_floor, 1)
     out = Path(out)
     boxes = _render_all(specs, size, out / "images", progress)
     write_text(out / "BBox_List_2017.csv", "\n".join([BBOX_HEADER, *boxes]) + "\n")
     write_text(out / "Data_Entry_2017.csv", "\n".join([DATA_ENTRY_HEADER, *_data_entry_rows(specs, size)]) + "\n")
+    _mark_synthetic(out, "cxrdx phantoms", n, size, seed, tail_floor)
     return out
 
 
@@ -747,7 +751,14 @@ def generate_second_site(
         for s in specs
     ]
     write_text(out / "labels.csv", "\n".join([",".join(["path", "patient", "view", "sex", "age", *(f for _, f in labelled)]), *rows]) + "\n")
+    _mark_synthetic(out, "cxrdx second-site phantoms", n, size, seed, tail_floor)
     return out
+
+
+def _mark_synthetic(out: Path, name: str, n: int, size: int, seed: int, tail_floor: float) -> None:
+    """The source marker that `prepare` carries into the cache and training into the checkpoint (model cards)."""
+    write_source_marker(out, {"name": name, "synthetic": True, "images": n, "size": size, "seed": seed, "tail_floor": tail_floor,
+                              "generator": "cxrdx.data.phantoms", "cxrdx_version": __version__})
 
 
 def _specs(n: int, size: int, seed: int, tail_floor: float, site: int) -> list[PhantomSpec]:
@@ -768,3 +779,5 @@ def _render_all(specs: list[PhantomSpec], size: int, folder: Path, progress: boo
         _write_png(image, folder / spec.image_index)
         boxes.extend(f"{spec.image_index},{name},{x},{y},{w},{h}" for name, (x, y, w, h) in planted.items())
     return boxes
+
+

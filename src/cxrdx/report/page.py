@@ -208,6 +208,7 @@ def write_report(
             step(s.guarded("explanations", "Where the model looks", s.explanations_section, runs)),
             step(s.guarded("localization", "Localization", s.localization_section, runs)),
             step(s.guarded("external", "External validation and subgroups", s.external_section, runs)),
+            s.guarded("model-card", "Model card", s.card_section, runs),
             s.guarded("settings", "Settings", s.settings_section, runs),
         ]
         path = out / REPORT
