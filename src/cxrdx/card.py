@@ -591,6 +591,13 @@ def card_sections(card: ModelCard) -> list[CardSection]:
 
 
 def _subgroup_text(subgroups: Any) -> str:
+    if isinstance(subgroups, dict) and isinstance(subgroups.get("largest_gaps"), list):  # as `cxrdx evaluate` stores it
+        gaps = [g for g in subgroups["largest_gaps"] if isinstance(g, dict)]
+        significant = sorted((g for g in gaps if isinstance(g.get("p"), (int, float)) and g["p"] < 0.05), key=lambda g: g["p"])
+        shown = "; ".join(f"{g.get('finding')} by {g.get('attribute')}: {g.get('high_group')} vs {g.get('low_group')} "
+                          f"{g.get('gap', float('nan')):+.3f} (p {g['p']:.3g})" for g in significant[:5])
+        return (f"{len(gaps)} finding/attribute gaps tested (unadjusted), {len(significant)} with p < 0.05"
+                + (f": {shown}" if shown else "") + " (tables in the evaluation folder: subgroups.*, subgroup_gaps.*)")
     if isinstance(subgroups, dict):
         return "; ".join(f"{k}: {_subgroup_text(x)}" for k, x in subgroups.items())
     if isinstance(subgroups, list):

@@ -275,9 +275,12 @@ def evaluate_predictions(
         tables.append(report.expert_table(expert))
         result["expert_labels"] = json.loads(expert.to_json(orient="index"))
     if preds.meta is not None and subgroups.groups_of(preds.meta):
-        groups = subgroups.subgroup_tables(subgroups.subgroup_auroc(preds.labels, preds.probs, preds.meta))
+        found = subgroups.subgroup_auroc(preds.labels, preds.probs, preds.meta)
+        groups = subgroups.subgroup_tables(found)
         report.write_tables(groups, out)
         tables += groups
+        # the largest gap per finding and attribute, for the model card; the full tables are in subgroups.*
+        result["subgroups"] = {"largest_gaps": json.loads(found.gaps.reset_index().to_json(orient="records"))}
     write_eval_metrics(out, EvalMetrics.from_dict(result))
     write_text(out / REPORT, report.markdown_report(tables, f"Evaluation: {name}", result["notes"]))
     report.roc_figure(preds.labels, {name: preds.probs}, FINDINGS, out / "roc.png")
