@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cxrdx-installed
-# This workplace's pip serves these two builds from local disk; elsewhere any torch>=2.4 works.
+# The torch builds this project is tested with; any torch>=2.4 works: make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test browser dicomtools clean
@@ -34,8 +34,12 @@ demo: $(STAMP)
 	rm -rf demo-out
 	$(VENV)/bin/cxrdx demo --out demo-out
 
+# Lint, format check and type check first: they take seconds and point at the line.
 test: $(STAMP) browser dicomtools
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-out runs .pytest_cache
+	rm -rf $(VENV) demo-out runs .pytest_cache .ruff_cache .mypy_cache
