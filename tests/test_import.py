@@ -16,10 +16,12 @@ import torch
 import torchvision
 from fastapi.testclient import TestClient
 
+from cxrdx import evaluation
 from cxrdx.checkpoint import load_checkpoint
 from cxrdx.cli import main
 from cxrdx.errors import CxrdxError
 from cxrdx.explain import explain
+from cxrdx.export import OnnxPredictor
 from cxrdx.findings import FINDINGS
 from cxrdx.imported import CHEXNET_LABELS, import_model
 from cxrdx.predict import Predictor
@@ -112,6 +114,32 @@ def test_positives_are_torchxrayvision_operating_points_through_its_own_loader(t
     for prediction, row in zip(predictor.predict(files), positive):
         assert prediction.positives == [f for f in predictor.findings if row[theirs.pathologies.index(f)]]
         assert list(prediction.probabilities) == predictor.findings  # the others are n/a: absent
+
+
+def test_evaluate_and_export_see_what_predict_sees(tmp_path, nih_sample) -> None:
+    xrv_densenet(tmp_path / "upstream.pt")
+    checkpoint, onnx = tmp_path / "nih.pt", tmp_path / "nih.onnx"
+    assert main(["import", "xrv:densenet121-res224-nih", "--weights", str(tmp_path / "upstream.pt"), "--out", str(checkpoint)]) == 0
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    files = grey_images(nih_sample, 4)
+    for path in files:
+        (data / "images" / path.name).symlink_to(path)
+    table = pd.read_csv(nih_sample / "Data_Entry_2017_v2020.csv")
+    table[table["Image Index"].isin([p.name for p in files])].to_csv(data / "Data_Entry_2017_v2020.csv", index=False)
+    _, split, _ = evaluation.predict_split(checkpoint, split="all", data_dir=data, device="cpu", progress=False)
+    expected = Predictor.from_checkpoint(checkpoint, device="cpu").predict_proba([data / "images" / n for n in split.names])
+    assert np.abs(split.probs - expected).max() <= 1e-6
+    with pytest.raises(CxrdxError, match="--data-dir"):
+        evaluation.predict_split(checkpoint, split="all", cache=tmp_path)
+    assert main(["export", "--checkpoint", str(checkpoint), "--onnx", str(onnx)]) == 0
+    exported = OnnxPredictor.from_file(onnx)
+    assert exported.info.preprocess == "xrv"
+    assert np.abs(exported.predict_proba(files) - Predictor.from_checkpoint(checkpoint, device="cpu").predict_proba(files)).max() <= 1e-5
+    chex = tmp_path / "chex.pt"
+    assert main(["import", "xrv:densenet121-res224-chex", "--weights", str(tmp_path / "upstream.pt"), "--out", str(chex)]) == 0
+    with pytest.raises(CxrdxError, match="does not predict Emphysema"):
+        evaluation.predict_split(chex, split="all", data_dir=data, device="cpu", progress=False)
 
 
 def chexnet_file(path: Path) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from cxrdx.atomic import write_text
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cxrdx.errors import CxrdxError, CxrdxWarning, MissingImagesWarning
 from cxrdx.findings import FINDINGS
+from cxrdx.preprocess import XRV
 from cxrdx.rundir import EVAL_REPORT as REPORT
 from cxrdx.rundir import (  # the evaluation folder's files; compare and the tests read them through here too
     LABELS, PREDICTIONS, EvalMetrics, read_eval_metrics, read_labels, read_predictions, run_dir_of, split_path,
@@ -114,10 +115,16 @@ def predict_split(
     Under torchrun each process predicts its shard and every process gets the whole split.
     `trust_pickle` also loads an old pickle checkpoint (see cxrdx.checkpoint).
     """
-    from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
+    from cxrdx.data.dataset import CacheDataset, FileDataset, XrvFileDataset, eval_transform, make_loader, rows_for_split
     from cxrdx.engine import distributed, inference_sampler, run_inference
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    if ckpt.findings != list(FINDINGS):
+        missing = ", ".join(f for f in FINDINGS if f not in ckpt.findings)
+        raise CxrdxError(f"{checkpoint}: the model does not predict {missing}; evaluation needs all {len(FINDINGS)} findings")
+    if ckpt.preprocess == XRV and data_dir is None:
+        raise CxrdxError(f"{checkpoint}: a torchxrayvision model crops and resizes the original images (preprocess 'xrv'), "
+                         "not a prepared cache: pass --data-dir DIR")
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
     workers = int(data_cfg.get("workers", 0)) if workers is None else workers
     transform = eval_transform(ckpt.input_size, ckpt.mean, ckpt.std)
@@ -138,7 +145,10 @@ def predict_split(
                 raise CxrdxError(f"{text}; leave them out with --allow-missing")
             notes.append(f"{text} (left out)")
         labels = located[list(FINDINGS)].to_numpy(np.uint8)
-        dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform)  # as Predictor
+        if ckpt.preprocess == XRV:
+            dataset = XrvFileDataset(located["path"].tolist(), labels, ckpt.input_size, ckpt.mean, ckpt.std)
+        else:
+            dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform)  # as Predictor
         patients = dict(zip(located["Image Index"], located["Patient ID"]))
     else:
         from cxrdx.data.cache import open_cache
