@@ -25,6 +25,7 @@ publishes no file hashes, so the file's SHA-256 is recorded in `provenance`, not
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import re
 import warnings
@@ -122,7 +123,7 @@ def to_checkpoint(upstream: Upstream, state: dict[str, torch.Tensor], provenance
     rows = [upstream.labels.index(f) for f in FINDINGS if f in upstream.labels]
     findings = [upstream.labels[r] for r in rows]
     model = create_model(upstream.architecture, num_findings=len(findings), in_chans=upstream.in_chans)
-    head = model.pretrained_cfg["classifier"]
+    head: str = (getattr(model, "pretrained_cfg", None) or {})["classifier"]  # "classifier" (DenseNet), "fc" (ResNet)
     target = model.state_dict()
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]
@@ -136,7 +137,7 @@ def to_checkpoint(upstream: Upstream, state: dict[str, torch.Tensor], provenance
                              f"{upstream.architecture} {tuple(target[key].shape)}; is it this model's file?")
     model.load_state_dict(state, strict=False)
     # an output torchxrayvision publishes no threshold for keeps the plain 0.5
-    thresholds = [0.5 if upstream.thresholds[r] != upstream.thresholds[r] else upstream.thresholds[r] for r in rows]
+    thresholds = [0.5 if math.isnan(upstream.thresholds[r]) else upstream.thresholds[r] for r in rows]
     return Checkpoint(
         model_name=upstream.architecture,
         state_dict=model.state_dict(),
@@ -190,15 +191,15 @@ def _load(path: Path, trust_pickle: bool) -> Any:
             raise CxrdxError(f"{path}: the file holds objects other than a torchxrayvision DenseNet's modules and tensors "
                              f"({str(exc).splitlines()[-1][:160]}); unpickling it could run code. If you trust its source, "
                              "pass --trust-pickle") from None
-    except Exception as exc:  # torch raises many types for a damaged file
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CxrdxError(f"{path}: not a readable weights file ({exc.__class__.__name__}: {exc})") from None
     warnings.warn(f"{path}: unpickling with every class allowed because it is trusted; it can run code", stacklevel=3)
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _allowed_classes() -> list[type]:
+def _allowed_classes() -> list[Any]:
     """The classes of a pickled torchxrayvision DenseNet (when torchxrayvision is installed)."""
-    allowed: list[type] = [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Sequential, nn.Linear]
+    allowed: list[Any] = [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Sequential, nn.Linear]
     try:
         from torchxrayvision import models
     except ImportError:
@@ -220,7 +221,7 @@ def _xrv_download(tag: str) -> Path:
     url = xrv.models.model_urls[tag]["weights_url"]
     try:
         return Path(xrv.models.get_weights(tag))
-    except Exception as exc:  # requests and OSError surface here
+    except Exception as exc:  # noqa: BLE001 - requests and OSError surface here
         raise CxrdxError(f"could not download the weights of {tag} ({exc.__class__.__name__}: {exc}). "
                          f"Offline, fetch {url} elsewhere and pass it with --weights FILE") from None
 
