@@ -187,9 +187,7 @@ def test_group_cam_and_the_service_work_on_imported_models(tmp_path, nih_sample)
         with TestClient(create_app(predictor), base_url="http://localhost") as client:
             body = client.post("/v1/predict", params={"image": "true"}, files={"file": ("x.png", data)}).json()
             assert np.allclose(list(body["probabilities"].values()), predictor.predict_proba(data)[0], atol=1e-6)
-            assert body["image"].startswith("data:image/png;base64,")
-            overlay = client.post("/v1/explain", params={"finding": "Cardiomegaly"}, files={"file": ("x.png", data)})
-            assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+            assert body["image"].startswith("data:image/png;base64,")  # the model view un-normalised by mean and std
 
 
 class Payload:
