@@ -26,6 +26,7 @@ from cxrdx import __version__
 from cxrdx.atomic import atomic_path
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+from cxrdx.preprocess import PREPROCESS
 
 FORMAT = "cxrdx-checkpoint/2"
 PICKLE_FORMAT = "cxrdx-checkpoint/1"
@@ -54,6 +55,8 @@ class Checkpoint:
     val_metrics: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     cxrdx_version: str = __version__
+    preprocess: str = "cxrdx"  # the input pipeline, one of cxrdx.preprocess.PREPROCESS
+    provenance: dict[str, Any] = field(default_factory=dict)  # where imported weights came from (cxrdx.imported)
 
     def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """Create the network and load the weights, in eval mode."""
@@ -89,6 +92,8 @@ _HEADER: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_metrics": (lambda v: isinstance(v, dict), "an object"),
     "epoch": (_is_int, "an integer"),
     "cxrdx_version": (lambda v: isinstance(v, str), "a string"),
+    "preprocess": (lambda v: v in PREPROCESS, f"one of {', '.join(PREPROCESS)}"),
+    "provenance": (lambda v: isinstance(v, dict), "an object"),
 }
 _REQUIRED = ("model_name", "input_size", "mean", "std")
 

@@ -333,6 +333,31 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({FORMAT})")
     return 0
 
+
+# --- import (cxrdx.imported) ---------------------------------------------------------------------
+def _import_args(parser: argparse.ArgumentParser) -> None:
+    from cxrdx.imported import SOURCES
+
+    parser.add_argument("source", metavar="SOURCE", help="the pretrained model: " + ", ".join(SOURCES))
+    parser.add_argument("--out", required=True, help="the checkpoint to write (cxrdx-checkpoint/2: safetensors weights, JSON header)")
+    parser.add_argument("--weights", metavar="FILE", help="a local copy of the upstream weights file (required for chexnet; "
+                        "without it torchxrayvision's loader downloads its file)")
+    _trust_pickle_arg(parser)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from cxrdx.checkpoint import FORMAT, save_checkpoint
+    from cxrdx.imported import import_model
+
+    result = import_model(args.source, args.weights, trust_pickle=args.trust_pickle)
+    save_checkpoint(args.out, result.checkpoint)
+    provenance = result.checkpoint.provenance
+    print(f"wrote {args.out} ({FORMAT}): {result.checkpoint.model_name}, {len(result.checkpoint.findings)} findings, "
+          f"{result.checkpoint.preprocess} preprocessing, weights sha256 {provenance['sha256']} (no published hash to verify)")
+    if result.missing:
+        print(f"not predicted by this model (n/a): {', '.join(result.missing)}")
+    return 0
+
 # --- train (cxrdx.engine) ----------------------------------------------------------------------
 def _train_args(parser: argparse.ArgumentParser) -> None:
     from cxrdx.config import preset_names
@@ -964,6 +989,7 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
         ("serve", "start the prediction web service and its page", _serve_args, _serve),
         ("export", "export a checkpoint to ONNX and check it against PyTorch", _export_args, _export),
         ("convert", "rewrite an old pickle checkpoint in the safe format (safetensors + JSON header)", _convert_args, _convert),
+        ("import", "a pretrained chest X-ray model (torchxrayvision, CheXNet) as a cxrdx checkpoint", _import_args, _import),
         ("report", "write the HTML report for one or more run folders", _report_args, _report),
         ("card", "write a model card (Markdown and JSON) for a checkpoint and its evaluations", _card_args, _card),
     ]

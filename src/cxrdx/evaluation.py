@@ -25,6 +25,7 @@ from cxrdx.card import add_evaluation
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cxrdx.errors import CxrdxError, CxrdxWarning, MissingImagesWarning
 from cxrdx.findings import FINDINGS
+from cxrdx.preprocess import XRV
 from cxrdx.rundir import EVAL_REPORT as REPORT
 from cxrdx.rundir import (  # the evaluation folder's files; compare and the tests read them through here too
     LABELS, PREDICTIONS, EvalMetrics, read_eval_metrics, read_labels, read_predictions, run_dir_of, split_path,
@@ -139,11 +140,17 @@ def predict_split(
     Under torchrun each process predicts its shard and every process gets the whole split.
     `trust_pickle` also loads an old pickle checkpoint (see cxrdx.checkpoint).
     """
-    from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
+    from cxrdx.data.dataset import CacheDataset, FileDataset, XrvFileDataset, eval_transform, make_loader, rows_for_split
     from cxrdx.inference import inference_sampler, run_inference
     from cxrdx.runtime import distributed
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    if ckpt.findings != list(FINDINGS):
+        missing = ", ".join(f for f in FINDINGS if f not in ckpt.findings)
+        raise CxrdxError(f"{checkpoint}: the model does not predict {missing}; evaluation needs all {len(FINDINGS)} findings")
+    if ckpt.preprocess == XRV and data_dir is None:
+        raise CxrdxError(f"{checkpoint}: a torchxrayvision model crops and resizes the original images (preprocess 'xrv'), "
+                         "not a prepared cache: pass --data-dir DIR")
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
     workers = int(data_cfg.get("workers", 0)) if workers is None else workers
     transform = eval_transform(ckpt.input_size, ckpt.mean, ckpt.std)
@@ -159,8 +166,12 @@ def predict_split(
                 raise CxrdxError(f"{text}; leave them out with --allow-missing")
             notes.append(f"{text} (left out)")
         labels = located[list(FINDINGS)].to_numpy(np.float32)
-        images = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform,  # as Predictor
-                             names=located["Image Index"].tolist())
+        if ckpt.preprocess == XRV:
+            images = XrvFileDataset(located["path"].tolist(), labels, ckpt.input_size, ckpt.mean, ckpt.std,
+                                    names=located["Image Index"].tolist())
+        else:
+            images = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform,  # as Predictor
+                                 names=located["Image Index"].tolist())
         table = located
     else:
         from cxrdx.data.cache import open_caches

@@ -22,6 +22,7 @@ from cxrdx.atomic import write_bytes
 from cxrdx.checkpoint import Checkpoint, json_default, load_checkpoint
 from cxrdx.errors import CxrdxError
 from cxrdx.predict import BasePredictor, ModelInfo, Predictor
+from cxrdx.preprocess import CXRDX, PREPROCESS
 
 METADATA_KEY = "cxrdx"
 FORMAT = "cxrdx-onnx/1"
@@ -141,6 +142,8 @@ def model_info(metadata: dict[str, str], name: str) -> ModelInfo:
             check_range(value, f"mean[{i}]", 0.0, 1.0)
         for i, value in enumerate(info["std"]):
             check_positive(value, f"std[{i}]")
+        if info.get("preprocess", CXRDX) not in PREPROCESS:
+            raise CxrdxError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {info['preprocess']!r}")
     except CxrdxError as exc:
         raise CxrdxError(f"{name}: invalid cxrdx metadata: {exc}") from None
     return ModelInfo(**info)

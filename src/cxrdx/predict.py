@@ -2,6 +2,8 @@
 
 Preprocessing is the prepared-cache path exactly: `read_image` → `resize_square(cache_size)` →
 `eval_transform(input_size, mean, std)`, so a raw file and its cached copy give the same numbers.
+A checkpoint imported from torchxrayvision names its own pipeline instead (`preprocess="xrv"`,
+see `cxrdx.preprocess`).
 `cxrdx.export.OnnxPredictor` shares everything here but the forward pass.
 """
 
@@ -26,6 +28,7 @@ from cxrdx.checkpoint import Checkpoint, load_checkpoint
 from cxrdx.data.dicom_rules import Verdict, dicom_verdict
 from cxrdx.errors import CxrdxError
 from cxrdx.inference import probabilities
+from cxrdx.preprocess import CXRDX, XRV, xrv_input
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
@@ -46,6 +49,7 @@ class ModelInfo:
     temperature: list[float] | None = None
     val_metrics: dict[str, Any] = field(default_factory=dict)
     cxrdx_version: str = __version__
+    preprocess: str = CXRDX
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> ModelInfo:
@@ -60,6 +64,7 @@ class ModelInfo:
             temperature=None if ckpt.temperature is None else [float(t) for t in ckpt.temperature],
             val_metrics=dict(ckpt.val_metrics or {}),
             cxrdx_version=ckpt.cxrdx_version,
+            preprocess=ckpt.preprocess,
         )
 
     @property
@@ -116,21 +121,32 @@ class BasePredictor:
         return dict(zip(self.info.findings, self.info.thresholds, strict=True))
 
     def load(self, source: ImageSource, name: str | None = None) -> np.ndarray:
-        """Decode one image and resize it to the cache size: uint8 (S, S), exactly as `prepare` stores it."""
+        """Decode one image and resize it to the cache size: uint8 (S, S), exactly as `prepare` stores it.
+        With the "xrv" preprocess: the float32 (S, S) model input of `cxrdx.preprocess.xrv_input`."""
         from cxrdx.data.cache import resize_square
         from cxrdx.data.imageio import read_image
 
-        return resize_square(read_image(source, name=name), self.info.image_size, name or _name(source, 0))
+        image = read_image(source, name=name)
+        if self.info.preprocess == XRV:
+            return xrv_input(image, self.info.input_size, self.info.mean, self.info.std)
+        return resize_square(image, self.info.image_size, name or _name(source, 0))
 
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 (N, S, S) → the model's float32 input (N, 1, H, W)."""
+        """`load`'s pixels (N, S, S) → the model's float32 input (N, C, H, W)."""
+        if self.info.preprocess == XRV:
+            return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[:, None]
         return torch.stack([self.transform(torch.from_numpy(np.array(p))[None]) for p in pixels])
 
-    def predict_proba(self, images: ImageSource | Sequence[ImageSource], progress: bool = False) -> np.ndarray:
-        """Probabilities (N, 14) float64. A uint8 (N, S, S) array at the cache size is taken as
-        already-prepared pixels; anything else is one image or a sequence of images."""
+    def _prepared(self, images: object) -> bool:
+        """Whether `images` is already a batch of `load`'s pixels: (N, S, S), uint8 (float32 for "xrv")."""
         size = self.info.image_size
-        if isinstance(images, np.ndarray) and images.ndim == 3 and images.dtype == np.uint8 and images.shape[1:] == (size, size):
+        dtype = np.float32 if self.info.preprocess == XRV else np.uint8
+        return isinstance(images, np.ndarray) and images.ndim == 3 and images.dtype == dtype and images.shape[1:] == (size, size)
+
+    def predict_proba(self, images: ImageSource | Sequence[ImageSource], progress: bool = False) -> np.ndarray:
+        """Probabilities (N, 14) float64. A batch of `load`'s pixels (uint8 (N, S, S) at the cache size)
+        is taken as already prepared; anything else is one image or a sequence of images."""
+        if self._prepared(images):
             return self._proba_pixels(images, progress)
         items = _as_list(images)
         out = [np.zeros((0, len(self.findings)))]

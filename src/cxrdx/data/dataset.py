@@ -23,6 +23,7 @@ from cxrdx.data.cache import Cache, open_cache, resize_square
 from cxrdx.data.imageio import read_image
 from cxrdx.errors import CxrdxError, MissingImagesWarning
 from cxrdx.findings import FINDINGS
+from cxrdx.preprocess import xrv_input
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25  # placeholders; use pixel_stats of the training split
@@ -125,6 +126,20 @@ class FileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         image = resize_square(read_image(self.paths[i]), self.cache_size, str(self.paths[i]))
         return self.transform(torch.from_numpy(image)[None]), self.labels[i], self.names[i]
+
+
+class XrvFileDataset(FileDataset):
+    """Raw image files through torchxrayvision's pipeline (`cxrdx.preprocess.xrv_input`), as `Predictor`
+    feeds a model imported from torchxrayvision: centre crop and resize of the original image."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: np.ndarray | None, input_size: int, mean: Sequence[float],
+                 std: Sequence[float], names: Sequence[str] | None = None):
+        super().__init__(paths, labels, input_size, names=names)
+        self.mean, self.std = list(mean), list(std)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image = xrv_input(read_image(self.paths[i]), self.cache_size, self.mean, self.std)
+        return torch.from_numpy(image)[None], self.labels[i], self.names[i]
 
 
 def rows_for_split(cache: Cache, split: pd.Series, name: str, allow_missing: bool = False) -> np.ndarray:

@@ -23,6 +23,7 @@ from cxrdx.atomic import write_text
 from cxrdx.data.packaged import nih_boxes
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+from cxrdx.preprocess import XRV
 
 if TYPE_CHECKING:
     from cxrdx.data.cache import Cache
@@ -280,11 +281,14 @@ def boxed_images(
 
         def load(name: str) -> tuple[torch.Tensor, tuple[int, int]]:
             raw = read_image(paths[name], name=name)
-            pixels = resize_square(raw, predictor.info.image_size)
+            pixels = predictor.load(raw, name=name)
             return predictor.to_tensor(pixels[None]), fixed or (raw.shape[1], raw.shape[0])
 
         present = [n for n in names if n in paths]
     elif cache is not None:
+        if predictor.info.preprocess == XRV:
+            raise CxrdxError(f"{predictor.info.model_name} imported from torchxrayvision crops and resizes the original "
+                             "images (preprocess 'xrv'), not a prepared cache: pass --data-dir DIR")
         rows = {name: i for i, name in enumerate(cache.index["Image Index"])}
         present = [n for n in names if n in rows]
         missing = [n for n in names if n not in rows]
