@@ -127,7 +127,7 @@ def test_evaluate_and_export_see_what_predict_sees(tmp_path, nih_sample) -> None
         (data / "images" / path.name).symlink_to(path)
     table = pd.read_csv(nih_sample / "Data_Entry_2017_v2020.csv")
     table[table["Image Index"].isin([p.name for p in files])].to_csv(data / "Data_Entry_2017_v2020.csv", index=False)
-    _, split, _ = evaluation.predict_split(checkpoint, split="all", data_dir=data, device="cpu", progress=False)
+    split = evaluation.predict_split(checkpoint, split="all", data_dir=data, device="cpu", progress=False).predictions
     expected = Predictor.from_checkpoint(checkpoint, device="cpu").predict_proba([data / "images" / n for n in split.names])
     assert np.abs(split.probs - expected).max() <= 1e-6
     with pytest.raises(CxrdxError, match="--data-dir"):
