@@ -57,7 +57,7 @@ def test_no_gradient_or_hook_is_left_behind(cam_model, cam_image):
 
 
 def test_bad_requests_are_user_errors(cam_model, cam_image):
-    with pytest.raises(CxrdxError, match="unknown explanation method"):
+    with pytest.raises(CxrdxError, match="unknown method"):
         explain(cam_model, cam_image, 0, method="rise")
     with pytest.raises(CxrdxError, match=r"\(1, C, H, W\)"):
         explain(cam_model, cam_image[0], 0)

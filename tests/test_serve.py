@@ -23,7 +23,7 @@ from cxrdx import __version__
 from cxrdx.findings import FINDINGS
 from cxrdx.predict import Predictor
 from cxrdx.serve import create_app
-from cxrdx.serve.app import scrub
+from cxrdx.dicom_privacy import scrub_patient_values
 from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 LIMIT = 256 * 2**10
@@ -218,9 +218,9 @@ def test_dicom_patient_fields_never_leave_the_service(client: TestClient, caplog
 def test_scrub_removes_patient_values_from_messages() -> None:
     data = dicom_bytes(chest_like(16), patient=PATIENT)
     message = "bad value 'Doe^Jane' for PID-7731-SECRET, born 19610203 (Jane)"
-    cleaned = scrub(message, data)
+    cleaned = scrub_patient_values(message, data)
     assert all(s not in cleaned for s in ("Doe", "Jane", "PID-7731", "19610203"))
-    assert scrub(message, png_bytes(chest_like(16))) == message
+    assert scrub_patient_values(message, png_bytes(chest_like(16))) == message
 
 
 def blocked_predictor(path: Path) -> tuple[Predictor, threading.Event, threading.Event]:

@@ -126,6 +126,12 @@ class BasePredictor:
         """uint8 (N, S, S) → the model's float32 input (N, 1, H, W)."""
         return torch.stack([self.transform(torch.from_numpy(np.array(p))[None]) for p in pixels])
 
+    def model_view(self, pixels: np.ndarray) -> np.ndarray:
+        """The network's input for uint8 (S, S) `pixels`, un-normalized to [0, 1] (H, W) float64: what the model
+        and a heatmap see."""
+        x = self.to_tensor(pixels[None])[0, 0].numpy().astype(np.float64)
+        return np.clip(x * self.info.std[0] + self.info.mean[0], 0.0, 1.0)
+
     def predict_proba(self, images: ImageSource | Sequence[ImageSource], progress: bool = False) -> np.ndarray:
         """Probabilities (N, 14) float64. A uint8 (N, S, S) array at the cache size is taken as
         already-prepared pixels; anything else is one image or a sequence of images."""
