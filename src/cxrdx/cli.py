@@ -585,8 +585,9 @@ def _localize(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
     predictor, layers, options = _cam_setup(args)
     result = localize_checkpoint(
-        predictor, args.checkpoint, boxes_path, args.methods, layers, args.split, args.split_file, args.data_dir, args.cache,
-        args.box_size, args.limit, args.threshold, args.threshold_mode, args.tolerance, args.out, not args.quiet, **options,
+        predictor, args.checkpoint, boxes_path, args.methods, layers, split=args.split, split_file=args.split_file,
+        data_dir=args.data_dir, cache=args.cache, box_size=args.box_size, limit=args.limit, threshold=args.threshold,
+        mode=args.threshold_mode, tolerance=args.tolerance, out=args.out, progress=not args.quiet, **options,
     )
     if result.missing:
         print(f"cxrdx localize: {len(result.missing)} boxed image(s) not found, e.g. {', '.join(result.missing[:3])}", file=sys.stderr)

@@ -36,7 +36,7 @@ from cxrdx.jsonsafe import to_json_safe
 from cxrdx.predict import BasePredictor
 from cxrdx.serve.guard import AccessGuard
 from cxrdx.serve.settings import ServeSettings, read_api_key
-from cxrdx.uploads import UPLOAD_NAME, decode_upload, sniff
+from cxrdx.uploads import UPLOAD_NAME, MultipartFile, RawBody, UploadError, decode_upload, sniff
 
 log = logging.getLogger("cxrdx.serve")
 T = TypeVar("T")
@@ -296,18 +296,20 @@ async def read_upload(request: Request, limit: int, timeout_s: float) -> bytearr
     body_limit = _body_limit(request, limit)
     declared = request.headers.get("content-length", "")
     size = int(declared) if declared.isdigit() else 0  # within the reservation: checked on admission
-    sink = MultipartFile(request.headers["content-type"], size) if _is_multipart(request) else RawBody(size)
     total = 0
     try:
+        sink = MultipartFile(request.headers["content-type"], size) if _is_multipart(request) else RawBody(size)
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > body_limit:
                     raise _too_large(limit)
                 sink.write(chunk)
+        data = sink.finish()
     except TimeoutError:
         raise HTTPException(408, f"the upload did not arrive within {timeout_s:g} s", headers={"Connection": "close"}) from None
-    data = sink.finish()
+    except UploadError as exc:
+        raise HTTPException(400, str(exc)) from None
     if len(data) > limit:
         raise _too_large(limit)
     if not data:
@@ -323,87 +325,6 @@ async def read_upload(request: Request, limit: int, timeout_s: float) -> bytearr
 
 def _too_large(limit: int) -> HTTPException:
     return HTTPException(413, f"upload larger than the limit of {limit:,} bytes")
-
-
-class RawBody:
-    """A request body kept as it is, written into a buffer of its declared size: growing a buffer
-    chunk by chunk would copy it over and over, holding up to twice its size for a moment."""
-
-    def __init__(self, size_hint: int = 0) -> None:
-        self.data = bytearray(size_hint)
-        self.length = 0
-
-    def write(self, chunk: bytes) -> None:
-        end = self.length + len(chunk)
-        self.data[self.length : end] = chunk  # extends the buffer when the hint was short
-        self.length = end
-
-    def finish(self) -> bytearray:
-        del self.data[self.length :]
-        return self.data
-
-
-class MultipartFile:
-    """The `file` part (or the first part with a file name) of a multipart body, parsed in memory as
-    it arrives; the bytes of other parts are dropped."""
-
-    def __init__(self, content_type: str, size_hint: int = 0):
-        from python_multipart.multipart import MultipartParser, parse_options_header
-
-        boundary = parse_options_header(content_type)[1].get(b"boundary")
-        if not boundary:
-            raise HTTPException(400, "multipart upload without a boundary")
-        self.file = RawBody(size_hint)
-        self.found = self.keep = False
-        self.headers: dict[bytes, bytes] = {}
-        self.field, self.value = bytearray(), bytearray()
-        callbacks = dict(
-            on_part_begin=self._part_begin,
-            on_header_field=lambda data, start, end: self.field.extend(data[start:end]),
-            on_header_value=lambda data, start, end: self.value.extend(data[start:end]),
-            on_header_end=self._header_end,
-            on_headers_finished=self._headers_finished,
-            on_part_data=self._part_data,
-        )
-        self.parser = MultipartParser(boundary, callbacks)
-
-    def write(self, chunk: bytes) -> None:
-        from python_multipart.exceptions import MultipartParseError
-
-        try:
-            self.parser.write(chunk)
-        except MultipartParseError:
-            raise HTTPException(400, "malformed multipart/form-data body") from None
-
-    def finish(self) -> bytearray:
-        from python_multipart.exceptions import MultipartParseError
-
-        try:
-            self.parser.finalize()
-        except MultipartParseError:
-            raise HTTPException(400, "malformed multipart/form-data body") from None
-        if not self.found:
-            raise HTTPException(400, "multipart upload without a 'file' part")
-        return self.file.finish()
-
-    def _part_begin(self) -> None:
-        self.headers = {}
-        self.keep = False
-
-    def _header_end(self) -> None:
-        self.headers[bytes(self.field).lower()] = bytes(self.value)
-        self.field, self.value = bytearray(), bytearray()
-
-    def _headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        disposition = parse_options_header(self.headers.get(b"content-disposition", b""))[1]
-        self.keep = not self.found and (disposition.get(b"name") == b"file" or b"filename" in disposition)
-        self.found = self.found or self.keep
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.keep:
-            self.file.write(data[start:end])
 
 
 def _decode(predictor: BasePredictor, data: bytearray, max_decoded_bytes: int) -> np.ndarray:
