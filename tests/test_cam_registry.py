@@ -12,13 +12,28 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cxrdx.errors import CxrdxError
-from cxrdx.explain import METHODS, default_target_layers, explain
+from cxrdx.explain import METHODS, TITLES, check_methods, default_target_layers, explain
 
 SIZE = 64
 
 
 def test_registry_holds_groupcam_and_the_grad_cam_family():
     assert set(METHODS) == {"groupcam", "gradcam", "gradcam++", "xgradcam", "scorecam", "eigencam", "layercam", "hirescam"}
+    assert list(TITLES) == list(METHODS) and TITLES["gradcam++"] == "Grad-CAM++"
+
+
+def test_method_names_are_checked_with_close_matches_and_the_parameter_named():
+    check_methods(["groupcam", "hirescam"])
+    with pytest.raises(CxrdxError, match=r"^methods gradcm rise: unknown method; did you mean gradcam or xgradcam\? choose from groupcam, "):
+        check_methods(["gradcm", "groupcam", "rise"], "methods")
+
+
+def test_naming_the_methods_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, cxrdx.explain.registry, cxrdx.report.tables; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -57,7 +72,7 @@ def test_no_gradient_or_hook_is_left_behind(cam_model, cam_image):
 
 
 def test_bad_requests_are_user_errors(cam_model, cam_image):
-    with pytest.raises(CxrdxError, match="unknown explanation method"):
+    with pytest.raises(CxrdxError, match="unknown method"):
         explain(cam_model, cam_image, 0, method="rise")
     with pytest.raises(CxrdxError, match=r"\(1, C, H, W\)"):
         explain(cam_model, cam_image[0], 0)

@@ -465,3 +465,10 @@ def test_a_system_error_midway_is_one_line(monkeypatch, tmp_path: Path, capsys: 
     monkeypatch.setattr(cxrdx.data.phantoms, "generate_phantoms", disk_full)
     code, _, err = run_cli(["phantoms", "--out", tmp_path / "p"], capsys)
     assert code == 1 and err == f"cxrdx phantoms: error: {tmp_path / 'p' / 'images' / 'x.png'}: No space left on device\n"
+
+
+def test_library_parameters_are_named_as_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(["explain", "--checkpoint", tmp_path / "missing.pt", "--method", "gradcm", "--out", tmp_path / "o", "x.png"], capsys)
+    assert_one_line_error(code, err, "cxrdx explain: error: --method gradcm: unknown method; did you mean gradcam or xgradcam?")
+    code, _, err = run_cli(["localize", "--checkpoint", tmp_path / "missing.pt", "--methods", "groupcam", "layer-cam"], capsys)
+    assert_one_line_error(code, err, "--methods layer-cam: unknown method; did you mean layercam")

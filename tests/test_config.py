@@ -150,3 +150,18 @@ def test_cli_reports_a_bad_override_without_traceback(capsys):
     assert main(["train", "--set", "optim.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert "cxrdx train: error: unknown config key 'optim.lrr'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("override", "needles"), [
+    ("model.name=resnet5O", ("model.name: unknown model 'resnet5O'", "did you mean resnet50")),
+    ("loss.name=wce", ("loss.name: unknown loss 'wce'", "did you mean wbce")),
+])
+def test_model_and_loss_names_are_checked_when_the_config_is_read(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  override: str, needles: tuple[str, ...]) -> None:
+    with pytest.raises(CxrdxError) as info:
+        load_config("demo", [override])
+    assert all(needle in str(info.value) for needle in needles)
+    assert main(["train", "--config", "demo", "--set", override, "--set", f"out={tmp_path / 'run'}"]) == 2
+    assert needles[0] in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run folder, its config.yaml and split.csv
+    assert load_config("demo", ["model.name=resnet18.a1_in1k"]).model.name == "resnet18.a1_in1k"  # a pretrained tag is a known network

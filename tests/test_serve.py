@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cxrdx import __version__
+from cxrdx.dicom_privacy import scrub_patient_values
 from cxrdx.findings import FINDINGS
 from cxrdx.predict import Predictor
 from cxrdx.serve import create_app
-from cxrdx.serve.app import scrub
 from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 LIMIT = 256 * 2**10
@@ -218,9 +218,9 @@ def test_dicom_patient_fields_never_leave_the_service(client: TestClient, caplog
 def test_scrub_removes_patient_values_from_messages() -> None:
     data = dicom_bytes(chest_like(16), patient=PATIENT)
     message = "bad value 'Doe^Jane' for PID-7731-SECRET, born 19610203 (Jane)"
-    cleaned = scrub(message, data)
+    cleaned = scrub_patient_values(message, data)
     assert all(s not in cleaned for s in ("Doe", "Jane", "PID-7731", "19610203"))
-    assert scrub(message, png_bytes(chest_like(16))) == message
+    assert scrub_patient_values(message, png_bytes(chest_like(16))) == message
 
 
 def blocked_predictor(path: Path) -> tuple[Predictor, threading.Event, threading.Event]:
@@ -305,3 +305,16 @@ def test_page_is_self_contained_and_accessible(client: TestClient) -> None:
     assert not re.search(r"@import|url\(\s*['\"]?https?:", page)
     for needle in ('id="bars"', 'aria-live="polite"', 'type="file"', "aria-label", "aria-pressed", "v1/explain"):
         assert needle in page
+
+
+def test_upload_types_are_judged_by_content_and_the_overlay_blends_the_heatmap() -> None:
+    from cxrdx.explain.render import OVERLAY_ALPHA, overlay, png_bytes
+    from cxrdx.uploads import sniff
+
+    assert sniff(png_bytes(np.zeros((4, 4)))) == "png" and sniff(b"\xff\xd8\xff\xe0rest") == "jpeg"
+    assert sniff(b"\0" * 128 + b"DICM" + b"\0" * 8) == "dicom" and sniff(b"GIF89a") is None
+    gray = np.full((2, 2), 0.5)
+    blended = overlay(gray, np.zeros((2, 2)))  # jet at 0 is dark blue (0, 0, 0.5)
+    np.testing.assert_allclose(blended[0, 0], [(1 - OVERLAY_ALPHA) * 0.5, (1 - OVERLAY_ALPHA) * 0.5, 0.5], atol=1e-9)
+    decoded = np.asarray(Image.open(io.BytesIO(png_bytes(blended))))
+    assert decoded.shape == (2, 2, 3) and decoded[0, 0].tolist() == [70, 70, 128]

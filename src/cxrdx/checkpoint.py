@@ -26,6 +26,7 @@ from cxrdx import __version__
 from cxrdx.atomic import atomic_path
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+from cxrdx.jsonsafe import to_json_safe
 from cxrdx.preprocess import PREPROCESS
 
 FORMAT = "cxrdx-checkpoint/2"
@@ -98,13 +99,6 @@ _HEADER: dict[str, tuple[Callable[[Any], bool], str]] = {
 _REQUIRED = ("model_name", "input_size", "mean", "std")
 
 
-def json_default(value: object) -> object:
-    """`json.dumps(default=...)`: numpy and torch values (in validation metrics, say) as plain JSON."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def _check_header(header: Any, path: Path) -> dict[str, Any]:
     """The header's fields after checking their types; unknown keys (a newer minor writer) are ignored."""
     if not isinstance(header, dict):
@@ -132,7 +126,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    header = json.loads(json.dumps({name: getattr(checkpoint, name) for name in _HEADER}, default=json_default))  # tuples -> lists
+    header = to_json_safe({name: getattr(checkpoint, name) for name in _HEADER}, nonfinite="keep")
     _check_header(header, path)  # never write a file that load_checkpoint would refuse
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.state_dict.items()}
     with atomic_path(path) as tmp:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cxrdx import __version__
 from cxrdx.checks import check_nonnegative, check_output_dir, check_output_file, check_positive, check_range
-from cxrdx.errors import CxrdxError, CxrdxWarning
+from cxrdx.errors import CxrdxError, CxrdxWarning, ParameterError
 
 Handler = Callable[[argparse.Namespace], int]
 FAILED = "FAILED"  # written into a run folder whose training stopped with an error: the error
@@ -568,7 +568,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 # --- explain, localize (cxrdx.explain) ---------------------------------------------------------
-_METHOD_NAMES = "groupcam (default), gradcam, gradcam++, xgradcam, scorecam, eigencam, layercam, hirescam"
+def _method_names() -> str:
+    from cxrdx.explain.registry import METHODS
+
+    return ", ".join(f"{name} (default)" if name == "groupcam" else name for name in METHODS)
 
 
 def _cam_args(parser: argparse.ArgumentParser) -> None:
@@ -583,16 +586,9 @@ def _cam_args(parser: argparse.ArgumentParser) -> None:
 
 def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, dict[str, int]]:
     """The predictor, the target layers (None: automatic) and the method options."""
-    from cxrdx.predict import Predictor
+    from cxrdx.explain.runs import cam_predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
-                                          trust_pickle=args.trust_pickle)
-    layers = None
-    if args.target_layer:
-        try:
-            layers = [predictor.model.get_submodule(args.target_layer)]
-        except AttributeError:
-            raise CxrdxError(f"--target-layer {args.target_layer}: no such module in {predictor.info.model_name}") from None
+    predictor, layers = cam_predictor(args.checkpoint, args.device, args.batch_size, args.target_layer, args.trust_pickle)
     return predictor, layers, {"groups": args.groups, "batch_size": args.batch_size}
 
 
@@ -603,7 +599,7 @@ def _explain_args(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--finding", action="append", help="explain this finding, in any case, e.g. effusion (repeatable)")
     which.add_argument("--predicted", action="store_true", help="the findings at or above the threshold (default; the most probable one when none is)")
     which.add_argument("--all", action="store_true", help="all findings")
-    parser.add_argument("--method", default="groupcam", help=_METHOD_NAMES)
+    parser.add_argument("--method", default="groupcam", help=_method_names())
     parser.add_argument("--cache", help="batch mode: a prepared cache (default: the run's training cache)")
     parser.add_argument("--split", help="batch mode: explain this split of the cache (train, val or test)")
     parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
@@ -612,13 +608,12 @@ def _explain_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from cxrdx.explain import METHODS
+    from cxrdx.explain.registry import check_methods
     from cxrdx.explain.render import write_explanations
     from cxrdx.explain.runs import explain_inputs
     from cxrdx.findings import resolve_finding
 
-    if args.method not in METHODS:
-        raise CxrdxError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    check_methods([args.method], "method")
     if bool(args.images) == bool(args.split):
         raise CxrdxError("give IMAGE files, or --split NAME (with --cache) for a cache split, not both")
     findings = [resolve_finding(name) for name in args.finding or []]
@@ -650,7 +645,7 @@ def _localize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="only the boxed images of this split (train, val or test)")
     parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
     parser.add_argument("--box-size", type=_POSITIVE_INT, help="pixel size of the images the boxes refer to (default: the original files' size, else 1024)")
-    parser.add_argument("--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default: groupcam gradcam): {_METHOD_NAMES}")
+    parser.add_argument("--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default: groupcam gradcam): {_method_names()}")
     parser.add_argument("--threshold", type=_FRACTION, default=0.5, help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default: 0.5)")
     parser.add_argument("--threshold-mode", choices=("relative", "top"), default="relative",
                         help="relative: pixels above the threshold times the map's max; top: that fraction of the hottest pixels")
@@ -660,40 +655,25 @@ def _localize_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _localize(args: argparse.Namespace) -> int:
-    from cxrdx.explain import METHODS
-    from cxrdx.explain.localization import box_file, localize, markdown_tables, read_boxes, summarize, write_localization
-    from cxrdx.explain.runs import localization_inputs
+    from cxrdx.explain.localization import box_file
+    from cxrdx.explain.registry import check_methods
+    from cxrdx.explain.runs import localize_checkpoint
 
     boxes_path = box_file(args.boxes, args.data_dir)
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise CxrdxError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    check_methods(args.methods, "methods")
     if args.out:
         check_output_dir(args.out, "--out")
-    boxes = read_boxes(boxes_path)
     predictor, layers, options = _cam_setup(args)
-    inputs = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file, args.data_dir, args.cache,
-                                 args.box_size, args.limit)
-    boxes, names, load, missing = inputs.boxes, inputs.names, inputs.load, inputs.missing
-    if missing:
-        print(f"cxrdx localize: {len(missing)} boxed image(s) not found, e.g. {', '.join(missing[:3])}", file=sys.stderr)
-    if not names:
-        where = f"the cache {args.cache or 'of the run'}" if not args.data_dir else args.data_dir
-        raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} is in {where}")
-    images = ((name, *load(name)) for name in names)
-    records = localize(
-        predictor, images, boxes, methods=args.methods, threshold=args.threshold,
-        mode=args.threshold_mode, tolerance=args.tolerance, progress=not args.quiet, total=len(names), target_layers=layers,
-        **options,
+    result = localize_checkpoint(
+        predictor, args.checkpoint, boxes_path, args.methods, layers, split=args.split, split_file=args.split_file,
+        data_dir=args.data_dir, cache=args.cache, box_size=args.box_size, limit=args.limit, threshold=args.threshold,
+        mode=args.threshold_mode, tolerance=args.tolerance, out=args.out, progress=not args.quiet, **options,
     )
-    summary = summarize(records)
-    text = markdown_tables(summary, args.threshold, args.threshold_mode)
-    sys.stdout.write(text)
+    if result.missing:
+        print(f"cxrdx localize: {len(result.missing)} boxed image(s) not found, e.g. {', '.join(result.missing[:3])}", file=sys.stderr)
+    sys.stdout.write(result.text)
     if args.out:
-        settings = {"split": args.split, "threshold": args.threshold, "threshold_mode": args.threshold_mode, "tolerance": args.tolerance,
-                    "boxes": str(boxes_path), "checkpoint": str(args.checkpoint), "images": len(names)}
-        out = write_localization(args.out, text, summary, records, settings)
-        print(f"written to {out}/localization.md, localization.json, localization_records.csv")
+        print(f"written to {args.out}/localization.md, localization.json, localization_records.csv")
     return 0
 
 # --- predict, serve, export (cxrdx.predict / serve / export) -----------------------------------
@@ -943,7 +923,7 @@ def _demo(args: argparse.Namespace) -> int:
     from cxrdx.demo import DemoSettings, run_demo
 
     check_output_dir(args.out, "--out")
-    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed), main)
+    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed))
     return 0
 
 
@@ -1026,6 +1006,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_options(error: CxrdxError) -> str:
+    """The error's message, naming the command-line option where the library named its parameter."""
+    if isinstance(error, ParameterError):
+        return f"--{error.parameter.replace('_', '-')} {error.value}: {error.problem}"
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -1036,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _one_line_warnings(args.command):
             return int(args.handler(args) or 0)
     except CxrdxError as exc:
-        print(f"cxrdx {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cxrdx {args.command}: error: {_as_options(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # the system refused a read or write midway (disk full, permissions changed)
         where = f"{exc.filename}: " if exc.filename else ""

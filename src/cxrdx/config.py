@@ -282,9 +282,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise CxrdxError(f"{path}: expected a mapping at the top level")
     try:
-        return config_from_dict(apply_overrides(values, list(overrides or [])))
+        return check_names(config_from_dict(apply_overrides(values, list(overrides or []))))
     except CxrdxError as exc:
         raise CxrdxError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def check_names(config: TrainConfig) -> TrainConfig:
+    """Raise CxrdxError naming the key, with close matches, for a network timm does not know or a loss cxrdx
+    does not have: before a run folder is made, without building either."""
+    from cxrdx.losses import check_loss_name
+    from cxrdx.models import check_model_name
+
+    for key, check, name in (("model.name", check_model_name, config.model.name), ("loss.name", check_loss_name, config.loss.name)):
+        try:
+            check(name)
+        except CxrdxError as exc:
+            raise CxrdxError(f"{key}: {exc}") from None
+    return config
 
 
 def save_config(config: TrainConfig, path: str | Path, plan: dict[str, Any] | None = None) -> Path:

@@ -1,15 +1,14 @@
 """`cxrdx demo`: the whole system on built-in phantoms, on a CPU, in minutes.
 
-It runs the same `cxrdx` commands a user runs on the real dataset, printing each one first:
-phantoms -> prepare -> split + Table 1 -> train (wbce and ours, same budget) -> evaluate ->
-compare -> second-site phantoms (another scanner, csv layout) -> evaluate there -> generalisation
-table -> explain (Group-CAM) -> localize -> report. No data and no internet needed.
+It runs the steps a user runs on the real dataset, through the library, printing first the `cxrdx`
+command line that does the same: phantoms -> prepare -> split + Table 1 -> train (wbce and ours, same
+budget) -> evaluate -> compare -> second-site phantoms (another scanner, csv layout) -> evaluate there
+-> generalisation table -> explain (Group-CAM) -> localize -> report. No data and no internet needed.
 """
 
 from __future__ import annotations
 
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,9 @@ from cxrdx import rundir
 from cxrdx.errors import CxrdxError
 
 LOSSES = ("wbce", "ours")
+RATIOS = (0.7, 0.1, 0.2)  # `cxrdx split`'s default
+LOCALIZE_METHODS = ("groupcam", "gradcam")
+SITE2, GENERALISATION = "site2", "generalisation"  # RUN/eval-site2 and RUN/generalisation/
 
 
 @dataclass(frozen=True)
@@ -43,41 +45,166 @@ def preset_path() -> Path:
     return Path(str(resources.files("cxrdx") / "presets" / "demo.yaml"))
 
 
-def commands(s: DemoSettings) -> list[tuple[str, list[str]]]:
-    """The demo's steps: (title, cxrdx arguments)."""
+@dataclass(frozen=True)
+class Step:
+    """One step of the demo: `run` does it with the library and returns a line on what it made;
+    `args` is the `cxrdx` command line that does the same."""
+
+    title: str
+    args: list[str]
+    run: Callable[[], str]
+
+
+def steps(s: DemoSettings) -> list[Step]:
+    """The demo's steps, in order."""
     data, cache, split = s.out / "phantoms", s.out / "cache", s.out / "split.csv"
+    metadata = data / "Data_Entry_2017.csv"
     runs = {loss: s.out / "runs" / loss for loss in LOSSES}
-    steps: list[tuple[str, list[str]]] = [
-        ("synthetic dataset", ["phantoms", "--out", data, "--n", s.n, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03]),
-        ("preprocessing cache", ["prepare", "--data-dir", data, "--out", cache, "--size", s.size]),
-        ("patient-wise split", ["split", "--metadata", data / "Data_Entry_2017.csv", "--strategy", "patient", "--seed", s.seed, "--out", split]),
-        ("Table 1", ["stats", "--metadata", data / "Data_Entry_2017.csv", "--split-file", split]),
+    found = [
+        Step("synthetic dataset", ["phantoms", "--out", data, "--n", s.n, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03],
+             lambda: _phantoms(s, data)),
+        Step("preprocessing cache", ["prepare", "--data-dir", data, "--out", cache, "--size", s.size], lambda: _prepare(data, cache, s.size)),
+        Step("patient-wise split", ["split", "--metadata", metadata, "--strategy", "patient", "--seed", s.seed, "--out", split],
+             lambda: _split(metadata, split, s.seed)),
+        Step("Table 1", ["stats", "--metadata", metadata, "--split-file", split], lambda: _table1(metadata, split)),
     ]
     for loss, run in runs.items():
         overrides = [f"out={run}", f"name={loss}", f"loss.name={loss}", f"data.cache={cache}", f"data.split_file={split}",
                      f"optim.epochs={s.epochs}", f"seed={s.seed}", f"data.input_size={s.input_size}"]
-        steps.append((f"train with L_{loss}", ["train", "--config", preset_path(), *[a for o in overrides for a in ("--set", o)]]))
+        found.append(Step(f"train with L_{loss}", ["train", "--config", preset_path(), *[a for o in overrides for a in ("--set", o)]],
+                          lambda overrides=overrides: _train(overrides)))
     for loss, run in runs.items():
-        steps.append((f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--split", "test", "--out", run / rundir.EVAL]))
-    steps.append(("compare the losses (Tables 3-5)", ["compare", *[run / rundir.EVAL for run in runs.values()], "--names", *LOSSES, "--out", s.out / "compare"]))
+        best, out = rundir.best_checkpoint(run), run / rundir.EVAL
+        found.append(Step(f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", best, "--split", "test", "--out", out],
+                          lambda best=best, out=out: _evaluate(best, out)))
+    evaluations = [run / rundir.EVAL for run in runs.values()]
+    found.append(Step("compare the losses (Tables 3-5)", ["compare", *evaluations, "--names", *LOSSES, "--out", s.out / "compare"],
+                      lambda: _compare(evaluations, s.out / "compare")))
     site2, cache2 = s.out / "site2", s.out / "cache-site2"
-    steps += [
-        ("second site: other patients, another scanner (csv layout)",
-         ["phantoms", "--site", 2, "--out", site2, "--n", s.n_site2, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03]),
-        ("second site cache", ["prepare", "--dataset", "csv", "--data-dir", site2, "--out", cache2, "--size", s.size]),
+    found += [
+        Step("second site: other patients, another scanner (csv layout)",
+             ["phantoms", "--site", 2, "--out", site2, "--n", s.n_site2, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03],
+             lambda: _site2(s, site2)),
+        Step("second site cache", ["prepare", "--dataset", "csv", "--data-dir", site2, "--out", cache2, "--size", s.size],
+             lambda: _prepare(site2, cache2, s.size, dataset="generic")),
     ]
     for loss, run in runs.items():
-        steps.append((f"evaluate L_{loss} on the second site", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--cache", cache2, "--out", rundir.external_eval_dir(run, "site2")]))
-        steps.append((f"generalisation table (L_{loss})", ["compare", run / rundir.EVAL, "--external", rundir.external_eval_dir(run, "site2"), "--names", "site1", "site2",
-                                                          "--out", run / "generalisation"]))
+        best, external = rundir.best_checkpoint(run), rundir.external_eval_dir(run, SITE2)
+        found.append(Step(f"evaluate L_{loss} on the second site", ["evaluate", "--checkpoint", best, "--cache", cache2, "--out", external],
+                          lambda best=best, external=external: _evaluate(best, external, split="all", cache=cache2)))
+        found.append(Step(f"generalisation table (L_{loss})", ["compare", run / rundir.EVAL, "--external", external, "--names", "site1", SITE2,
+                                                             "--out", run / GENERALISATION],
+                          lambda run=run, external=external: _generalisation(run / rundir.EVAL, external, run / GENERALISATION)))
     for loss, run in runs.items():
         best = rundir.best_checkpoint(run)
-        steps.append((f"Group-CAM heatmaps (L_{loss})", ["explain", "--checkpoint", best, "--split", "test", "--limit", s.explain_images, "--predicted",
-                                                      "--target-layer", s.cam_layer, "--out", run / rundir.EXPLAIN]))
-        steps.append((f"localization vs boxes (L_{loss})", ["localize", "--checkpoint", best, "--boxes", data / "BBox_List_2017.csv", "--split", "test", "--limit", s.localize_images,
-                                                     "--methods", "groupcam", "gradcam", "--target-layer", s.cam_layer, "--out", run / rundir.LOCALIZE]))
-    steps.append(("HTML report", ["report", *runs.values(), "--names", *LOSSES, "--out", s.out / "report"]))
-    return [(title, [str(a) for a in args]) for title, args in steps]
+        found.append(Step(f"Group-CAM heatmaps (L_{loss})", ["explain", "--checkpoint", best, "--split", "test", "--limit", s.explain_images,
+                                                           "--predicted", "--target-layer", s.cam_layer, "--out", run / rundir.EXPLAIN],
+                          lambda best=best, run=run: _explain(s, best, run / rundir.EXPLAIN)))
+        found.append(Step(f"localization vs boxes (L_{loss})", ["localize", "--checkpoint", best, "--boxes", data / "BBox_List_2017.csv", "--split",
+                                                              "test", "--limit", s.localize_images, "--methods", *LOCALIZE_METHODS,
+                                                              "--target-layer", s.cam_layer, "--out", run / rundir.LOCALIZE],
+                          lambda best=best, run=run: _localize(s, best, data / "BBox_List_2017.csv", run / rundir.LOCALIZE)))
+    found.append(Step("HTML report", ["report", *runs.values(), "--names", *LOSSES, "--out", s.out / "report"],
+                      lambda: _report(list(runs.values()), s.out / "report")))
+    return [Step(step.title, [str(a) for a in step.args], step.run) for step in found]
+
+
+def _phantoms(s: DemoSettings, out: Path) -> str:
+    from cxrdx.data.phantoms import generate_phantoms
+
+    generate_phantoms(out, n=s.n, size=s.size, seed=s.seed, tail_floor=0.03)
+    return f"wrote {s.n} phantom images ({s.size}x{s.size}) to {out}"
+
+
+def _site2(s: DemoSettings, out: Path) -> str:
+    from cxrdx.data.phantoms import generate_second_site
+
+    generate_second_site(out, n=s.n_site2, size=s.size, seed=s.seed, tail_floor=0.03)
+    return f"wrote {s.n_site2} second-site phantom images ({s.size}x{s.size}) and labels.csv to {out}"
+
+
+def _prepare(data: Path, cache: Path, size: int, dataset: str | None = None) -> str:
+    from cxrdx.data.cache import prepare_cache
+
+    result = prepare_cache(data, cache, size=size, dataset=dataset)
+    if result.failed:
+        name, reason = result.failed[0]
+        raise CxrdxError(f"{len(result.failed)} phantom image(s) failed to prepare (first: {name}: {reason})")
+    return f"prepared {result.prepared} images at {size}x{size} px in {cache}"
+
+
+def _split(metadata: Path, out: Path, seed: int) -> str:
+    from cxrdx.data.metadata import read_metadata
+    from cxrdx.data.splits import make_split, write_split
+
+    write_split(make_split(read_metadata(metadata), "patient", RATIOS, seed), out)
+    return f"wrote {out} (patient, seed {seed})"
+
+
+def _table1(metadata: Path, split: Path) -> str:
+    from cxrdx.data.metadata import read_metadata
+    from cxrdx.data.splits import format_table1, read_split, table1
+
+    index = read_metadata(metadata)
+    return format_table1(table1(index, read_split(split, index)), "md").rstrip()
+
+
+def _train(overrides: list[str]) -> str:
+    from cxrdx.config import load_config
+    from cxrdx.engine import train
+
+    return str(train(load_config(preset_path(), overrides)))
+
+
+def _evaluate(checkpoint: Path, out: Path, split: str = "test", cache: Path | None = None) -> str:
+    from cxrdx.evaluation import evaluate_checkpoint
+    from cxrdx.report import format_mean_ci
+
+    result = evaluate_checkpoint(checkpoint, out, split, cache=cache)
+    return f"{result['settings']['images']} images; mean AUROC {format_mean_ci(result['overall']['auroc'])}"
+
+
+def _compare(evaluations: list[Path], out: Path) -> str:
+    from cxrdx.evaluation import compare_runs
+    from cxrdx.report import markdown
+
+    _, tables = compare_runs(evaluations, list(LOSSES), out=out)
+    return "\n".join(markdown(t) for t in tables).rstrip()
+
+
+def _generalisation(internal: Path, external: Path, out: Path) -> str:
+    from cxrdx.external import compare_external
+    from cxrdx.report import markdown
+
+    _, table = compare_external(internal, [external], ["site1", SITE2], out)
+    return markdown(table).rstrip()
+
+
+def _explain(s: DemoSettings, checkpoint: Path, out: Path) -> str:
+    from cxrdx.explain.render import write_explanations
+    from cxrdx.explain.runs import cam_predictor, explain_inputs
+
+    predictor, layers = cam_predictor(checkpoint, target_layer=s.cam_layer)
+    count, items = explain_inputs(predictor, checkpoint, split="test", limit=s.explain_images)
+    table = write_explanations(predictor, items, out, how="predicted", target_layers=layers, total=count)
+    return f"{len(table)} map(s) of {count} image(s) written to {out}"
+
+
+def _localize(s: DemoSettings, checkpoint: Path, boxes: Path, out: Path) -> str:
+    from cxrdx.explain.runs import cam_predictor, localize_checkpoint
+
+    predictor, layers = cam_predictor(checkpoint, target_layer=s.cam_layer)
+    result = localize_checkpoint(predictor, checkpoint, boxes, LOCALIZE_METHODS, layers, split="test", limit=s.localize_images, out=out)
+    return result.text.rstrip()
+
+
+def _report(runs: list[Path], out: Path) -> str:
+    import json
+
+    from cxrdx.report import SUMMARY, headline, write_report
+
+    path = write_report(runs, out, list(LOSSES))
+    return headline(json.loads((path.parent / SUMMARY).read_text(encoding="utf-8")))
 
 
 def headline(s: DemoSettings) -> list[str]:
@@ -90,29 +217,28 @@ def headline(s: DemoSettings) -> list[str]:
         if (run / rundir.LOCALIZE / rundir.LOCALIZATION).is_file():
             rates = rundir.read_localization(run / rundir.LOCALIZE).pointing_game()
             text += ", pointing game " + ", ".join(f"{m} {v:.2f}" for m, v in rates.items())
-        table = run / "generalisation" / "generalisation.json"
-        if table.is_file():
-            mean = next(r for r in json.loads(table.read_text())["rows"] if r["finding"] == "Mean")
-            text += f"; second site {mean['site2 AUROC']:.3f} ({mean['site2 - site1']:+.3f} over the findings scored on both)"
+        external = rundir.external_eval_dir(run, SITE2)
+        if (external / rundir.PREDICTIONS).is_file():
+            from cxrdx.external import compare_external, mean_difference
+
+            g, _ = compare_external(run / rundir.EVAL, [external], ["site1", SITE2])
+            site2, diff = mean_difference(g)
+            text += f"; second site {site2:.3f} ({diff:+.3f} over the findings scored on both)"
         lines.append(text)
     return lines
 
 
-def run_demo(settings: DemoSettings, main: Callable[[list[str]], int]) -> Path:
-    """Run every step through `main` (the CLI's entry point, which passes itself: nothing below the CLI
-    imports it), stopping at the first failure; return the report's path."""
+def run_demo(settings: DemoSettings) -> Path:
+    """Run every step, stopping at the first failure; return the report's path."""
     if (settings.out / "runs").exists():
         raise CxrdxError(f"{settings.out}: holds an earlier demo; remove it or pass --out OTHER_DIR")
-    steps = commands(settings)
+    todo = steps(settings)
     started = time.perf_counter()
-    for number, (title, args) in enumerate(steps, 1):
-        print(f"\n[{number}/{len(steps)}] {title}: cxrdx {shlex.join(args)}", flush=True)
+    for number, step in enumerate(todo, 1):
+        print(f"\n[{number}/{len(todo)}] {step.title}: cxrdx {shlex.join(step.args)}", flush=True)
         step_start = time.perf_counter()
-        code = main(args)
-        sys.stdout.flush()
-        if code != 0:
-            raise CxrdxError(f"step {number} ({title}) failed with exit code {code}")
-        print(f"[{number}/{len(steps)}] done in {time.perf_counter() - step_start:.0f} s", flush=True)
+        print(step.run(), flush=True)
+        print(f"[{number}/{len(todo)}] done in {time.perf_counter() - step_start:.0f} s", flush=True)
     minutes = (time.perf_counter() - started) / 60
     report = settings.out / "report" / "report.html"
     print(f"\ncxrdx demo finished in {minutes:.1f} min")

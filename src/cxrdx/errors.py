@@ -9,6 +9,17 @@ class CxrdxError(Exception):
     """A problem the user can fix: bad input, a missing file, an impossible setting."""
 
 
+class ParameterError(CxrdxError):
+    """A bad value of one named parameter of a library function; the CLI names its option instead."""
+
+    def __init__(self, parameter: str, value: object, problem: str):
+        self.parameter, self.value, self.problem = parameter, value, problem
+        super().__init__(f"{parameter} {value}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.parameter, self.value, self.problem))
+
+
 class ImageReadError(CxrdxError):
     """An image that cannot be decoded; names the file and the reason."""
 

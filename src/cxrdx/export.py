@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from cxrdx.atomic import write_bytes
-from cxrdx.checkpoint import Checkpoint, json_default, load_checkpoint
+from cxrdx.checkpoint import Checkpoint, load_checkpoint
 from cxrdx.errors import CxrdxError
+from cxrdx.jsonsafe import to_json_safe
 from cxrdx.predict import BasePredictor, ModelInfo, Predictor
 from cxrdx.preprocess import CXRDX, PREPROCESS
 
@@ -72,7 +73,7 @@ def export_onnx(
     model = onnx.load_from_string(buffer.getvalue())
     info = torch_predictor.info.to_dict() | {"format": FORMAT}
     entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(info, default=json_default)
+    entry.key, entry.value = METADATA_KEY, json.dumps(to_json_safe(info, nonfinite="keep"))
     model.producer_name = "cxrdx"
     data = model.SerializeToString()
 

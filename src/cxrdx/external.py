@@ -92,6 +92,15 @@ def _common(g: Generalisation) -> np.ndarray:
     return np.isfinite(g.internal.auc) & np.all([np.isfinite(e.auc) for e in g.external], axis=0)
 
 
+def mean_difference(g: Generalisation, external: int = 0) -> tuple[float, float]:
+    """The external set's mean AUROC and its mean difference from the internal one, over the findings
+    scored on every set (the table's "Mean" row)."""
+    common = _common(g)
+    if not common.any():
+        return float("nan"), float("nan")
+    return float(np.mean(g.external[external].auc[common])), float(np.mean(g.diff[external][common]))
+
+
 def generalisation_table(g: Generalisation) -> report.Table:
     """Rows: the findings, then the mean over the findings scored on every set; per set its AUROC (CI),
     per external set the difference with the internal one (CI) and p."""

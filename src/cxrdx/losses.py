@@ -11,6 +11,7 @@ values and gradients.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 from collections.abc import Sequence
@@ -227,6 +228,14 @@ LOSSES: dict[str, type[_MultiLabelLoss]] = {
 }
 
 
+def check_loss_name(name: str) -> None:
+    """CxrdxError with close matches unless `name` is one of LOSSES."""
+    if name not in LOSSES:
+        close = difflib.get_close_matches(name, list(LOSSES), n=2, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise CxrdxError(f"unknown loss {name!r}; {hint}choose one of {', '.join(LOSSES)}")
+
+
 def create_loss(
     name: str,
     positives: Sequence[float] | np.ndarray | None = None,
@@ -234,8 +243,7 @@ def create_loss(
     **hyper: float | str,
 ) -> nn.Module:
     """The loss called `name` (see LOSSES); `wbce` and `ours` weight findings by the training counts."""
-    if name not in LOSSES:
-        raise CxrdxError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    check_loss_name(name)
     cls = LOSSES[name]
     options: dict[str, Any] = dict(hyper)
     if issubclass(cls, _Weighted):

@@ -21,6 +21,7 @@ import pandas as pd
 from cxrdx import stats
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+from cxrdx.jsonsafe import to_json_safe
 
 THRESHOLD_METHODS = ("youden", "f1")
 EXPERT_FINDINGS = {"Pneumothorax": ("Pneumothorax",), "Nodule or mass": ("Nodule", "Mass")}
@@ -289,19 +290,7 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         table = self.per_finding.astype(object).where(self.per_finding.notna(), None)
-        return {"overall": _json_ready(self.overall.to_dict()), "per_finding": table.to_dict(orient="index"), "notes": self.notes}
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+        return {"overall": to_json_safe(self.overall.to_dict()), "per_finding": table.to_dict(orient="index"), "notes": self.notes}
 
 
 def evaluate(

@@ -63,7 +63,7 @@ def create_model(
     convolution, and for EfficientNet its stem batch norm too: the released code for ResNet50 and
     EfficientNet-b5).
     """
-    _check_name(name)
+    check_model_name(name)
     if first_conv not in FIRST_CONV:
         raise CxrdxError(f"first_conv={first_conv!r}: expected one of {', '.join(FIRST_CONV)}")
     kwargs = dict(num_classes=num_findings, in_chans=in_chans, drop_rate=drop_rate, **timm_kwargs)
@@ -140,7 +140,9 @@ def _new_stem(model: nn.Module) -> None:
         model.bn1.reset_parameters()
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """CxrdxError with close matches unless timm knows the network `name` (a pretrained tag after a dot allowed);
+    builds nothing."""
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)

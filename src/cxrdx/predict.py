@@ -137,6 +137,12 @@ class BasePredictor:
             return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[:, None]
         return torch.stack([self.transform(torch.from_numpy(np.array(p))[None]) for p in pixels])
 
+    def model_view(self, pixels: np.ndarray) -> np.ndarray:
+        """The network's input for `load`'s (S, S) `pixels`, un-normalized to [0, 1] (H, W) float64: what the model
+        and a heatmap see."""
+        x = self.to_tensor(pixels[None])[0, 0].numpy().astype(np.float64)
+        return np.clip(x * self.info.std[0] + self.info.mean[0], 0.0, 1.0)
+
     def _prepared(self, images: object) -> bool:
         """Whether `images` is already a batch of `load`'s pixels: (N, S, S), uint8 (float32 for "xrv")."""
         size = self.info.image_size

@@ -8,21 +8,26 @@ the logits, no softmax: the findings are independent sigmoids).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pytorch_grad_cam as gc
-import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import nn
 
-from cxrdx.errors import CxrdxError
-from cxrdx.explain.groupcam import explaining, group_cam
+from cxrdx.errors import CxrdxError, ParameterError
+
+if TYPE_CHECKING:  # imported when a map is made: naming and checking methods stays light (the CLI, the report)
+    import torch
+    from torch import nn
 
 Method = Callable[..., np.ndarray]
 FLAT_TOL = 1e-6
+TITLES = {
+    "groupcam": "Group-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+    "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "layercam": "Layer-CAM", "hirescam": "HiRes-CAM",
+}
 
 
 class FlatSaliencyWarning(UserWarning):
@@ -37,10 +42,14 @@ def _groupcam(
     groups: int = 32,
     batch_size: int = 32,
 ) -> np.ndarray:
+    from cxrdx.explain.groupcam import group_cam
+
     return group_cam(model, image, finding_index, target_layers[-1], groups=groups, batch_size=batch_size).saliency
 
 
-def _grad_cam_family(cam_class: type[gc.GradCAM], quiet: bool = False) -> Method:
+def _grad_cam_family(cam_class: str, quiet: bool = False) -> Method:
+    """The grad-cam package's class `cam_class` (imported on first use) as a method."""
+
     def run(
         model: nn.Module,
         image: torch.Tensor,
@@ -49,12 +58,18 @@ def _grad_cam_family(cam_class: type[gc.GradCAM], quiet: bool = False) -> Method
         batch_size: int = 32,
         **_: object,
     ) -> np.ndarray:
+        import pytorch_grad_cam
+        import torch
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        from cxrdx.explain.groupcam import explaining
+
         device = next(model.parameters()).device
         # A leaf that needs a gradient: the backward reaches the target layer with frozen parameters.
         x = image.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
         with explaining(model):
             _check_finding(model, finding_index)
-            cam = cam_class(model=model, target_layers=list(target_layers))
+            cam = getattr(pytorch_grad_cam, cam_class)(model=model, target_layers=list(target_layers))
             cam.batch_size = batch_size  # read by Score-CAM only
             try:
                 with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -63,20 +78,29 @@ def _grad_cam_family(cam_class: type[gc.GradCAM], quiet: bool = False) -> Method
                 cam.activations_and_grads.release()
         return maps[0].astype(np.float32)
 
-    run.__doc__ = f"{cam_class.__name__} from the grad-cam package, on the finding's raw logit."
+    run.__doc__ = f"{cam_class} from the grad-cam package, on the finding's raw logit."
     return run
 
 
 METHODS: dict[str, Method] = {
     "groupcam": _groupcam,
-    "gradcam": _grad_cam_family(gc.GradCAM),
-    "gradcam++": _grad_cam_family(gc.GradCAMPlusPlus),
-    "xgradcam": _grad_cam_family(gc.XGradCAM),
-    "scorecam": _grad_cam_family(gc.ScoreCAM, quiet=True),  # silences its per-batch tqdm bar
-    "eigencam": _grad_cam_family(gc.EigenCAM),
-    "layercam": _grad_cam_family(gc.LayerCAM),
-    "hirescam": _grad_cam_family(gc.HiResCAM),
+    "gradcam": _grad_cam_family("GradCAM"),
+    "gradcam++": _grad_cam_family("GradCAMPlusPlus"),
+    "xgradcam": _grad_cam_family("XGradCAM"),
+    "scorecam": _grad_cam_family("ScoreCAM", quiet=True),  # silences its per-batch tqdm bar
+    "eigencam": _grad_cam_family("EigenCAM"),
+    "layercam": _grad_cam_family("LayerCAM"),
+    "hirescam": _grad_cam_family("HiResCAM"),
 }
+
+
+def check_methods(names: Sequence[str], parameter: str = "method") -> None:
+    """ParameterError naming `parameter`, the unknown names and close matches, unless every name is a method."""
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        close = {c for name in unknown for c in difflib.get_close_matches(name.lower(), list(METHODS), n=2)}
+        hint = f"did you mean {' or '.join(sorted(close))}? " if close else ""
+        raise ParameterError(parameter, " ".join(unknown), f"unknown method; {hint}choose from {', '.join(METHODS)}")
 
 
 def explain(
@@ -93,8 +117,7 @@ def explain(
     comes back as zeros with a FlatSaliencyWarning. `options` go to the method (groups,
     batch_size).
     """
-    if method not in METHODS:
-        raise CxrdxError(f"unknown explanation method {method!r}; choose from {', '.join(METHODS)}")
+    check_methods([method])
     if image.ndim != 4 or image.shape[0] != 1:
         raise CxrdxError(f"explain takes one image shaped (1, C, H, W); got {tuple(image.shape)}")
     layers = list(target_layers) if target_layers is not None else default_target_layers(model, image)

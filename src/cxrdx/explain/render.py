@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -46,6 +49,35 @@ def render_panel(image: np.ndarray, saliency: np.ndarray, title: str, path: str 
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     return Path(path)
+
+
+def overlay(gray: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB in [0, 1]: `gray` (H, W, in [0, 1]) under `saliency` (H, W, in [0, 1]) in the panels' colour map,
+    blended with their heatmap opacity."""
+    colour = matplotlib.colormaps[HEATMAP](saliency)[..., :3]
+    return np.clip((1 - OVERLAY_ALPHA) * gray[..., None] + OVERLAY_ALPHA * colour, 0, 1)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A PNG of `image`, gray (H, W) or RGB (H, W, 3), values in [0, 1]."""
+    out = io.BytesIO()
+    Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def heatmap_png(predictor: Predictor, pixels: np.ndarray, finding_index: int, method: str = "groupcam") -> bytes:
+    """The model's view of uint8 (S, S) `pixels` under the heatmap of one finding, as PNG bytes; a flat map gives
+    the plain image."""
+    import torch
+
+    from cxrdx.explain.registry import explain
+
+    tensor = predictor.to_tensor(pixels[None]).to(predictor.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a flat map is returned as zeros: a plain image, not an error
+        with torch.enable_grad():
+            heat = explain(predictor.model, tensor, finding_index, method=method)
+    return png_bytes(overlay(predictor.model_view(pixels), heat))
 
 
 def save_map(saliency: np.ndarray, path: str | Path) -> Path:

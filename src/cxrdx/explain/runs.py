@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from cxrdx.errors import CxrdxError
+from cxrdx.errors import CxrdxError, ParameterError
+from cxrdx.explain.registry import check_methods
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from cxrdx.predict import ImageSource, Predictor
 
@@ -112,3 +114,74 @@ def localization_inputs(
             raise CxrdxError("give the boxed images: --data-dir D or --cache C")
         opened = open_cache(cache_path)
     return LocalizationInputs(boxes, *boxed_images(boxes, predictor, data_dir, opened, box_size, limit))
+
+
+def cam_predictor(
+    checkpoint: str | Path, device: str = "auto", batch_size: int = 32, target_layer: str | None = None, trust_pickle: bool = False
+) -> tuple[Predictor, list[nn.Module] | None]:
+    """The predictor of a checkpoint and the module named `target_layer` to explain (None: chosen for the model)."""
+    from cxrdx.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, trust_pickle=trust_pickle)
+    if not target_layer:
+        return predictor, None
+    try:
+        return predictor, [predictor.model.get_submodule(target_layer)]
+    except AttributeError:
+        raise ParameterError("target_layer", target_layer, f"no such module in {predictor.info.model_name}") from None
+
+
+@dataclass(frozen=True)
+class LocalizationResult:
+    """What `localize_checkpoint` measured: the Markdown tables, the summary rows, one record per map, and the
+    boxed images scored and not found."""
+
+    text: str
+    summary: pd.DataFrame
+    records: pd.DataFrame
+    names: list[str]
+    missing: list[str]
+
+
+def localize_checkpoint(
+    predictor: Predictor,
+    checkpoint: str | Path,
+    boxes_path: str | Path,
+    methods: Sequence[str] = ("groupcam", "gradcam"),
+    target_layers: Sequence[nn.Module] | None = None,
+    split: str | None = None,
+    split_file: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    cache: str | Path | None = None,
+    box_size: int | None = None,
+    limit: int | None = None,
+    threshold: float = 0.5,
+    mode: str = "relative",
+    tolerance: float = 0.0,
+    out: str | Path | None = None,
+    progress: bool = True,
+    **options: object,
+) -> LocalizationResult:
+    """Pointing game and IoU of each method's maps against the boxes of `boxes_path` (of `split` only, when given),
+    written to `out` when given (localization.md, localization.json, localization_records.csv)."""
+    from cxrdx.explain.localization import localize, markdown_tables, read_boxes, summarize, write_localization
+
+    check_methods(methods, "methods")
+    boxes = read_boxes(boxes_path)
+    inputs = localization_inputs(predictor, checkpoint, boxes, split, split_file, data_dir, cache, box_size, limit)
+    boxes, names, load, missing = inputs.boxes, inputs.names, inputs.load, inputs.missing
+    if not names:
+        where = f"the cache {cache or 'of the run'}" if not data_dir else data_dir
+        raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} is in {where}")
+    images = ((name, *load(name)) for name in names)
+    records = localize(
+        predictor, images, boxes, methods=methods, threshold=threshold, mode=mode, tolerance=tolerance,
+        progress=progress, total=len(names), target_layers=target_layers, **options,
+    )
+    summary = summarize(records)
+    text = markdown_tables(summary, threshold, mode)
+    if out:
+        settings = {"split": split, "threshold": threshold, "threshold_mode": mode, "tolerance": tolerance,
+                    "boxes": str(boxes_path), "checkpoint": str(checkpoint), "images": len(names)}
+        write_localization(out, text, summary, records, settings)
+    return LocalizationResult(text, summary, records, list(names), list(missing))

@@ -26,6 +26,7 @@ from cxrdx import __version__
 from cxrdx.atomic import write_text
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+from cxrdx.jsonsafe import to_json_safe
 from cxrdx.report import sections as s
 from cxrdx.report.tables import format_value, slug
 
@@ -141,18 +142,13 @@ def render_page(
         raise CxrdxError(f"report template: {exc.__class__.__name__}: {exc}") from None
 
 
-def _plain(summary: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready numbers: NaN becomes null."""
-    return {k: (float(v) if np.isfinite(v) else None) if isinstance(v, (float, np.floating)) else v for k, v in summary.items()}
-
-
 def _summary(groups: list[s.Scores], path: Path) -> dict[str, Any]:
     best = _best(groups)
-    models = {m: _plain(g.cmp.evaluations[m].overall.auroc._asdict()) for g in groups for m in g.cmp.models}
+    models = {m: to_json_safe(g.cmp.evaluations[m].overall.auroc._asdict()) for g in groups for m in g.cmp.models}
     return {
         "report": str(path),
         "best_model": best[0] if best else None,
-        "mean_auroc": _plain(best[1]) if best else None,
+        "mean_auroc": to_json_safe(best[1]) if best else None,
         "images": best[2] if best else None,
         "models": models,
     }

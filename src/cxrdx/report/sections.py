@@ -21,6 +21,7 @@ from cxrdx import card, metrics, rundir
 from cxrdx.atomic import write_text
 from cxrdx.config import TrainConfig
 from cxrdx.errors import CxrdxError
+from cxrdx.explain.registry import TITLES
 from cxrdx.findings import FINDINGS
 from cxrdx.report import figures, tables
 from cxrdx.rundir import EVAL, EXPLAIN, LOCALIZE
@@ -527,7 +528,7 @@ def explanations_section(runs: list[Run]) -> Section:
         if panels.empty:
             parts.append(head + note(f"No panels in {run.path / EXPLAIN}."))
             continue
-        methods |= {tables.METHOD_NAMES.get(m, m) for m in panels["method"] if m}
+        methods |= {TITLES.get(m, m) for m in panels["method"] if m}
         body = []
         for kind, title in (("correct", "Correct predictions"), ("wrong", "Wrong predictions"), ("unknown", "Without a label to check")):
             picked = _pick(panels, kind)

@@ -23,16 +23,13 @@ import pandas as pd
 from cxrdx import rundir
 from cxrdx.atomic import write_text
 from cxrdx.errors import CxrdxError
+from cxrdx.explain.registry import TITLES
 from cxrdx.findings import FINDINGS
 from cxrdx.metrics import Comparison
 from cxrdx.stats import stars
 
 FORMATS = ("md", "csv", "json")
 DASH = "–"
-METHOD_NAMES = {
-    "groupcam": "Group-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-    "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "layercam": "Layer-CAM", "hirescam": "HiRes-CAM",
-}
 
 
 @dataclass
@@ -475,7 +472,7 @@ def localization_table(result: rundir.Localization, name: str) -> Table:
     boxes = records.groupby("Finding")["n"].max()
     order = [f for f in FINDINGS if f in boxes.index] + [f for f in boxes.index if f not in FINDINGS]
     data = pd.DataFrame({("", "Boxes"): boxes}).join(
-        pd.DataFrame({(METHOD_NAMES.get(m, m), label): wide[(metric, m)] for m in methods
+        pd.DataFrame({(TITLES.get(m, m), label): wide[(metric, m)] for m in methods
                       for metric, label in (("pointing_game", "Pointing game"), ("iou", "IoU"))})
     ).reindex(order)
     data.index = ["All boxed findings" if i == "all" else i for i in data.index]
@@ -491,5 +488,5 @@ def localization_table(result: rundir.Localization, name: str) -> Table:
         f"{'?' if result.images is None else result.images} boxed image(s)" + (f" of the {result.split} split" if result.split else "") + ".",
     ]
     flat = records.groupby("method")["flat"].max()
-    notes += [f"{METHOD_NAMES.get(m, m)}: {int(v)} flat map(s) (nothing highlighted) counted as misses." for m, v in flat.items() if v]
+    notes += [f"{TITLES.get(m, m)}: {int(v)} flat map(s) (nothing highlighted) counted as misses." for m, v in flat.items() if v]
     return Table("localization", f"Localization against the boxes: {name}", data, display, notes)

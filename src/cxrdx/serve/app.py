@@ -16,12 +16,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import io
 import logging
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -31,22 +28,22 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from PIL import Image
 from pydantic import BaseModel, Field
 
 from cxrdx import __version__
 from cxrdx.card import served_card
+from cxrdx.errors import ImageReadError
+from cxrdx.jsonsafe import to_json_safe
 from cxrdx.predict import BasePredictor
 from cxrdx.serve.guard import AccessGuard
 from cxrdx.serve.settings import ServeSettings, read_api_key
+from cxrdx.uploads import UPLOAD_NAME, MultipartFile, RawBody, UploadError, decode_upload, sniff
 
 log = logging.getLogger("cxrdx.serve")
 T = TypeVar("T")
 
 RETRY_AFTER_S = 2
 MULTIPART_SLACK = 16 * 2**10  # boundary and part headers around the file
-UPLOAD_NAME = "upload"  # the client's file name is never echoed: it may name the patient
-MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -128,7 +125,7 @@ def create_app(predictor: BasePredictor, settings: ServeSettings | None = None, 
 
     @app.get("/v1/model", summary="The model: findings, input size, thresholds, validation metrics")
     async def model_card() -> dict[str, Any]:
-        return _jsonable(
+        return to_json_safe(
             {
                 "model": info.model_name,
                 "backend": predictor.backend,
@@ -302,18 +299,20 @@ async def read_upload(request: Request, limit: int, timeout_s: float) -> bytearr
     body_limit = _body_limit(request, limit)
     declared = request.headers.get("content-length", "")
     size = int(declared) if declared.isdigit() else 0  # within the reservation: checked on admission
-    sink = MultipartFile(request.headers["content-type"], size) if _is_multipart(request) else RawBody(size)
     total = 0
     try:
+        sink = MultipartFile(request.headers["content-type"], size) if _is_multipart(request) else RawBody(size)
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > body_limit:
                     raise _too_large(limit)
                 sink.write(chunk)
+        data = sink.finish()
     except TimeoutError:
         raise HTTPException(408, f"the upload did not arrive within {timeout_s:g} s", headers={"Connection": "close"}) from None
-    data = sink.finish()
+    except UploadError as exc:
+        raise HTTPException(400, str(exc)) from None
     if len(data) > limit:
         raise _too_large(limit)
     if not data:
@@ -327,118 +326,22 @@ async def read_upload(request: Request, limit: int, timeout_s: float) -> bytearr
     return data
 
 
-def sniff(data: bytes) -> str | None:
-    """"png", "jpeg" or "dicom" from the first bytes; None for anything else."""
-    from cxrdx.data.imageio import is_dicom
-
-    for kind, magic in MAGIC.items():
-        if data.startswith(magic):
-            return kind
-    return "dicom" if is_dicom(data) else None
-
-
 def _too_large(limit: int) -> HTTPException:
     return HTTPException(413, f"upload larger than the limit of {limit:,} bytes")
 
 
-class RawBody:
-    """A request body kept as it is, written into a buffer of its declared size: growing a buffer
-    chunk by chunk would copy it over and over, holding up to twice its size for a moment."""
-
-    def __init__(self, size_hint: int = 0) -> None:
-        self.data = bytearray(size_hint)
-        self.length = 0
-
-    def write(self, chunk: bytes) -> None:
-        end = self.length + len(chunk)
-        self.data[self.length : end] = chunk  # extends the buffer when the hint was short
-        self.length = end
-
-    def finish(self) -> bytearray:
-        del self.data[self.length :]
-        return self.data
-
-
-class MultipartFile:
-    """The `file` part (or the first part with a file name) of a multipart body, parsed in memory as
-    it arrives; the bytes of other parts are dropped."""
-
-    def __init__(self, content_type: str, size_hint: int = 0):
-        from python_multipart.multipart import MultipartParser, parse_options_header
-
-        boundary = parse_options_header(content_type)[1].get(b"boundary")
-        if not boundary:
-            raise HTTPException(400, "multipart upload without a boundary")
-        self.file = RawBody(size_hint)
-        self.found = self.keep = False
-        self.headers: dict[bytes, bytes] = {}
-        self.field, self.value = bytearray(), bytearray()
-        callbacks = dict(
-            on_part_begin=self._part_begin,
-            on_header_field=lambda data, start, end: self.field.extend(data[start:end]),
-            on_header_value=lambda data, start, end: self.value.extend(data[start:end]),
-            on_header_end=self._header_end,
-            on_headers_finished=self._headers_finished,
-            on_part_data=self._part_data,
-        )
-        self.parser = MultipartParser(boundary, callbacks)
-
-    def write(self, chunk: bytes) -> None:
-        from python_multipart.exceptions import MultipartParseError
-
-        try:
-            self.parser.write(chunk)
-        except MultipartParseError:
-            raise HTTPException(400, "malformed multipart/form-data body") from None
-
-    def finish(self) -> bytearray:
-        from python_multipart.exceptions import MultipartParseError
-
-        try:
-            self.parser.finalize()
-        except MultipartParseError:
-            raise HTTPException(400, "malformed multipart/form-data body") from None
-        if not self.found:
-            raise HTTPException(400, "multipart upload without a 'file' part")
-        return self.file.finish()
-
-    def _part_begin(self) -> None:
-        self.headers = {}
-        self.keep = False
-
-    def _header_end(self) -> None:
-        self.headers[bytes(self.field).lower()] = bytes(self.value)
-        self.field, self.value = bytearray(), bytearray()
-
-    def _headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        disposition = parse_options_header(self.headers.get(b"content-disposition", b""))[1]
-        self.keep = not self.found and (disposition.get(b"name") == b"file" or b"filename" in disposition)
-        self.found = self.found or self.keep
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.keep:
-            self.file.write(data[start:end])
-
-
 def _decode(predictor: BasePredictor, data: bytearray, max_decoded_bytes: int) -> np.ndarray:
     """uint8 (S, S) pixels, or 422 with the decoder's reason (patient values scrubbed)."""
-    from cxrdx.data.imageio import read_image
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # decoder warnings may quote header values: none reach stderr
-            pixels = read_image(data, name=UPLOAD_NAME, max_decoded_bytes=max_decoded_bytes)
-            return predictor.load(pixels, name=UPLOAD_NAME)
-    except Exception as exc:  # hostile input may break any decoder layer: always a 422, never a dead worker
-        reason = getattr(exc, "reason", None) or f"{exc.__class__.__name__}: {exc}"
-    # Raised outside the handler: the decoder's traceback (its frames hold copies of the upload)
-    # is dropped now, not kept alive by the 422 until the response is sent.
-    raise HTTPException(422, f"cannot decode the image: {scrub(reason, data)}")
+        return decode_upload(predictor, data, max_decoded_bytes)
+    except ImageReadError as exc:
+        reason = exc.reason
+    raise HTTPException(422, f"cannot decode the image: {reason}")
 
 
 def _predict_job(predictor: BasePredictor, data: bytearray, with_image: bool, max_decoded_bytes: int) -> dict[str, Any]:
+    from cxrdx.explain.render import png_bytes
+
     pixels = _decode(predictor, data, max_decoded_bytes)
     prediction = predictor.prediction(UPLOAD_NAME, predictor.predict_proba(pixels[None])[0])  # pixels already decoded
     result: dict[str, Any] = {
@@ -447,39 +350,14 @@ def _predict_job(predictor: BasePredictor, data: bytearray, with_image: bool, ma
         "positives": prediction.positives,
     }
     if with_image:
-        view = _model_view(predictor, pixels)
-        result["image"] = "data:image/png;base64," + base64.b64encode(_png(np.rint(view * 255).astype(np.uint8))).decode()
+        result["image"] = "data:image/png;base64," + base64.b64encode(png_bytes(predictor.model_view(pixels))).decode()
     return result
 
 
 def _explain_job(predictor: BasePredictor, data: bytearray, finding_index: int, method: str, max_decoded_bytes: int) -> bytes:
-    import matplotlib
-    import torch
+    from cxrdx.explain.render import heatmap_png
 
-    from cxrdx.explain import explain
-
-    pixels = _decode(predictor, data, max_decoded_bytes)
-    tensor = predictor.to_tensor(pixels[None]).to(predictor.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a flat map is returned as zeros: a plain image, not an error
-        with torch.enable_grad():
-            heat = explain(predictor.model, tensor, finding_index, method=method)
-    gray = _model_view(predictor, pixels)
-    colour = matplotlib.colormaps["jet"](heat)[..., :3]
-    overlay = 0.55 * gray[..., None] + 0.45 * colour
-    return _png(np.rint(np.clip(overlay, 0, 1) * 255).astype(np.uint8))
-
-
-def _model_view(predictor: BasePredictor, pixels: np.ndarray) -> np.ndarray:
-    """The network's input, un-normalized to [0, 1] (H, W): what the model and the heatmap see."""
-    x = predictor.to_tensor(pixels[None])[0, 0].numpy().astype(np.float64)
-    return np.clip(x * predictor.info.std[0] + predictor.info.mean[0], 0.0, 1.0)
-
-
-def _png(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
+    return heatmap_png(predictor, _decode(predictor, data, max_decoded_bytes), finding_index, method)
 
 
 def _can_explain(predictor: BasePredictor) -> bool:
@@ -490,39 +368,3 @@ def _methods() -> list[str]:
     from cxrdx.explain import METHODS
 
     return list(METHODS)
-
-
-def scrub(message: str, data: bytes) -> str:
-    """Replace every value of the DICOM patient module (group 0010) found in `message` with [removed]."""
-    from cxrdx.data.imageio import is_dicom
-
-    if not is_dicom(data):
-        return message
-    try:
-        import pydicom
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        values = [str(e.value) for e in ds.iterall() if e.tag.group == 0x0010 and e.VR not in ("SQ", "OB", "UN")]
-        values += [part for v in values for part in v.split("^")]  # person names: each component too
-    except Exception:  # the header itself is unreadable: then no value of it can be quoted either
-        return message
-    for value in sorted({v for v in values if len(v) >= 2}, key=len, reverse=True):
-        message = message.replace(value, "[removed]")
-    return message
-
-
-def _jsonable(value: Any) -> Any:
-    """numpy scalars and arrays to Python; NaN and infinity to None (JSON has neither)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
