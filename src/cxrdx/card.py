@@ -21,14 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cxrdx import __version__, rundir
-from cxrdx.checkpoint import Checkpoint, load_checkpoint
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+
+if TYPE_CHECKING:  # the report reads cards without loading torch
+    from cxrdx.checkpoint import Checkpoint
 
 FORMAT = "cxrdx-model-card/1"
 NOT_FOR_CLINICAL_USE = "Not for clinical use"
@@ -159,6 +161,8 @@ def build_card(
 ) -> ModelCard:
     """The card of a checkpoint (a file, or a loaded Checkpoint: then without a file hash), with the results of
     `evaluations` (evaluation folders or their metrics) and, given `run_dir`, its split and measured leakage."""
+    from cxrdx.checkpoint import Checkpoint, load_checkpoint
+
     path = None if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     sha = _sha256(path) if path is not None else None
@@ -678,6 +682,8 @@ def write_card(card: ModelCard, out: str | Path) -> tuple[Path, Path]:
 
 def served_card(predictor: Any) -> dict[str, Any] | None:
     """The card JSON of a served model: from its checkpoint (a PyTorch predictor), None for an ONNX file."""
+    from cxrdx.checkpoint import Checkpoint
+
     checkpoint = getattr(predictor, "checkpoint", None)
     return card_json(build_card(checkpoint)) if isinstance(checkpoint, Checkpoint) else None
 
