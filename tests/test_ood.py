@@ -229,3 +229,8 @@ def test_calibrate_ood_refits_the_guard(phantom_cache: Path, phantom_split: Path
     assert "input guard on: Mahalanobis" in out
     guard = load_checkpoint(run / "checkpoints" / "best.pt").guard
     assert guard is not None and guard.train_images == 168 and guard.val_images == 24 and guard.val_acceptance >= 0.95
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    notes = json.loads((tmp_path / "eval" / "metrics.json").read_text())["notes"]
+    [note] = [n for n in notes if n.startswith("input guard")]
+    assert "of 48 images" in note and "accepted by the content check" in note and "the metrics include all of them" in note
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]["images"] == 48

@@ -259,6 +259,7 @@ def evaluate_checkpoint(
         "tta_hflip": bool(predict_kwargs.get("hflip", False)),
         "bootstrap": n_bootstrap,
     }
+    notes = [*notes, guard_note(ckpt, checkpoint, split, **predict_kwargs)]
     return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
 
 
@@ -434,6 +435,39 @@ def fit_checkpoint_guard(
     seed = int(ckpt.config.get("seed", 0)) if isinstance(ckpt.config, dict) else 0
     return ood.fit_on_cache(model, opened, train_rows, val_rows, ckpt.input_size, ckpt.mean, ckpt.std, torch_device,
                             batch_size=batch_size, seed=seed)
+
+
+def guard_note(
+    ckpt: Checkpoint,
+    checkpoint: str | Path,
+    split: str,
+    cache: str | Path | None = None,
+    split_file: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    allow_missing: bool = False,
+    **_: Any,
+) -> str:
+    """What the input guard's content check would accept of the evaluated images (all stay in the metrics):
+    one more pass over a prepared cache for the penultimate features."""
+    from cxrdx.data.cache import open_cache
+    from cxrdx.data.dataset import rows_for_split
+    from cxrdx.engine import resolve_device
+
+    if ckpt.guard is None:
+        return f"input guard content check {ood.GUARD_OFF}"
+    if data_dir is not None:
+        return "input guard: acceptance not measured on --data-dir images (it is measured on a prepared cache)"
+    opened = open_cache(cache or ckpt.config["data"]["cache"])  # predict_split opened it already
+    series = _split_series(Path(checkpoint), split_file, split)
+    rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
+    torch_device = resolve_device(device)
+    features = ood.cache_features(ckpt.build_model(torch_device), opened, rows, ckpt.input_size, ckpt.mean, ckpt.std,
+                                  torch_device, batch_size)
+    accepted = int(np.sum(ood.score(ckpt.guard, features) <= ckpt.guard.threshold))
+    return (f"input guard: {accepted:,} of {len(features):,} images ({accepted / max(len(features), 1):.1%}) accepted by the "
+            f"content check (threshold {ckpt.guard.threshold:.4g}); the metrics include all of them")
 
 
 def _warn_stuck_temperatures(temperatures: Sequence[float], split: str) -> None:

@@ -160,12 +160,17 @@ def fit_on_cache(model: nn.Module, cache: Any, train_rows: np.ndarray, val_rows:
                  max_train: int = MAX_TRAIN_IMAGES, percentile: float = PERCENTILE, seed: int = 0) -> OodGuard:
     """Fit the guard of `model` on (at most `max_train`, drawn at random) training images of a prepared cache
     and set its threshold on the validation rows, through the evaluation transform prediction uses."""
-    from cxrdx.data.dataset import CacheDataset, eval_transform, make_loader
-
     train_rows = np.asarray(train_rows)
     if len(train_rows) > max_train:
         train_rows = np.sort(np.random.default_rng(seed).choice(train_rows, max_train, replace=False))
-    transform = eval_transform(input_size, mean, std)
-    features = [loader_features(model, make_loader(CacheDataset(cache, rows, transform), batch_size, shuffle=False, workers=0), device)
-                for rows in (train_rows, np.asarray(val_rows))]
+    features = [cache_features(model, cache, rows, input_size, mean, std, device, batch_size) for rows in (train_rows, val_rows)]
     return fit_guard(*features, percentile=percentile)
+
+
+def cache_features(model: nn.Module, cache: Any, rows: np.ndarray | None, input_size: int, mean: list[float],
+                   std: list[float], device: torch.device | str = "cpu", batch_size: int = 64) -> np.ndarray:
+    """Penultimate features (N, D) of cache rows (None: all) through the evaluation transform prediction uses."""
+    from cxrdx.data.dataset import CacheDataset, eval_transform, make_loader
+
+    dataset = CacheDataset(cache, None if rows is None else np.asarray(rows), eval_transform(input_size, mean, std))
+    return loader_features(model, make_loader(dataset, batch_size, shuffle=False, workers=0), device)
