@@ -22,7 +22,7 @@ from cxrdx.predict import Predictor
 from cxrdx.rundir import run_dir_of, split_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the foreign test images live with the tests
-from foreign_images import foreign_images  # noqa: E402
+from foreign_images import foreign_images
 
 KINDS = ("skimage", "text", "blank", "noise")
 
@@ -49,7 +49,7 @@ def main() -> None:
         some = [p for p in judged if p.name.startswith(kind)]
         kept = [p.name for p in some if p.accepted]
         print(f"  {kind}: {len(some) - len(kept)} of {len(some)} refused" + (f" (accepted: {', '.join(kept)})" if kept else ""))
-    scores = lambda ps: np.array([p.ood_score for p in ps])  # noqa: E731
+    scores = lambda ps: np.array([p.ood_score for p in ps])
     print(f"OOD score median: held out {np.median(scores(held_out)):.3g}, foreign {np.median(scores(judged)):.3g}, "
           f"threshold {predictor.guard.threshold:.3g}")
 

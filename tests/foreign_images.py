@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PACKAGED_SUFFIXES = (".png", ".jpg", ".gif")
-WORDS = "the quick brown fox jumps over the lazy dog report findings normal chest radiograph".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "report", "findings", "normal", "chest", "radiograph"]
 
 
 def packaged_images() -> dict[str, np.ndarray]:

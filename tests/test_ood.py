@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from foreign_images import foreign_images
 from PIL import Image
+from test_predict import SIZE, chest_like, make_checkpoint
 
 from cxrdx import ood
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -25,18 +27,12 @@ from cxrdx.findings import FINDINGS
 from cxrdx.models import create_model
 from cxrdx.predict import Predictor, format_predictions
 from cxrdx.serve import create_app
-from foreign_images import foreign_images
-from test_predict import SIZE, chest_like, make_checkpoint
 
 
 def gaussian(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scales = np.linspace(0.2, 3.0, dim)  # anisotropic: Mahalanobis differs from Euclidean
     return rng.normal(shift, 1.0, (n, dim)) * scales
-
-
-def refuse_all(guard: ood.OodGuard) -> ood.OodGuard:
-    return dataclasses.replace(guard, threshold=-1.0)
 
 
 # --- fit, score, threshold --------------------------------------------------------------------------------
@@ -165,7 +161,7 @@ def test_held_out_phantoms_pass_and_foreign_images_are_refused(guarded: tuple[Pr
     # 168 training images for 96 features: a loose fit, so held-out phantoms are judged at 75 %, not 95 %
     assert np.mean([p.accepted for p in held_out]) >= 0.75
     assert np.mean([not p.accepted for p in refused]) >= 0.9
-    scores = lambda ps: np.array([p.ood_score for p in ps])  # noqa: E731
+    scores = lambda ps: np.array([p.ood_score for p in ps])
     assert np.median(scores(refused)) > 2 * np.median(scores(held_out))
     for kind in ("skimage", "text", "blank", "noise"):
         kept = [p.name for p in refused if p.name.startswith(kind) and p.accepted]
