@@ -69,7 +69,7 @@ def every_field() -> Checkpoint:
         model_kwargs={"drop_rate": 0.25}, findings=list(FINDINGS), thresholds=[0.1 * (i % 9) for i in range(14)],
         temperature=[1.0 + i / 10 for i in range(14)], config={"data": {"cache": "cache/x", "mean": (0.5,)}, "seed": 3},
         val_metrics={"loss": 0.25, "auroc": {"Mass": None, "Hernia": 0.75}, "auc": np.float64(0.5)}, epoch=7,
-        cxrdx_version="9.8.7", guard=fit_guard(np.random.default_rng(0).normal(size=(50, 8)), np.random.default_rng(1).normal(size=(20, 8))),
+        cxrdx_version="9.8.7", guard=fit_guard(np.random.default_rng(0).normal(size=(50, 96)), np.random.default_rng(1).normal(size=(20, 96))),
     )
 
 

@@ -230,3 +230,10 @@ def test_calibrate_ood_refits_the_guard(phantom_cache: Path, phantom_split: Path
     [note] = [n for n in notes if n.startswith("input guard")]
     assert "of 48 images" in note and "accepted by the content check" in note and "the metrics include all of them" in note
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]["images"] == 48
+
+
+def test_a_guard_of_another_width_is_refused_by_the_predictor(tmp_path: Path) -> None:
+    plain = load_checkpoint(make_checkpoint(tmp_path / "plain.pt"))
+    narrow = ood.fit_guard(gaussian(50, 8, 0), gaussian(20, 8, 1))
+    with pytest.raises(CxrdxError, match="fitted on 8 features, but test_resnet gives 96"):
+        Predictor(dataclasses.replace(plain, guard=narrow), device="cpu")

@@ -256,6 +256,10 @@ class Predictor(BasePredictor):
         self.device = resolve_device(str(device))
         self.model = checkpoint.build_model(self.device)
         if checkpoint.guard is not None and supports_guard(self.model):
+            width = getattr(self.model, "num_features", checkpoint.guard.mean.shape[0])
+            if width != checkpoint.guard.mean.shape[0]:
+                raise CxrdxError(f"the checkpoint's input guard was fitted on {checkpoint.guard.mean.shape[0]} features, "
+                                 f"but {checkpoint.model_name} gives {width}; refit it with `cxrdx calibrate --ood`")
             self.guard, self.guard_status = checkpoint.guard, checkpoint.guard.describe()
 
     @classmethod
