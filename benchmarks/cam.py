@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from cxrdx.engine import resolve_device
+from cxrdx.runtime import resolve_device
 from cxrdx.explain import FlatSaliencyWarning, default_target_layers, explain
 
 METHODS = ("groupcam", "gradcam", "scorecam")

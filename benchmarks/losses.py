@@ -49,7 +49,7 @@ def run(out: Path, cache: Path, split: Path, loss: str, seed: int, epochs: int, 
             f"optim.epochs={epochs}", f"data.input_size={input_size}",
         ]), progress=False)
         print(f"{run_dir.name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
-    _, preds, _ = predict_split(run_dir / "checkpoints" / "best.pt", split="test", progress=False, workers=0)
+    preds = predict_split(run_dir / "checkpoints" / "best.pt", split="test", progress=False, workers=0).predictions
     return np.array([auroc_ci(preds.labels[:, k], preds.probs[:, k])[0] for k in range(len(FINDINGS))])
 
 

@@ -50,13 +50,13 @@ def _time_full(run, batches, steps: int) -> float:
 
 
 def _time_bare(run, images: torch.Tensor, targets: torch.Tensor, steps: int) -> float:
-    from cxrdx.engine import _autocast
+    from cxrdx.runtime import autocast
 
     model = run.model
     start = time.perf_counter()
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
-        with _autocast(run.device, run.amp):
+        with autocast(run.device, run.amp):
             logits = model(images)
         run.criterion(logits.float(), targets).backward()
     if run.device.type == "cuda":

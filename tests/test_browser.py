@@ -95,6 +95,10 @@ def test_page_uploads_an_xray_shows_bars_and_a_heatmap(service: str, xray: Path,
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(service)
     page.wait_for_function("document.getElementById('model').textContent.startsWith('Model')")
+    banner = page.locator("#not-clinical")  # the model card: no external validation
+    assert banner.is_visible() and banner.get_attribute("role") == "alert"
+    assert banner.inner_text().startswith("Not for clinical use: ") and "no external validation" in banner.inner_text()
+    assert page.locator("#intended-use").inner_text().startswith("Intended use: Research on")
 
     page.set_input_files("#file", str(xray))
     bars = page.locator("#bars button.bar")

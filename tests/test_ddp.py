@@ -102,4 +102,4 @@ def test_paper_preset_on_four_processes(phantom_cache: Path, tmp_path: Path):
     assert plan["batch_per_process"] == [8, 8, 7, 7] and plan["total_steps"] == 5 and plan["warnings"] == []
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best.model_name == "resnet50" and best.val_metrics["weights"] == "raw"  # the released code saved the raw model
-    assert load_checkpoint(out / "checkpoints" / "last.pt").train_state["world_size"] == 4
+    assert load_train_state(out / "checkpoints" / "train_state.pt")["world_size"] == 4

@@ -100,7 +100,7 @@ def test_run_inference_reproduces_the_validation_auroc(one_epoch_run: Path):
     from cxrdx.data.cache import open_cache
     from cxrdx.data.dataset import CacheDataset, eval_transform, make_loader, rows_for_split
     from cxrdx.data.splits import read_split
-    from cxrdx.engine import mean_auroc, run_inference
+    from cxrdx.inference import mean_auroc, run_inference
 
     best = load_checkpoint(one_epoch_run / "checkpoints" / "best.pt")
     cache = open_cache(best.config["data"]["cache"])
@@ -109,7 +109,7 @@ def test_run_inference_reproduces_the_validation_auroc(one_epoch_run: Path):
     loader = make_loader(dataset, batch_size=7, shuffle=False, workers=0)
     model = best.build_model()
     probs, targets, names = run_inference(model, loader, "cpu")
-    assert probs.dtype == np.float64 and probs.shape == (len(rows), 14) and targets.dtype == np.uint8
+    assert probs.dtype == np.float64 and probs.shape == (len(rows), 14) and targets.dtype == np.float32
     assert names == dataset.names and np.array_equal(targets, cache.labels[rows])
     assert mean_auroc(probs, targets)[0] == pytest.approx(best.val_metrics["mean_auroc"], abs=1e-6)
 
@@ -194,7 +194,7 @@ def test_out_of_memory_names_the_settings(phantom_cache: Path, tmp_path: Path, m
 
 
 def test_resolve_device_and_amp():
-    from cxrdx.engine import resolve_amp, resolve_device
+    from cxrdx.runtime import resolve_amp, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

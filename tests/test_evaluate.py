@@ -87,13 +87,14 @@ def test_compare_reproduces_evaluate(evaluated: Path, capsys: pytest.CaptureFixt
 
 def test_raw_files_and_cache_give_the_same_predictions(run_dir: Path, phantom_dir: Path):
     checkpoint = run_dir / "checkpoints" / "best.pt"
-    _, cached, _ = evaluation.predict_split(checkpoint, progress=False)
-    _, raw, notes = evaluation.predict_split(checkpoint, data_dir=phantom_dir, progress=False)
-    assert notes == []
+    cached = evaluation.predict_split(checkpoint, progress=False).predictions
+    predicted = evaluation.predict_split(checkpoint, data_dir=phantom_dir, progress=False)
+    raw = predicted.predictions
+    assert predicted.notes == [] and predicted.checkpoint.model_name == "test_resnet"
     order = pd.Index(raw.names).get_indexer(cached.names)
     np.testing.assert_allclose(raw.probs[order], cached.probs, atol=1e-5)
     np.testing.assert_array_equal(raw.labels[order], cached.labels)
-    _, flipped, _ = evaluation.predict_split(checkpoint, hflip=True, progress=False)
+    flipped = evaluation.predict_split(checkpoint, hflip=True, progress=False).predictions
     assert flipped.probs.shape == cached.probs.shape and not np.allclose(flipped.probs, cached.probs)
 
 
@@ -121,7 +122,7 @@ def test_calibrate_stores_thresholds_and_temperature(run_dir: Path, tmp_path: Pa
 def test_findings_without_positives_are_notes_not_crashes(run_dir: Path, capsys: pytest.CaptureFixture):
     with pytest.raises(CxrdxError, match="nothing to calibrate"):
         evaluation.calibrate_checkpoint(run_dir / "checkpoints" / "best.pt")
-    _, val, _ = evaluation.predict_split(run_dir / "checkpoints" / "best.pt", split="val", progress=False)
+    val = evaluation.predict_split(run_dir / "checkpoints" / "best.pt", split="val", progress=False).predictions
     # the stratified split gives every finding val positives: leave out the Hernia images to lack one
     keep = val.labels[:, FINDINGS.index("Hernia")] == 0
     labels, probs = val.labels[keep], val.probs[keep]
@@ -131,7 +132,7 @@ def test_findings_without_positives_are_notes_not_crashes(run_dir: Path, capsys:
         warnings.simplefilter("always")
         cmp = metrics.compare_models(labels, {"tiny": probs, "flat": np.full_like(probs, 0.5)})
     assert [str(w.message).split(":")[0] for w in caught if w.category is metrics.MetricWarning] == missing
-    assert cmp.evaluations["tiny"].overall["left_out_of_auroc_mean"] == missing
+    assert cmp.evaluations["tiny"].overall.left_out_of_auroc_mean == missing
     assert cmp.anova.subjects == 14 - len(missing)
     assert "Table 5" in report.markdown(report.table5(cmp, "tiny"))
 
@@ -164,6 +165,11 @@ def test_compare_cli_on_prediction_files(tmp_path: Path, capsys: pytest.CaptureF
                   "Patient ID": range(300)}).to_csv(labels_from_entry, index=False)
     cmp, _ = evaluation.compare_runs([a, b], labels=labels_from_entry)
     assert cmp.auc[0, 4] == pytest.approx(table3.loc["Effusion", "model_a"])
+    aligned = evaluation.load_runs([a, b], labels=labels_from_entry)
+    assert aligned.names == names and list(aligned.probs) == ["model_a", "model_b"]
+    np.testing.assert_array_equal(aligned.labels, y)
+    np.testing.assert_array_equal(aligned.patients, np.arange(300))
+    np.testing.assert_allclose(aligned.probs["model_b"][order], pd.read_csv(b / "predictions.csv").iloc[:, 1:].to_numpy())
 
 
 def test_prediction_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture):

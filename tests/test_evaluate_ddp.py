@@ -22,7 +22,8 @@ from cxrdx.cli import main
 from cxrdx.findings import FINDINGS
 
 TEST_IMAGES = 25
-FILES = {"predictions.csv", "labels.csv", "metrics.json", "report.md", "roc.png", "reliability.png"}
+FILES = {"predictions.csv", "labels.csv", "metrics.json", "report.md", "roc.png", "reliability.png",
+         *(f"{table}.{fmt}" for table in ("subgroups", "subgroup_gaps") for fmt in ("md", "csv", "json"))}  # phantoms have sex, age, view
 
 
 def _free_port() -> int:

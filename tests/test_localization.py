@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -152,13 +153,16 @@ def test_localize_scales_boxes_to_the_input(tiny_checkpoint, phantom_dir, phanto
     torch.testing.assert_close(cached_image, image)  # cache path == file path
     assert boxed_images(boxes, predictor, data_dir=phantom_dir, box_size=128)[1](names[0])[1] == (128, 128)
 
-    records = localize(predictor.model, ((n, *load(n)) for n in names), boxes, methods=("gradcam", "eigencam"))
+    records = localize(predictor, ((n, *load(n)) for n in names), boxes, methods=("gradcam", "eigencam"))
     expected = boxes[boxes["Image Index"].isin(names)].drop_duplicates(["Image Index", "Finding"])
     assert len(records) == 2 * len(expected)
     assert records["iou"].between(0, 1).all() and records["hit"].dtype == bool
     first = records.iloc[0]
-    probabilities = torch.sigmoid(predictor.model(load(first["Image Index"])[0]))[0].detach()
-    assert first["probability"] == pytest.approx(float(probabilities[FINDINGS.index(first["Finding"])]), abs=1e-6)
+    logits = predictor.model(load(first["Image Index"])[0])[0].detach()
+    assert first["probability"] == pytest.approx(float(torch.sigmoid(logits)[FINDINGS.index(first["Finding"])]), abs=1e-6)
+    predictor.info = dataclasses.replace(predictor.info, temperature=[2.0] * len(FINDINGS))  # a calibrated checkpoint
+    scaled = localize(predictor, ((n, *load(n)) for n in names[:1]), boxes, methods=("gradcam",)).iloc[0]
+    assert scaled["probability"] == pytest.approx(float(torch.sigmoid(logits / 2)[FINDINGS.index(scaled["Finding"])]), abs=1e-6)
 
 
 def test_localize_command(tiny_checkpoint, phantom_dir, phantom_split, tmp_path, capsys):

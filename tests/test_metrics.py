@@ -39,12 +39,19 @@ def test_overall_summary():
     y, probs = _data()
     evaluation = metrics.evaluate(y, probs)
     overall = evaluation.overall
-    assert overall["exact_match_accuracy"] == pytest.approx(accuracy_score(y, probs >= 0.5))  # subset accuracy
+    assert overall.exact_match_accuracy == pytest.approx(accuracy_score(y, probs >= 0.5))  # subset accuracy
     aucs = [roc_auc_score(y[:, k], probs[:, k]) for k in range(14)]
-    assert overall["auroc"]["mean"] == pytest.approx(np.mean(aucs))
-    assert overall["auroc"]["se"] == pytest.approx(np.std(aucs, ddof=1) / np.sqrt(14))
-    assert overall["macro_f1"]["mean"] == pytest.approx(evaluation.per_finding["macro_f1"].mean())
-    assert overall["images"] == 600 and evaluation.notes == []
+    assert overall.auroc.mean == pytest.approx(np.mean(aucs))
+    assert overall.auroc.se == pytest.approx(np.std(aucs, ddof=1) / np.sqrt(14))
+    assert overall.macro_f1.mean == pytest.approx(evaluation.per_finding["macro_f1"].mean())
+    assert overall.images == 600 and evaluation.notes == [] and overall.auroc_bootstrap is None
+    written = evaluation.to_dict()["overall"]  # metrics.json's keys, in order
+    assert list(written) == ["images", "auroc", "exact_match_accuracy", "accuracy", "macro_precision", "macro_recall", "macro_f1",
+                             "ece", "left_out_of_auroc_mean", "level"]
+    assert written["auroc"] == {"mean": overall.auroc.mean, "se": overall.auroc.se, "low": overall.auroc.low,
+                                "high": overall.auroc.high, "n": 14}
+    booted = metrics.evaluate(y, probs, n_bootstrap=5).to_dict()["overall"]["auroc_bootstrap"]
+    assert list(booted) == ["low", "high", "replicates", "unit"] and booted["replicates"] == 5 and booted["unit"] == "image"
 
 
 def test_finding_without_positives_warns_and_is_left_out():
@@ -53,8 +60,8 @@ def test_finding_without_positives_warns_and_is_left_out():
     with pytest.warns(metrics.MetricWarning, match="Hernia: no positive images"):
         evaluation = metrics.evaluate(y, probs)
     assert np.isnan(evaluation.per_finding.loc["Hernia", "auroc"])
-    assert evaluation.overall["auroc"]["n"] == 13
-    assert evaluation.overall["left_out_of_auroc_mean"] == ["Hernia"]
+    assert evaluation.overall.auroc.n == 13
+    assert evaluation.overall.left_out_of_auroc_mean == ["Hernia"]
     assert "Hernia" in evaluation.notes[0]
     assert evaluation.to_dict()["per_finding"]["Hernia"]["auroc"] is None  # JSON null, not NaN
     with pytest.warns(metrics.MetricWarning, match="Hernia.*threshold stays 0.5"):
@@ -212,8 +219,8 @@ def test_each_finding_is_scored_on_the_images_that_label_it():
     assert hernia["images"] == 0 and hernia["positives"] == 0
     for column in ("positive_ratio", "auroc", "auroc_low", "accuracy", "macro_f1", "ece"):
         assert np.isnan(hernia[column]), column
-    assert evaluation.overall["left_out_of_auroc_mean"] == ["Hernia"] and evaluation.overall["auroc"]["n"] == 13
-    assert evaluation.overall["auroc"]["mean"] == pytest.approx(table["auroc"].drop("Hernia").mean())
+    assert evaluation.overall.left_out_of_auroc_mean == ["Hernia"] and evaluation.overall.auroc.n == 13
+    assert evaluation.overall.auroc.mean == pytest.approx(table["auroc"].drop("Hernia").mean())
     assert evaluation.to_dict()["per_finding"]["Hernia"]["auroc"] is None
 
 

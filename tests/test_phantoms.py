@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -83,7 +84,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     first = files(generate_phantoms(tmp_path / "a", n=24, size=48, seed=3, progress=False))
     second = files(generate_phantoms(tmp_path / "b", n=24, size=48, seed=3, progress=False))
     other = files(generate_phantoms(tmp_path / "c", n=24, size=48, seed=4, progress=False))
-    assert len(first) == 26 and first == second
+    assert len(first) == 27 and first == second  # 24 images, two tables and the synthetic-source marker
+    assert json.loads(first["cxrdx_source.json"])["synthetic"] is True
     assert first["Data_Entry_2017.csv"] != other["Data_Entry_2017.csv"]
     assert first["images/00000001_000.png"] != other["images/00000001_000.png"]
 

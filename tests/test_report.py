@@ -52,7 +52,7 @@ def test_table3_numbers_and_formats(comparison: metrics.Comparison):
     table = report.table3(comparison)
     assert table.data.loc["Atelectasis", "good"] == pytest.approx(comparison.auc[0, 0])
     assert np.isnan(table.data.loc["Hernia", "good"])
-    overall = comparison.evaluations["good"].overall["auroc"]
+    overall = comparison.evaluations["good"].overall.auroc._asdict()
     assert table.data.loc["Overall mean", "good"] == pytest.approx(overall["mean"])
     assert table.display.loc["Overall, mean ± SE (95% CI)", "good"] == report.format_mean_ci(overall)
     assert table.data.loc["Pearson r", "weak"] == pytest.approx(comparison.pearson["weak"][0])
@@ -69,7 +69,7 @@ def test_table3_numbers_and_formats(comparison: metrics.Comparison):
 
 def test_table4_has_exact_match_and_macro_blocks(comparison: metrics.Comparison):
     table = report.table4(comparison)
-    assert table.data.loc[("Accuracy", "All findings correct"), "good"] == comparison.evaluations["good"].overall["exact_match_accuracy"]
+    assert table.data.loc[("Accuracy", "All findings correct"), "good"] == comparison.evaluations["good"].overall.exact_match_accuracy
     assert table.data.loc[("Macro F1-score", "Effusion"), "weak"] == pytest.approx(
         comparison.evaluations["weak"].per_finding.loc["Effusion", "macro_f1"]
     )

@@ -77,11 +77,16 @@ def make_run(
     if "eval" not in skip:
         folder = run / rundir.EVAL
         rundir.write_predictions(folder / rundir.PREDICTIONS, names, probs)
-        rundir.write_labels(folder / rundir.LABELS, names, y, test["Patient ID"].to_numpy())
+        meta = test[["Patient Gender"]].reset_index(drop=True)  # a subgroup column, as evaluate writes it
+        rundir.write_labels(folder / rundir.LABELS, names, y, test["Patient ID"].to_numpy(), meta)
         per = {f: {"threshold": 0.5} for f in FINDINGS}
         rundir.write_eval_metrics(folder, rundir.EvalMetrics(settings={"split": "test", "images": len(names)}, per_finding=per))
         (folder / rundir.RELIABILITY).write_bytes(png_bytes(seed=seed + 1))
         (folder / rundir.ROC).write_bytes(png_bytes(seed=seed + 2))
+    if "external" not in skip:  # the same images seen through another scanner: a weaker signal
+        folder = rundir.external_eval_dir(run, "site2")
+        rundir.write_predictions(folder / rundir.PREDICTIONS, names, np.clip(0.5 * probs + 0.25, 0, 1) * 0.6 + 0.2 * y)
+        rundir.write_labels(folder / rundir.LABELS, names, y, test["Patient ID"].to_numpy())
     if "explain" not in skip:
         rows = []
         for i, (image, labels, p) in enumerate(list(zip(names, y, probs))[:6]):
@@ -137,9 +142,10 @@ def test_html_renderer_aligns_numbers_merges_labels_and_escapes():
 def test_page_has_every_section_and_numbers(page: tuple[Path, str], runs: list[Path]):
     path, text = page
     for anchor in ("overview", "dataset", "models", "training", "performance", "significance", "roc", "calibration",
-                   "explanations", "localization", "settings"):
+                   "explanations", "localization", "external", "settings"):
         assert f"<section id='{anchor}'>" in text and f"href='#{anchor}'" in text
-    for table in ("table1", "table2", "table3", "table4", "delong", "anova", "table5_ours", "table5_wbce", "ece", "localization"):
+    for table in ("table1", "table2", "table3", "table4", "delong", "anova", "table5_ours", "table5_wbce", "ece", "localization",
+                  "generalisation", "subgroups", "subgroup_gaps"):
         assert f"id='table-{table}'" in text
     assert "id='demo-extra'" in text and text.index("Demo timings") < text.index("<section id='dataset'>")
     summary = json.loads((path.parent / report.SUMMARY).read_text())

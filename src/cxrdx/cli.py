@@ -195,6 +195,29 @@ def _prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_COUNT, default=0,
                         help="decoding processes (default: 0: in this process; about one per core for the full dataset)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _dataset_args(parser)
+
+
+def _dataset_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="nih", help="layout of --data-dir: nih (default), chexpert, mimic, padchest, "
+                        "vindr, rsna or csv (your own labels.csv); labels harmonised to the 14 findings, docs/datasets.md")
+    parser.add_argument("--views", nargs="+", default=["PA", "AP"], help="view positions kept (default PA AP; 'all' keeps every view)")
+    parser.add_argument("--uncertain", choices=("ignore", "positive", "negative"),
+                        help="uncertain (-1) labels of chexpert, mimic and csv: ignore (not labelled, the default), positive or negative")
+    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="another option of the dataset's reader, e.g. readers=majority (vindr), labeller=negbio (mimic)")
+
+
+def _dataset_kwargs(args: argparse.Namespace) -> dict:
+    """prepare_cache's dataset, views and adapter options from _dataset_args."""
+    bad = [item for item in args.options if "=" not in item]
+    if bad:
+        raise CxrdxError(f"--option {bad[0]!r}: expected KEY=VALUE, e.g. readers=majority")
+    options = dict(item.partition("=")[::2] for item in args.options)
+    if args.uncertain:
+        options["uncertain"] = args.uncertain
+    views = None if [v.lower() for v in args.views] == ["all"] else tuple(v.upper() for v in args.views)
+    return {"dataset": {"csv": "generic"}.get(args.dataset, args.dataset), "views": views, **options}
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -203,12 +226,15 @@ def _prepare(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     try:
         result = prepare_cache(
-            args.data_dir, args.out, size=args.size, metadata=args.metadata, workers=args.workers, progress=not args.quiet
+            args.data_dir, args.out, size=args.size, metadata=args.metadata, workers=args.workers, progress=not args.quiet,
+            **_dataset_kwargs(args),
         )
     except KeyboardInterrupt:
         print("cxrdx prepare: stopped; run the same command again to continue where it stopped", file=sys.stderr)
         raise
     summary = f"prepared {result.prepared} images at {args.size}x{args.size} px in {args.out}"
+    if result.excluded_views:
+        summary += f" (views left out: {', '.join(f'{v} {n}' for v, n in sorted(result.excluded_views.items()))})"
     if result.failed:
         name, reason = result.failed[0]
         print(f"{summary}; {len(result.failed)} failed (first: {name}: {reason}), all listed in {args.out}/failed.csv",
@@ -227,12 +253,18 @@ def _phantoms_args(parser: argparse.ArgumentParser) -> None:
         "--tail-floor", type=_FRACTION, default=0.0,
         help="raise every finding's prevalence to at least this fraction (default: 0: the paper's long tail)",
     )
+    parser.add_argument("--site", type=int, choices=(1, 2), default=1,
+                        help="2: other patients through another scanner, in the csv layout (labels.csv), an external test set")
 
 
 def _phantoms(args: argparse.Namespace) -> int:
-    from cxrdx.data.phantoms import generate_phantoms
+    from cxrdx.data.phantoms import generate_phantoms, generate_second_site
 
     check_output_dir(args.out, "--out")
+    if args.site == 2:
+        out = generate_second_site(args.out, n=args.n, size=args.size, seed=args.seed, tail_floor=args.tail_floor)
+        print(f"wrote {args.n} second-site phantom images ({args.size}x{args.size}) and labels.csv to {out}")
+        return 0
     out = generate_phantoms(args.out, n=args.n, size=args.size, seed=args.seed, tail_floor=args.tail_floor)
     boxes = sum(1 for _ in open(out / "BBox_List_2017.csv", encoding="utf-8")) - 1
     print(f"wrote {args.n} phantom images ({args.size}x{args.size}) and {boxes} boxes to {out}")
@@ -323,8 +355,9 @@ def _train(args: argparse.Namespace) -> int:
     import os
 
     from cxrdx.config import apply_overrides, config_from_dict, load_config
-    from cxrdx.engine import leave_torchrun_worker, train
+    from cxrdx.engine import train
     from cxrdx.rundir import read_config
+    from cxrdx.runtime import leave_torchrun_worker
 
     if args.resume:
         if args.config:
@@ -406,22 +439,26 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-labels", metavar="CSV", nargs="?", const="",
                         help="AUROC against Google's 2019 adjudicated labels (no CSV: the copy shipped with cxrdx)")
     parser.add_argument("--name", help="model name in the tables (default: run folder and model)")
+    parser.add_argument("--dataset", help="with --data-dir: its layout (chexpert, mimic, padchest, vindr, rsna, csv; default nih)")
+    parser.set_defaults(split=None)  # external images (--dataset, another --cache) have no split of the run: all
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     import warnings
 
     from cxrdx.data.packaged import google2019_labels
-    from cxrdx.engine import leave_torchrun_worker
-    from cxrdx.evaluation import evaluate_checkpoint
+    from cxrdx.evaluation import default_split, evaluate_checkpoint
     from cxrdx.report import format_mean_ci
+    from cxrdx.runtime import leave_torchrun_worker
 
     check_output_dir(args.out, "--out")
     expert = google2019_labels() if args.expert_labels == "" else args.expert_labels
+    dataset = {"csv": "generic"}.get(args.dataset, args.dataset)
+    split = args.split or default_split(args.checkpoint, args.cache, dataset)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate_checkpoint(args.checkpoint, args.out, args.split, args.thresholds, args.bootstrap,
-                                     expert, args.name, **_inference_kwargs(args))
+        result = evaluate_checkpoint(args.checkpoint, args.out, split, args.thresholds, args.bootstrap,
+                                     expert, args.name, dataset=dataset, **_inference_kwargs(args))
     if result is not None:  # under torchrun: rank 0 alone
         _report_notes("evaluate", caught)
         overall = result["overall"]
@@ -442,6 +479,9 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="folder for the tables and roc.png")
     parser.add_argument("--format", nargs="+", choices=["md", "csv", "json"], default=["md", "csv", "json"],
                         help="table formats written to --out (default: all three); Markdown is always printed")
+    parser.add_argument("--external", nargs="+", metavar="EVAL",
+                        help="evaluation folders of the same model on other datasets: print the generalisation table "
+                        "against RUN, its internal test split (--names: RUN's name first, then one per EVAL)")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -452,6 +492,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_dir(args.out, "--out")
+    if args.external:
+        return _compare_external(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, tables = compare_runs(args.runs, args.names, args.labels, args.threshold, args.out, args.format)
@@ -459,6 +501,19 @@ def _compare(args: argparse.Namespace) -> int:
     print("\n".join(markdown(t) for t in tables))
     if args.out:
         print(f"wrote {args.out}/ ({len(tables)} tables as {', '.join(args.format)}, roc.png)")
+    return 0
+
+
+def _compare_external(args: argparse.Namespace) -> int:
+    from cxrdx.external import compare_external
+    from cxrdx.report import markdown
+
+    if len(args.runs) != 1:
+        raise CxrdxError(f"--external: give one RUN (the evaluation on the internal test split), not {len(args.runs)}")
+    _, table = compare_external(args.runs[0], args.external, args.names, args.out, args.format)
+    print(markdown(table))
+    if args.out:
+        print(f"wrote {args.out}/ (generalisation as {', '.join(args.format)})")
     return 0
 
 
@@ -550,7 +605,7 @@ def _explain(args: argparse.Namespace) -> int:
     findings = [resolve_finding(name) for name in args.finding or []]
     check_output_dir(args.out, "--out")
     predictor, layers, options = _cam_setup(args)
-    count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.cache, args.split_file, args.limit)
+    count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.split_file, args.cache, args.limit)
     how = findings or ("all" if args.all else "predicted")
     table = write_explanations(
         predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, progress=not args.quiet,
@@ -598,8 +653,9 @@ def _localize(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
     boxes = read_boxes(boxes_path)
     predictor, layers, options = _cam_setup(args)
-    boxes, names, load, missing = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file,
-                                                      args.data_dir, args.cache, args.box_size, args.limit)
+    inputs = localization_inputs(predictor, args.checkpoint, boxes, args.split, args.split_file, args.data_dir, args.cache,
+                                 args.box_size, args.limit)
+    boxes, names, load, missing = inputs.boxes, inputs.names, inputs.load, inputs.missing
     if missing:
         print(f"cxrdx localize: {len(missing)} boxed image(s) not found, e.g. {', '.join(missing[:3])}", file=sys.stderr)
     if not names:
@@ -607,9 +663,9 @@ def _localize(args: argparse.Namespace) -> int:
         raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} is in {where}")
     images = ((name, *load(name)) for name in names)
     records = localize(
-        predictor.model, images, boxes, methods=args.methods, findings=predictor.findings, threshold=args.threshold,
+        predictor, images, boxes, methods=args.methods, threshold=args.threshold,
         mode=args.threshold_mode, tolerance=args.tolerance, progress=not args.quiet, total=len(names), target_layers=layers,
-        temperature=predictor.info.temperature, **options,
+        **options,
     )
     summary = summarize(records)
     text = markdown_tables(summary, args.threshold, args.threshold_mode)
@@ -871,7 +927,30 @@ def _demo(args: argparse.Namespace) -> int:
     from cxrdx.demo import DemoSettings, run_demo
 
     check_output_dir(args.out, "--out")
-    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed))
+    run_demo(DemoSettings(out=args.out, n=args.n, size=args.size, input_size=args.input_size, epochs=args.epochs, seed=args.seed), main)
+    return 0
+
+
+# --- card (cxrdx.card) -------------------------------------------------------------------------
+def _card_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="the model, e.g. RUN/checkpoints/best.pt")
+    parser.add_argument("--eval", nargs="+", default=None, metavar="DIR",
+                        help="evaluation folders of `cxrdx evaluate` (default: those of the run's card and RUN/eval)")
+    parser.add_argument("--out", required=True, help="card.md (card.json is written beside it), or a folder for card.md and card.json")
+
+
+def _card(args: argparse.Namespace) -> int:
+    from cxrdx.card import build_card, run_evaluations, write_card
+    from cxrdx.rundir import config_path, run_dir_of
+
+    run_dir = run_dir_of(args.checkpoint)
+    run_dir = run_dir if config_path(run_dir).is_file() else None
+    evaluations = args.eval if args.eval is not None else (run_evaluations(run_dir) if run_dir is not None else [])
+    card = build_card(args.checkpoint, evaluations, run_dir)
+    md, js = write_card(card, args.out)
+    print(f"wrote {md} and {js}")
+    if card.not_for_clinical_use:
+        print(f"not for clinical use: {'; '.join(card.not_for_clinical_use)}")
     return 0
 
 
@@ -895,6 +974,7 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
         ("export", "export a checkpoint to ONNX and check it against PyTorch", _export_args, _export),
         ("convert", "rewrite an old pickle checkpoint in the safe format (safetensors + JSON header)", _convert_args, _convert),
         ("report", "write the HTML report for one or more run folders", _report_args, _report),
+        ("card", "write a model card (Markdown and JSON) for a checkpoint and its evaluations", _card_args, _card),
     ]
 
 

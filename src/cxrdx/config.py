@@ -23,6 +23,7 @@ from cxrdx.errors import CxrdxError
 @dataclass
 class DataConfig:
     cache: str = "cache/chestxray14-256"  # made by `cxrdx prepare`
+    caches: list[str] | None = None  # several caches trained on as one (in place of `cache`); NaN labels are masked
     split_file: str | None = None  # None: patient-wise 70/10/20 split of the cache index with `seed`
     allow_missing: bool = False  # True: leave out split images the cache lacks (with a warning) instead of stopping
     input_size: int = 224

@@ -2,7 +2,8 @@
 
 It runs the same `cxrdx` commands a user runs on the real dataset, printing each one first:
 phantoms -> prepare -> split + Table 1 -> train (wbce and ours, same budget) -> evaluate ->
-compare -> explain (Group-CAM) -> localize -> report. No data and no internet needed.
+compare -> second-site phantoms (another scanner, csv layout) -> evaluate there -> generalisation
+table -> explain (Group-CAM) -> localize -> report. No data and no internet needed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +26,7 @@ LOSSES = ("wbce", "ours")
 class DemoSettings:
     out: Path = Path("demo-out")
     n: int = 2000  # phantom images
+    n_site2: int = 600  # second-site phantoms: the external test set
     size: int = 128  # phantom and cache side, pixels
     input_size: int = 128  # model input side: a 4 x 4 last feature map, fine enough for the pointing game
     epochs: int = 12
@@ -57,6 +60,16 @@ def commands(s: DemoSettings) -> list[tuple[str, list[str]]]:
     for loss, run in runs.items():
         steps.append((f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--split", "test", "--out", run / rundir.EVAL]))
     steps.append(("compare the losses (Tables 3-5)", ["compare", *[run / rundir.EVAL for run in runs.values()], "--names", *LOSSES, "--out", s.out / "compare"]))
+    site2, cache2 = s.out / "site2", s.out / "cache-site2"
+    steps += [
+        ("second site: other patients, another scanner (csv layout)",
+         ["phantoms", "--site", 2, "--out", site2, "--n", s.n_site2, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03]),
+        ("second site cache", ["prepare", "--dataset", "csv", "--data-dir", site2, "--out", cache2, "--size", s.size]),
+    ]
+    for loss, run in runs.items():
+        steps.append((f"evaluate L_{loss} on the second site", ["evaluate", "--checkpoint", rundir.best_checkpoint(run), "--cache", cache2, "--out", rundir.external_eval_dir(run, "site2")]))
+        steps.append((f"generalisation table (L_{loss})", ["compare", run / rundir.EVAL, "--external", rundir.external_eval_dir(run, "site2"), "--names", "site1", "site2",
+                                                          "--out", run / "generalisation"]))
     for loss, run in runs.items():
         best = rundir.best_checkpoint(run)
         steps.append((f"Group-CAM heatmaps (L_{loss})", ["explain", "--checkpoint", best, "--split", "test", "--limit", s.explain_images, "--predicted",
@@ -77,14 +90,17 @@ def headline(s: DemoSettings) -> list[str]:
         if (run / rundir.LOCALIZE / rundir.LOCALIZATION).is_file():
             rates = rundir.read_localization(run / rundir.LOCALIZE).pointing_game()
             text += ", pointing game " + ", ".join(f"{m} {v:.2f}" for m, v in rates.items())
+        table = run / "generalisation" / "generalisation.json"
+        if table.is_file():
+            mean = next(r for r in json.loads(table.read_text())["rows"] if r["finding"] == "Mean")
+            text += f"; second site {mean['site2 AUROC']:.3f} ({mean['site2 - site1']:+.3f} over the findings scored on both)"
         lines.append(text)
     return lines
 
 
-def run_demo(settings: DemoSettings) -> Path:
-    """Run every step, stopping at the first failure; return the report's path."""
-    from cxrdx.cli import main
-
+def run_demo(settings: DemoSettings, main: Callable[[list[str]], int]) -> Path:
+    """Run every step through `main` (the CLI's entry point, which passes itself: nothing below the CLI
+    imports it), stopping at the first failure; return the report's path."""
     if (settings.out / "runs").exists():
         raise CxrdxError(f"{settings.out}: holds an earlier demo; remove it or pass --out OTHER_DIR")
     steps = commands(settings)

@@ -31,7 +31,7 @@ def overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = OVERLAY_ALPH
     from matplotlib import colormaps
 
     height, width = image.shape
-    stretched = np.asarray(Image.fromarray(np.asarray(saliency, np.float32), mode="F").resize((width, height), Image.BILINEAR))
+    stretched = np.asarray(Image.fromarray(np.asarray(saliency, np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR))
     heat = colormaps[HEATMAP](np.clip(stretched, 0.0, 1.0))[..., :3] * 255.0
     blended = (1.0 - alpha) * image[..., None].astype(np.float64) + alpha * heat
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
@@ -56,7 +56,7 @@ def build_heatmap_sc(source, image: np.ndarray, saliency: np.ndarray, finding: s
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer="cxrdx",
-        patient_orientation=tuple(str(v) for v in source.PatientOrientation),
+        patient_orientation=(str(source.PatientOrientation[0]), str(source.PatientOrientation[1])),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         series_description="cxrdx Group-CAM heatmaps",
     )

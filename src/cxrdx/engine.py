@@ -1,16 +1,16 @@
-"""The training loop: single process or torchrun DDP, AMP, EMA, OneCycle, exact resume, run directory."""
+"""The training loop: single process or torchrun DDP, AMP, EMA, OneCycle, exact resume, run directory.
+
+Devices, precision and the process group are `cxrdx.runtime`'s; validation runs `cxrdx.inference`."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
-import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.special import expit
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -27,106 +26,8 @@ from cxrdx.checkpoint import Checkpoint, load_checkpoint, load_train_state, pick
 from cxrdx.config import TrainConfig
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
-
-# --- devices, precision, processes ---------------------------------------------------------------
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU; `cuda:N` is checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CxrdxError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CxrdxError(f"device {name!r}: no CUDA device is available here; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CxrdxError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def resolve_amp(setting: str | bool, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an amp setting, or None for full precision."""
-    if setting is False or setting == "off":
-        return None
-    if device.type != "cuda":
-        # bf16 autocast is slower than fp32 on most CPUs; only an explicit "bf16" turns it on.
-        if setting == "fp16":
-            raise CxrdxError("runtime.amp=fp16 needs a CUDA device; use bf16 or off on the CPU")
-        return torch.bfloat16 if setting == "bf16" else None
-    if setting == "fp16":
-        return torch.float16
-    if setting == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def _init_distributed(device_name: str) -> tuple[Dist, torch.device, bool]:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; returns (dist info, device, whether we created the group)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name)
-    if device.type == "cuda" and info.enabled:  # one GPU per process, even when a fixed index was asked for
-        device = torch.device("cuda", info.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    created = False
-    if info.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-        created = True
-    return info, device, created
-
-
-@contextlib.contextmanager
-def distributed(device_name: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
-    """torchrun's process group for the block (gloo on the CPU, NCCL on CUDA, device per LOCAL_RANK):
-    created when absent and torn down on leaving (after a barrier when the block succeeded). One process:
-    Dist() and its device."""
-    info, device, created = _init_distributed(device_name)
-    try:
-        yield info, device
-        if created:
-            dist.barrier()  # only on success: a failed rank must exit, not wait for peers stuck in a collective
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def leave_torchrun_worker() -> None:
-    """Under torchrun, end this process now with status 0 once its work succeeded: gloo workers can abort
-    in interpreter teardown after a successful run. A single process returns."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    return any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-               for p in model.parameters())
+from cxrdx.inference import collect_logits, mean_auroc, probabilities
+from cxrdx.runtime import Dist, autocast, distributed, resolve_amp, resolve_device
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -286,14 +187,15 @@ class _Data:
 
 
 def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
-    from cxrdx.data.cache import open_cache, pixel_stats
+    from cxrdx.data.cache import open_caches, pixel_stats
     from cxrdx.data.dataset import rows_for_split
     from cxrdx.data.splits import make_split, read_split
 
-    cache_path = Path(config.data.cache)
-    if not cache_path.exists():
-        raise CxrdxError(f"{cache_path}: cache not found; make it with `cxrdx prepare --data-dir DATA_DIR --out {cache_path}`")
-    cache = open_cache(cache_path)
+    cache_paths = [Path(p) for p in (config.data.caches or [config.data.cache])]
+    for cache_path in cache_paths:
+        if not cache_path.exists():
+            raise CxrdxError(f"{cache_path}: cache not found; make it with `cxrdx prepare --data-dir DATA_DIR --out {cache_path}`")
+    cache = open_caches(cache_paths)
     if split_path is not None:
         split = read_split(split_path)
     else:
@@ -332,92 +234,6 @@ def _loaders(config: TrainConfig, data: _Data, plan: Plan, info: Dist, device: t
     val_loader = make_loader(val_set, max(plan.per_process), shuffle=False, workers=cfg.workers, sampler=val_sampler,
                              pin_memory=pin)
     return train_loader, val_loader, sampler
-
-
-# --- inference -----------------------------------------------------------------------------------
-
-
-def _gathering() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def inference_sampler(dataset: Dataset) -> DistributedSampler | None:
-    """This rank's shard of `dataset` for run_inference under DDP (in order; run_inference drops the
-    padding when it gathers); None in a single process."""
-    return DistributedSampler(dataset, shuffle=False) if _gathering() else None
-
-
-def _local_indices(loader: DataLoader) -> list[int]:
-    sampler = loader.sampler
-    if isinstance(sampler, DistributedSampler):
-        return list(sampler)
-    return list(range(len(loader.dataset)))
-
-
-@torch.no_grad()
-def _logits(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None, hflip: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits (float64), targets (uint8) and names of every sample, in dataset order, on every rank."""
-    was_training = model.training
-    model.eval()
-    outputs, targets, names = [], [], []
-    channels_last = _is_channels_last(model)
-    for images, labels, batch_names in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp_dtype):
-            out = model(images).float()
-            if hflip:
-                out = (out + model(torch.flip(images, dims=[-1])).float()) / 2
-        outputs.append(out.cpu().double().numpy())
-        targets.append(np.asarray(labels, dtype=np.uint8))
-        names.extend(batch_names)
-    model.train(was_training)
-    width = len(FINDINGS)
-    out = np.concatenate(outputs) if outputs else np.zeros((0, width))
-    tgt = np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.uint8)
-    if not _gathering():
-        return out, tgt, np.asarray(names, dtype=object)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (_local_indices(loader), out, tgt, names))
-    n = len(loader.dataset)
-    out_all, tgt_all, names_all = np.zeros((n, width)), np.zeros((n, width), dtype=np.uint8), np.empty(n, dtype=object)
-    for indices, out, tgt, nm in gathered:  # DistributedSampler's padding repeats samples: same values
-        out_all[indices], tgt_all[indices], names_all[indices] = out, tgt, nm
-    return out_all, tgt_all, names_all
-
-
-def run_inference(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device | str,
-    amp: bool | str = True,
-    hflip: bool = False,
-    temperature: Sequence[float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Probabilities (N,14) float64, targets (N,14) uint8 and image names, in dataset order, gathered
-    over all ranks under DDP (DistributedSampler padding dropped). `amp`: autocast as resolve_amp
-    decides (True = "auto": on CUDA only); `hflip`: average the logits of each image and its mirror;
-    `temperature`: per-finding divisor of the logits before the sigmoid."""
-    device = torch.device(device)
-    logits, targets, names = _logits(model, loader, device, resolve_amp("auto" if amp is True else amp, device), hflip)
-    if temperature is not None:
-        logits = logits / np.asarray(temperature, dtype=np.float64)
-    return expit(logits), targets, names.tolist()
-
-
-def mean_auroc(probs: np.ndarray, targets: np.ndarray) -> tuple[float, list[float | None]]:
-    """Mean AUROC over the findings with both classes present, and the per-finding values (None: undefined)."""
-    from sklearn.metrics import roc_auc_score
-
-    per = []
-    for j in range(targets.shape[1]):
-        column = targets[:, j]
-        per.append(float(roc_auc_score(column, probs[:, j])) if 0 < column.sum() < len(column) else None)
-    defined = [v for v in per if v is not None]
-    return (float(np.mean(defined)) if defined else float("nan")), per
 
 
 # --- model, optimiser, schedule ------------------------------------------------------------------
@@ -465,11 +281,9 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
 
 
 def _criterion(config: TrainConfig, data: _Data, device: torch.device) -> nn.Module:
-    from cxrdx.losses import create_loss
+    from cxrdx.losses import create_loss, label_counts
 
-    labels = np.asarray(data.cache.labels[data.train_rows])
-    positives = labels.sum(axis=0).astype(np.int64)
-    negatives = len(labels) - positives
+    positives, negatives = label_counts(data.cache.labels[data.train_rows])
     try:
         return create_loss(config.loss.name, positives, negatives, **config.loss.hyper).to(device)
     except CxrdxError as exc:  # e.g. a finding without positive training images: name the split
@@ -597,7 +411,7 @@ class Run:
         if config.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         try:
-            with _autocast(self.device, self.amp):
+            with autocast(self.device, self.amp):
                 logits = self.model(images)
             loss = self.criterion(logits.float(), targets)
             scale = _loss_scale(self.criterion, self.plan, self.info.rank, config.loss.sum_over_images)
@@ -658,11 +472,11 @@ def _check_finite(loss: float, where: str) -> None:
 
 
 def _validate(run: Run, model: nn.Module) -> dict[str, Any]:
-    logits, targets, _ = _logits(model, run.val_loader, run.device, run.amp)
+    logits, targets, _ = collect_logits(model, run.val_loader, run.device, run.amp)
     with torch.no_grad():
         loss = run.criterion(torch.as_tensor(logits, dtype=torch.float32, device=run.device),
                              torch.as_tensor(targets, dtype=torch.float32, device=run.device)).item()
-    auroc, per = mean_auroc(expit(logits), targets)
+    auroc, per = mean_auroc(probabilities(logits), targets)
     return {"loss": _per_image(loss, len(targets), run.criterion), "mean_auroc": auroc, "auroc": dict(zip(FINDINGS, per))}
 
 
@@ -676,7 +490,7 @@ def _checkpoint(run: Run, metrics: dict[str, Any]) -> Checkpoint:
         std=run.data.std,
         cache_size=int(run.data.cache.size),
         model_kwargs={"drop_rate": config.model.drop_rate, **config.model.kwargs},
-        config=config.to_dict(),
+        config={**config.to_dict(), "data_source": run.data.cache.meta.get("data_source")},  # the phantoms' marker, for the model card
         val_metrics=metrics,
         epoch=run.state.epoch,
     )
@@ -802,6 +616,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     with distributed(config.runtime.device) as (info, device):
         run = setup_run(config, resume, info, device, trust_pickle)
         _fit(run, stop_after_epoch, progress)
+        if info.main:
+            from cxrdx.card import write_run_card
+
+            write_run_card(run.run_dir)
         return run.run_dir
 
 

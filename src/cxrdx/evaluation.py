@@ -1,8 +1,10 @@
 """`cxrdx evaluate / compare / calibrate`: checkpoint -> predictions on a split -> metrics, tables, figures.
 
 An evaluation folder holds predictions.csv (Image Index + one probability column per finding,
-DESIGN.md), labels.csv (Image Index, Patient ID + the 14 labels of the same images, so the folder
-is self-contained for `compare`), metrics.json, report.md, roc.png and reliability.png.
+DESIGN.md), labels.csv (Image Index, Patient ID + the 14 labels of the same images, 1 / 0 / blank
+= not labelled, and the sex, age, view and dataset columns where known, so the folder is
+self-contained for `compare`), metrics.json, report.md, roc.png, reliability.png and, where the
+images have sex, age, view or dataset, the subgroup tables (subgroups.*, subgroup_gaps.*).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrdx import metrics, ood, report
+from cxrdx import metrics, ood, report, subgroups
 from cxrdx.atomic import write_text
+from cxrdx.card import add_evaluation
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cxrdx.errors import CxrdxError, CxrdxWarning, MissingImagesWarning
 from cxrdx.findings import FINDINGS
@@ -35,8 +38,28 @@ class SplitPredictions:
 
     names: list[str]
     probs: np.ndarray  # (N, K) float64
-    labels: np.ndarray  # (N, K) uint8
+    labels: np.ndarray  # (N, K) float: 1, 0, NaN = not labelled
     patients: np.ndarray | None  # (N,) patient ids when known
+    meta: pd.DataFrame | None = None  # N rows: the subgroups.COLUMNS the images have
+
+
+@dataclass
+class PredictedSplit:
+    """What `predict_split` gives: the checkpoint it loaded, its predictions, and notes for the user."""
+
+    checkpoint: Checkpoint
+    predictions: SplitPredictions
+    notes: list[str]
+
+
+@dataclass
+class AlignedRuns:
+    """Prediction files of the same images (`load_runs`), rows in the first file's order."""
+
+    names: list[str]  # image names
+    probs: dict[str, np.ndarray]  # model -> (N, K) probabilities
+    labels: np.ndarray  # (N, K) float: 1, 0, NaN = not labelled
+    patients: np.ndarray | None  # (N,) patient ids when the labels have them
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -105,17 +128,20 @@ def predict_split(
     apply_temperature: bool = True,
     allow_missing: bool = False,
     trust_pickle: bool = False,
-) -> tuple[Checkpoint, SplitPredictions, list[str]]:
+    dataset: str | None = None,
+) -> PredictedSplit:
     """Model probabilities (the checkpoint's temperature applied unless `apply_temperature` is off) for one split.
 
     Images come from the prepared cache (default: the one the model was trained on) or, with
-    `data_dir`, from the raw image folder and its Data_Entry table. Images of the split that are not
+    `data_dir`, from the raw image folder and its Data_Entry table, or the label files of `dataset`
+    (a name of `cxrdx.data.datasets.list_datasets()`, frontal views). Images of the split that are not
     there are an error, or with `allow_missing` left out with a note. Returns notes for the user.
     Under torchrun each process predicts its shard and every process gets the whole split.
     `trust_pickle` also loads an old pickle checkpoint (see cxrdx.checkpoint).
     """
     from cxrdx.data.dataset import CacheDataset, FileDataset, eval_transform, make_loader, rows_for_split
-    from cxrdx.engine import distributed, inference_sampler, run_inference
+    from cxrdx.inference import inference_sampler, run_inference
+    from cxrdx.runtime import distributed
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
@@ -124,29 +150,25 @@ def predict_split(
     series = _split_series(Path(checkpoint), split_file, split)
     notes: list[str] = []
     if data_dir is not None:
-        from cxrdx.data.metadata import find_metadata, locate_images, read_metadata
-
-        index = read_metadata(find_metadata(data_dir))
-        if series is not None:
-            index = index[index["Image Index"].isin(series.index[series.to_numpy() == split])]
-        located, missing = locate_images(index, data_dir)
+        located, missing = _read_images(data_dir, dataset, series, split)
         if located.empty:
-            raise CxrdxError(f"{data_dir}: none of the {len(index)} images of split '{split}' was found")
+            raise CxrdxError(f"{data_dir}: none of the {len(missing)} images of split '{split}' was found")
         if missing:
             text = f"{len(missing):,} image(s) of split '{split}' are not in {data_dir}: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
             if not allow_missing:
                 raise CxrdxError(f"{text}; leave them out with --allow-missing")
             notes.append(f"{text} (left out)")
-        labels = located[list(FINDINGS)].to_numpy(np.uint8)
-        dataset = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform)  # as Predictor
-        patients = dict(zip(located["Image Index"], located["Patient ID"]))
+        labels = located[list(FINDINGS)].to_numpy(np.float32)
+        images = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform,  # as Predictor
+                             names=located["Image Index"].tolist())
+        table = located
     else:
-        from cxrdx.data.cache import open_cache
+        from cxrdx.data.cache import open_caches
 
-        cache_path = cache or data_cfg.get("cache")
+        cache_path = cache or data_cfg.get("caches") or data_cfg.get("cache")
         if not cache_path:
             raise CxrdxError(f"{checkpoint}: the checkpoint names no cache; pass --cache DIR or --data-dir DIR")
-        opened = open_cache(cache_path)
+        opened = open_caches(cache_path if isinstance(cache_path, list) else [cache_path])
         if ckpt.cache_size is not None and opened.size != ckpt.cache_size:
             raise CxrdxError(
                 f"{cache_path}: a {opened.size}-px cache, but {checkpoint} was trained on {ckpt.cache_size}-px images; "
@@ -156,19 +178,55 @@ def predict_split(
             warnings.simplefilter("always", MissingImagesWarning)
             rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
         notes += [str(w.message) for w in left_out if issubclass(w.category, MissingImagesWarning)]
-        dataset = CacheDataset(opened, rows, transform)
-        patients = dict(zip(opened.index["Image Index"], opened.index["Patient ID"]))
+        images = CacheDataset(opened, rows, transform)
+        table = opened.index
     for note in notes:  # shown now, and kept in the evaluation's notes
         warnings.warn(note, MissingImagesWarning, stacklevel=2)
     with distributed(device) as (info, torch_device):
         model = ckpt.build_model(torch_device)
-        loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(dataset),
+        loader = make_loader(images, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(images),
                              pin_memory=torch_device.type == "cuda")
         shown = _Progress(loader, f"predict {split}", progress and info.main)
         # fp32 as Predictor: thresholds and temperatures fitted here must hold for what predict/serve output
         temperature = ckpt.temperature if apply_temperature else None
         probs, targets, names = run_inference(model, shown, torch_device, amp=False, hflip=hflip, temperature=temperature)
-    return ckpt, SplitPredictions(list(names), probs, targets, np.array([patients[n] for n in names])), notes
+    rows_of = table.set_index(pd.Index(table["Image Index"].astype(str))).loc[[str(n) for n in names]]
+    meta = rows_of[[c for c in subgroups.COLUMNS if c in rows_of.columns]].reset_index(drop=True)
+    predictions = SplitPredictions(list(names), probs, targets, rows_of["Patient ID"].to_numpy(), meta if len(meta.columns) else None)
+    return PredictedSplit(ckpt, predictions, notes)
+
+
+def _read_images(
+    data_dir: str | Path, dataset: str | None, series: pd.Series | None, split: str
+) -> tuple[pd.DataFrame, list[str]]:
+    """The index rows of `split` (all with no series) found in `data_dir` (with `path`), and the names of those missing."""
+    if dataset not in (None, "nih"):
+        from cxrdx.data.datasets import read_dataset
+
+        found = read_dataset(dataset, data_dir)
+        if series is None:
+            return found.table, found.missing
+        keep = set(series.index[series.to_numpy() == split])
+        return found.table[found.table["Image Index"].isin(keep)].reset_index(drop=True), [m for m in found.missing if m in keep]
+    from cxrdx.data.metadata import find_metadata, locate_images, read_metadata
+
+    index = read_metadata(find_metadata(data_dir))
+    if series is not None:
+        index = index[index["Image Index"].isin(series.index[series.to_numpy() == split])]
+    return locate_images(index, data_dir)
+
+
+def default_split(checkpoint: str | Path, cache: str | Path | None = None, dataset: str | None = None) -> str:
+    """'all' for images the model was not trained on (another dataset's files, or a cache other than
+    its training cache): they have no split of this run; else 'test'."""
+    if dataset not in (None, "nih"):
+        return "all"
+    if cache is None:
+        return "test"
+    config = load_checkpoint(checkpoint).config
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    trained_on = data.get("caches") or ([data["cache"]] if data.get("cache") else [])
+    return "test" if Path(cache).resolve() in {Path(p).resolve() for p in trained_on} else "all"
 
 
 # --- evaluate --------------------------------------------------------------------------------------
@@ -206,7 +264,7 @@ def evaluate_predictions(
     """Write predictions.csv, labels.csv, metrics.json, report.md, roc.png and reliability.png into `out`."""
     out = Path(out)
     write_predictions(out / PREDICTIONS, preds.names, preds.probs)
-    write_labels(out / LABELS, preds.names, preds.labels, preds.patients)
+    write_labels(out / LABELS, preds.names, preds.labels, preds.patients, preds.meta)
     cmp = metrics.compare_models(preds.labels, {name: preds.probs}, thresholds=thresholds, groups=preds.patients, n_bootstrap=n_bootstrap)
     evaluation = cmp.evaluations[name]
     tables = report.comparison_tables(cmp)
@@ -216,6 +274,13 @@ def evaluate_predictions(
         expert = metrics.expert_auroc(preds.names, preds.labels, preds.probs, metrics.read_expert_labels(expert_labels))
         tables.append(report.expert_table(expert))
         result["expert_labels"] = json.loads(expert.to_json(orient="index"))
+    if preds.meta is not None and subgroups.groups_of(preds.meta):
+        found = subgroups.subgroup_auroc(preds.labels, preds.probs, preds.meta)
+        groups = subgroups.subgroup_tables(found)
+        report.write_tables(groups, out)
+        tables += groups
+        # the largest gap per finding and attribute, for the model card; the full tables are in subgroups.*
+        result["subgroups"] = {"largest_gaps": json.loads(found.gaps.reset_index().to_json(orient="records"))}
     write_eval_metrics(out, EvalMetrics.from_dict(result))
     write_text(out / REPORT, report.markdown_report(tables, f"Evaluation: {name}", result["notes"]))
     report.roc_figure(preds.labels, {name: preds.probs}, FINDINGS, out / "roc.png")
@@ -237,15 +302,16 @@ def evaluate_checkpoint(
 
     Under torchrun every process predicts its shard; rank 0 alone writes and gets the result, the others None.
     """
-    from cxrdx.engine import distributed
+    from cxrdx.runtime import distributed
 
     with distributed(predict_kwargs.get("device", "auto")) as (info, _):  # one process group for both splits
-        ckpt, preds, notes = predict_split(checkpoint, split=split, **predict_kwargs)
+        predicted = predict_split(checkpoint, split=split, **predict_kwargs)
         validation = None
         if thresholds in metrics.THRESHOLD_METHODS:
-            validation = predict_split(checkpoint, split="val", **predict_kwargs)[1]
+            validation = predict_split(checkpoint, split="val", **predict_kwargs).predictions
     if not info.main:
         return None
+    ckpt, preds = predicted.checkpoint, predicted.predictions
     chosen = resolve_thresholds(thresholds, ckpt, validation)
     label = name or run_dir_of(checkpoint).name
     settings = {
@@ -259,8 +325,12 @@ def evaluate_checkpoint(
         "tta_hflip": bool(predict_kwargs.get("hflip", False)),
         "bootstrap": n_bootstrap,
     }
-    notes = [*notes, guard_note(ckpt, checkpoint, split, **predict_kwargs)]
-    return evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
+    data = predict_kwargs.get("data_dir") or predict_kwargs.get("cache")
+    settings["data"] = None if data is None else str(data)  # None: the training data; the model card tells external data by it
+    notes = [*predicted.notes, guard_note(ckpt, checkpoint, split, **predict_kwargs)]
+    result = evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
+    add_evaluation(checkpoint, out)  # RUN/checkpoints/best.pt: the run's model card gains this evaluation
+    return result
 
 
 # --- compare ---------------------------------------------------------------------------------------
@@ -289,11 +359,9 @@ def run_name(predictions: Path) -> str:
 
 def load_runs(
     paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None
-) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    """Prediction files of the same images, aligned on the first file's order, and their labels.
-
-    Returns image names, {model: probs (N, K)}, labels (N, K) and patient ids (or None).
-    """
+) -> AlignedRuns:
+    """Prediction files of the same images, aligned on the first file's order, and their labels
+    (`labels`: evaluate's labels.csv or the Data_Entry table; default: the labels.csv beside the first file)."""
     files = [find_predictions(p) for p in paths]
     if names is not None and len(names) != len(files):
         raise CxrdxError(f"{len(names)} names for {len(files)} prediction files")
@@ -321,7 +389,7 @@ def load_runs(
     truth = truth.loc[order]
     probs = {m: t.loc[order].to_numpy() for m, t in zip(models, tables)}
     patients = truth["Patient ID"].to_numpy() if "Patient ID" in truth.columns else None
-    return list(order), probs, truth[list(FINDINGS)].to_numpy(np.uint8), patients
+    return AlignedRuns(list(order), probs, truth[list(FINDINGS)].to_numpy(np.float64), patients)
 
 
 def compare_runs(
@@ -337,7 +405,8 @@ def compare_runs(
     Table 4 applies `threshold` to every model when given; by default each run's own thresholds
     (its metrics.json, as `cxrdx evaluate` chose them), else 0.5.
     """
-    _, probs, y, _ = load_runs(paths, names, labels)
+    runs = load_runs(paths, names, labels)
+    probs, y = runs.probs, runs.labels
     thresholds = run_thresholds(paths, list(probs)) if threshold is None else threshold
     cmp = metrics.compare_models(y, probs, thresholds=thresholds)
     tables = report.comparison_tables(cmp)
@@ -377,7 +446,8 @@ def calibrate_checkpoint(
         ckpt.guard = fit_checkpoint_guard(ckpt, checkpoint, split, **predict_kwargs)
         save_checkpoint(out or checkpoint, ckpt)
         return ckpt, pd.DataFrame(index=list(FINDINGS))
-    ckpt, preds, _ = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
+    predicted = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
+    ckpt, preds = predicted.checkpoint, predicted.predictions
     raw = preds.probs
     probs = metrics.apply_temperature(raw, ckpt.temperature)
     summary = pd.DataFrame({"ece_before": metrics.expected_calibration_error(preds.labels, probs)}, index=list(FINDINGS))
@@ -414,7 +484,7 @@ def fit_checkpoint_guard(
     model whose penultimate features cannot be read."""
     from cxrdx.data.cache import open_cache
     from cxrdx.data.dataset import rows_for_split
-    from cxrdx.engine import resolve_device
+    from cxrdx.runtime import resolve_device
 
     if data_dir is not None:
         raise CxrdxError("--ood fits on the prepared cache (--cache), not on --data-dir")
@@ -453,7 +523,7 @@ def guard_note(
     one more pass over a prepared cache for the penultimate features."""
     from cxrdx.data.cache import open_cache
     from cxrdx.data.dataset import rows_for_split
-    from cxrdx.engine import resolve_device
+    from cxrdx.runtime import resolve_device
 
     if ckpt.guard is None:
         return f"input guard content check {ood.GUARD_OFF}"

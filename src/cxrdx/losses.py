@@ -12,6 +12,7 @@ values and gradients.
 from __future__ import annotations
 
 import math
+from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,6 +86,8 @@ class _MultiLabelLoss(nn.Module):
 
 
 class _Weighted(_MultiLabelLoss):
+    weights: torch.Tensor  # a buffer: moves with the module, not a parameter
+
     def __init__(self, weights: Sequence[float] | np.ndarray, reduction: str = "sum"):
         super().__init__(reduction)
         self.register_buffer("weights", torch.as_tensor(np.asarray(weights, dtype=np.float64)), persistent=False)
@@ -234,11 +237,12 @@ def create_loss(
     if name not in LOSSES:
         raise CxrdxError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     cls = LOSSES[name]
+    options: dict[str, Any] = dict(hyper)
     if issubclass(cls, _Weighted):
         if positives is None or negatives is None:
             raise CxrdxError(f"loss {name!r} needs the training split's positive and negative counts per finding")
-        hyper = {"weights": class_weights(positives, negatives), **hyper}
+        options = {"weights": class_weights(positives, negatives), **options}
     try:
-        return cls(**hyper)
+        return cls(**options)
     except TypeError as exc:
         raise CxrdxError(f"loss {name!r}: {exc}") from None

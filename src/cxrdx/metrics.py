@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,9 @@ def _labelled(y: np.ndarray) -> np.ndarray:
     return ~np.isnan(np.asarray(y, dtype=np.float64))
 
 
-def _delong(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """stats.delong_covariance of (M, N, K) scores, each finding on the images that label it."""
+def delong(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC (M, K) and DeLong covariance (K, M, M) of (M, N, K) scores (stats.delong_covariance), each finding
+    on the images that label it (NaN labels masked); NaN where a finding lacks positives or negatives."""
     labelled = _labelled(y)
     if labelled.all():
         return stats.delong_covariance(y, probs)
@@ -76,10 +77,6 @@ def degenerate(
             notes[name] = f"{name}: no {missing} images{f' in {where}' if where else ''}; {consequence}"
             warnings.warn(notes[name], MetricWarning, stacklevel=3)
     return notes
-
-
-def _mean_ci_dict(values: np.ndarray, level: float) -> dict[str, float]:
-    return stats.mean_se_ci(values, level)._asdict()
 
 
 # --- threshold metrics (Table 4) --------------------------------------------------------------------
@@ -242,17 +239,57 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray, names: Sequence[str] = FIN
 # --- the evaluation of one model on one split --------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BootstrapMean:
+    """The bootstrap interval of the mean AUROC over findings."""
+
+    low: float
+    high: float
+    replicates: int
+    unit: str  # what was resampled: "patient" or "image"
+
+
+@dataclass(frozen=True)
+class Overall:
+    """One model's summary over the findings on one split: metrics.json's "overall"."""
+
+    images: int
+    auroc: stats.MeanCI  # over the findings with an AUROC
+    exact_match_accuracy: float  # all findings called correctly (the paper's "overall accuracy")
+    accuracy: stats.MeanCI
+    macro_precision: stats.MeanCI
+    macro_recall: stats.MeanCI
+    macro_f1: stats.MeanCI
+    ece: float  # mean over findings
+    left_out_of_auroc_mean: list[str]
+    level: float  # of the confidence intervals
+    auroc_bootstrap: BootstrapMean | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """metrics.json's "overall" object (auroc_bootstrap only when bootstrapped)."""
+        values: dict[str, Any] = {}
+        for name in (f.name for f in fields(self)):
+            value = getattr(self, name)
+            if isinstance(value, stats.MeanCI):
+                value = value._asdict()
+            elif isinstance(value, BootstrapMean):
+                value = asdict(value)
+            if value is not None:
+                values[name] = value
+        return values
+
+
 @dataclass
 class Evaluation:
     """Per-finding table (index = finding) and overall summary of one model on one split."""
 
     per_finding: pd.DataFrame
-    overall: dict[str, Any]
+    overall: Overall
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         table = self.per_finding.astype(object).where(self.per_finding.notna(), None)
-        return {"overall": _json_ready(self.overall), "per_finding": table.to_dict(orient="index"), "notes": self.notes}
+        return {"overall": _json_ready(self.overall.to_dict()), "per_finding": table.to_dict(orient="index"), "notes": self.notes}
 
 
 def _json_ready(value: Any) -> Any:
@@ -288,7 +325,7 @@ def evaluate(
     notes = list(degenerate(y, names).values())
     thr = _thresholds(thresholds, len(names))
     if auroc is None:
-        auc, cov = _delong(y, probs[None])
+        auc, cov = delong(y, probs[None])
         auroc = auc[0], cov[:, 0, 0]
     auc, var = auroc
     low, high = stats.normal_ci(auc, var, level)
@@ -310,24 +347,22 @@ def evaluate(
         },
         index=pd.Index(list(names), name="finding"),
     )
-    overall: dict[str, Any] = {
-        "images": int(y.shape[0]),
-        "auroc": _mean_ci_dict(auc, level),
-        "exact_match_accuracy": exact_match_accuracy(y, probs, thr),
-        **{m: _mean_ci_dict(table[m].to_numpy(), level) for m in ("accuracy", "macro_precision", "macro_recall", "macro_f1")},
-        "ece": float(table["ece"].mean()) if len(names) else float("nan"),
-        "left_out_of_auroc_mean": [n for n, a in zip(names, auc) if not np.isfinite(a)],
-        "level": level,
-    }
+    bootstrap = None
     if n_bootstrap > 0:
         boot = stats.bootstrap_auroc(y, probs, groups, n_bootstrap, level, seed)
         table["auroc_boot_low"], table["auroc_boot_high"] = boot.low, boot.high
-        overall["auroc_bootstrap"] = {
-            "low": boot.mean_low,
-            "high": boot.mean_high,
-            "replicates": boot.replicates,
-            "unit": "patient" if groups is not None else "image",
-        }
+        bootstrap = BootstrapMean(boot.mean_low, boot.mean_high, boot.replicates, "patient" if groups is not None else "image")
+    mean_ci = {m: stats.mean_se_ci(table[m].to_numpy(), level) for m in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
+    overall = Overall(
+        images=int(y.shape[0]),
+        auroc=stats.mean_se_ci(auc, level),
+        exact_match_accuracy=exact_match_accuracy(y, probs, thr),
+        **mean_ci,
+        ece=float(table["ece"].mean()) if len(names) else float("nan"),
+        left_out_of_auroc_mean=[n for n, a in zip(names, auc) if not np.isfinite(a)],
+        level=level,
+        auroc_bootstrap=bootstrap,
+    )
     return Evaluation(table, overall, notes)
 
 
@@ -381,7 +416,7 @@ def compare_models(
     arrays = [_arrays(y, probs[m], names)[1] for m in models]
     y = _arrays(y, arrays[0], names)[0]
     notes = list(degenerate(y, names).values())
-    auc, cov = _delong(y, np.stack(arrays))
+    auc, cov = delong(y, np.stack(arrays))
     var = np.einsum("kmm->mk", cov)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)  # said once above for all models

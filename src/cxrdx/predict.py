@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from scipy.special import expit
 from tqdm import tqdm
 
 from cxrdx import __version__
 from cxrdx.checkpoint import Checkpoint, load_checkpoint
 from cxrdx.data.dicom_rules import Verdict, dicom_verdict
 from cxrdx.errors import CxrdxError
+from cxrdx.inference import probabilities
 from cxrdx.ood import GUARD_OFF, OodGuard, logits_and_features, refusal, score, supports_guard
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
@@ -234,10 +234,7 @@ class BasePredictor:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Logits → probabilities, dividing by the checkpoint's per-finding temperature when it has one."""
-        logits = np.asarray(logits, dtype=np.float64)
-        if self.info.temperature is not None:
-            logits = logits / np.asarray(self.info.temperature, dtype=np.float64)
-        return expit(logits)
+        return probabilities(logits, self.info.temperature)
 
     def _logits(self, batch: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -249,7 +246,7 @@ class Predictor(BasePredictor):
     backend = "pytorch"
 
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "auto", batch_size: int = 32):
-        from cxrdx.engine import resolve_device
+        from cxrdx.runtime import resolve_device
 
         super().__init__(ModelInfo.from_checkpoint(checkpoint), batch_size)
         self.checkpoint = checkpoint

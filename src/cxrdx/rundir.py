@@ -4,6 +4,7 @@
     RUN/split.csv              the split the run used: Image Index,split
     RUN/metrics.jsonl          one EpochRow per line
     RUN/curves.png             loss and validation AUROC per epoch
+    RUN/card.md, RUN/card.json the model card (cxrdx.card): written by training, enriched by evaluate
     RUN/checkpoints/best.pt    the selected weights; last.pt the resumable state
     RUN/eval/                  an evaluation folder: predictions.csv, labels.csv, metrics.json (EvalMetrics),
                                report.md, roc.png, reliability.png
@@ -36,6 +37,7 @@ EVAL, EXPLAIN, LOCALIZE = "eval", "explain", "localize"
 PREDICTIONS, LABELS, METRICS, EVAL_REPORT = "predictions.csv", "labels.csv", "metrics.json", "report.md"
 ROC, RELIABILITY = "roc.png", "reliability.png"
 EXPLANATIONS = "explanations.csv"
+CARD_MD, CARD_JSON = "card.md", "card.json"
 LOCALIZATION, LOCALIZATION_MD, LOCALIZATION_RECORDS = "localization.json", "localization.md", "localization_records.csv"
 EXPLANATION_COLUMNS = ["Image Index", "Finding", "probability", "flat", "png", "npy", "error"]
 
@@ -62,6 +64,17 @@ def best_checkpoint(run_dir: str | Path) -> Path:
 
 def last_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS / LAST
+
+
+def external_eval_dir(run_dir: str | Path, name: str) -> Path:
+    """RUN/eval-NAME: `cxrdx evaluate` of the run's model on another dataset (an external set)."""
+    return Path(run_dir) / f"{EVAL}-{name}"
+
+
+def external_evals(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """(name, folder) of every external evaluation of a run that holds predictions, sorted by name."""
+    found = sorted(Path(run_dir).glob(f"{EVAL}-*"))
+    return [(p.name.removeprefix(f"{EVAL}-"), p) for p in found if (p / PREDICTIONS).is_file()]
 
 
 def train_state_path(run_dir: str | Path) -> Path:
@@ -196,17 +209,26 @@ def read_predictions(path: str | Path, findings: Sequence[str] = FINDINGS) -> pd
     return values.set_axis(frame["Image Index"].astype(str)).astype(np.float64)
 
 
-def write_labels(path: str | Path, names: Sequence[str], labels: np.ndarray, patients: np.ndarray | None) -> Path:
-    frame = pd.DataFrame(np.asarray(labels, dtype=np.uint8), columns=list(FINDINGS))
+META_COLUMNS = ("Patient Gender", "Patient Age", "View Position", "dataset")  # what subgroups are drawn from
+
+
+def write_labels(
+    path: str | Path, names: Sequence[str], labels: np.ndarray, patients: np.ndarray | None, meta: pd.DataFrame | None = None
+) -> Path:
+    """Labels as 1, 0 or blank (not labelled), with the patient and subgroup columns when given."""
+    frame = pd.DataFrame(np.asarray(labels, dtype=np.float64), columns=list(FINDINGS)).astype("Int8")
     frame.insert(0, "Image Index", list(names))
     if patients is not None:
         frame.insert(1, "Patient ID", np.asarray(patients))
+    if meta is not None:
+        frame = pd.concat([frame, meta.reset_index(drop=True)], axis=1)
     return write_text(path, frame.to_csv(index=False))
 
 
 def read_labels(path: str | Path) -> pd.DataFrame:
     """Labels from evaluate's labels.csv or from a Data_Entry table -> DataFrame indexed by Image Index:
-    the 14 findings (uint8) and 'Patient ID' when known."""
+    the 14 findings (float: 1, 0, NaN = not labelled), then 'Patient ID' and the subgroup columns
+    (`META_COLUMNS`) the file has."""
     path = Path(path)
     if not path.is_file():
         raise CxrdxError(f"{path}: labels file not found")
@@ -216,13 +238,13 @@ def read_labels(path: str | Path) -> pd.DataFrame:
 
         table = read_metadata(path)
     else:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype={"Image Index": str})
         missing = [c for c in ("Image Index", *FINDINGS) if c not in table.columns]
         if missing:
             raise CxrdxError(f"{path}: missing column(s) {', '.join(missing)}; expected evaluate's labels.csv or a Data_Entry table")
-        if not table[list(FINDINGS)].isin((0, 1)).all().all():
-            raise CxrdxError(f"{path}: label columns must hold 0 or 1")
-    columns = list(FINDINGS) + (["Patient ID"] if "Patient ID" in table.columns else [])
+        if not (table[list(FINDINGS)].isin((0, 1)) | table[list(FINDINGS)].isna()).all().all():
+            raise CxrdxError(f"{path}: label columns must hold 0, 1 or blank (not labelled)")
+    columns = list(FINDINGS) + [c for c in ("Patient ID", *META_COLUMNS) if c in table.columns]
     return table.set_index(table["Image Index"].astype(str))[columns]
 
 
@@ -286,6 +308,34 @@ def read_eval_metrics(folder: str | Path) -> EvalMetrics:
     except (OSError, ValueError):
         return EvalMetrics()
     return EvalMetrics.from_dict(values) if isinstance(values, dict) else EvalMetrics()
+
+
+# --- card.md, card.json ----------------------------------------------------------------------------
+
+
+def card_paths(out: str | Path) -> tuple[Path, Path]:
+    """(Markdown, JSON) of a model card: OUT/card.md and OUT/card.json for a folder, else FILE.md and FILE.json."""
+    out = Path(out)
+    if out.suffix.lower() not in (".md", ".json"):
+        out = out / CARD_MD
+    return out.with_suffix(".md"), out.with_suffix(".json")
+
+
+def write_card(out: str | Path, markdown: str, values: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write a model card's Markdown and JSON (each atomically, the JSON last)."""
+    md, js = card_paths(out)
+    write_text(md, markdown)
+    write_text(js, json.dumps(values, indent=1, allow_nan=False) + "\n")
+    return md, js
+
+
+def read_card(out: str | Path) -> dict[str, Any] | None:
+    """A model card's JSON (a folder such as RUN, or a card file), or None when there is none or it is unreadable."""
+    try:
+        values = json.loads(card_paths(out)[1].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
 
 
 # --- explain/explanations.csv --------------------------------------------------------------------

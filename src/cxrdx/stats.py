@@ -47,6 +47,16 @@ class AnovaResult(NamedTuple):
     subjects: int  # findings that entered the test: those with an AUROC for every model
 
 
+class Difference(NamedTuple):
+    """b - a with its confidence interval and two-sided z-test."""
+
+    diff: float | np.ndarray
+    low: float | np.ndarray
+    high: float | np.ndarray
+    z: float | np.ndarray
+    p: float | np.ndarray
+
+
 class BootstrapCI(NamedTuple):
     low: np.ndarray  # (K,) per-column percentile interval
     high: np.ndarray
@@ -177,6 +187,19 @@ def _z_test(diff: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z, 2 * sps.norm.sf(np.abs(z))
 
 
+def unpaired_difference(
+    auc_a: np.ndarray | float, var_a: np.ndarray | float, auc_b: np.ndarray | float, var_b: np.ndarray | float, level: float = 0.95
+) -> Difference:
+    """AUROC b - a of two independent sets of images (other patients, another hospital): their
+    DeLong variances add. The CI is diff ± z·sqrt(var_a + var_b), not clipped; p is two-sided."""
+    a, b = np.asarray(auc_a, dtype=float), np.asarray(auc_b, dtype=float)
+    diff, var = b - a, np.asarray(var_a, dtype=float) + np.asarray(var_b, dtype=float)
+    half = sps.norm.ppf(0.5 + level / 2) * np.sqrt(var)
+    z, p = _z_test(diff, var)
+    one = diff.ndim == 0
+    return Difference(*(float(v) if one else v for v in (diff, diff - half, diff + half, z, p)))
+
+
 def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> DeLongTest:
     """Paired two-sided DeLong test of two scores on the same images (pROC's roc.test, paired)."""
     yb, a, one = _check(y, score_a)
@@ -201,15 +224,24 @@ def findings_covariance(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, n
     finding, centred and scaled by 1/sqrt(m(m-1)) as a positive or 1/sqrt(n(n-1)) as a negative of
     that finding, is its component; the covariance is the components' cross product over images. The
     diagonal is DeLong's variance, and for two scores of one finding it is DeLong's paired covariance.
-    Findings with fewer than two positives or negatives get NaN rows and columns.
+    Findings with fewer than two positives or negatives get NaN rows and columns; NaN labels (a
+    finding a dataset does not label) leave that image out of that finding.
     """
-    yb, s, _ = _check(y, score)
-    auc, v = placements(yb, s)
-    m, n = yb.sum(axis=0).astype(float), (~yb).sum(axis=0).astype(float)
-    valid = (m >= 2) & (n >= 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.where(yb, 1 / np.sqrt(m * (m - 1)), 1 / np.sqrt(n * (n - 1)))
-        components = np.where(valid, (v - auc) * scale, 0.0)
+    y = np.asarray(y, dtype=np.float64)
+    labelled = ~np.isnan(y)  # an unlabelled image (NaN) enters neither that finding's AUROC nor its component
+    _, s, _ = _check(np.where(labelled, y, 0), score)
+    auc = np.full(y.shape[1], np.nan)
+    components = np.zeros_like(s)
+    for k in range(y.shape[1]):
+        rows = labelled[:, k]
+        yb = y[rows, k] == 1
+        m, n = float(yb.sum()), float((~yb).sum())
+        if m < 2 or n < 2:
+            continue
+        a, v = placements(yb[:, None], s[rows, k][:, None])
+        auc[k] = a[0]
+        components[rows, k] = (v[:, 0] - a[0]) * np.where(yb, 1 / np.sqrt(m * (m - 1)), 1 / np.sqrt(n * (n - 1)))
+    valid = ~np.isnan(auc)
     cov = components.T @ components
     cov[~valid, :] = np.nan
     cov[:, ~valid] = np.nan
@@ -262,11 +294,11 @@ def mean_se_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Mea
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """Pearson r and two-sided p over the pairs where both are finite; NaN with fewer than 3."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 3 or np.ptp(a[keep]) == 0 or np.ptp(b[keep]) == 0:
         return np.nan, np.nan
-    result = sps.pearsonr(x[keep], y[keep])
+    result = sps.pearsonr(a[keep], b[keep])
     return float(result.statistic), float(result.pvalue)
 
 

@@ -2,9 +2,11 @@
 
 Layout of a cache folder:
     images.npy   (N, S, S) uint8, opened as a read-only memory map
-    index.csv    the metadata rows of the N images, in the same order (plus their source `path`)
+    index.csv    the metadata rows of the N images, in the same order (plus their source `path`); the 14
+                 finding columns are 1, 0 or blank (not labelled: NaN in `Cache.labels`)
     failed.csv   Image Index, path, reason for every image that could not be prepared
-    meta.json    size, count, sources; written last, so its presence means the cache is complete
+    meta.json    size, count, sources (`data_source`: the generator's marker for synthetic images);
+                 written last, so its presence means the cache is complete
 
 While `prepare_cache` runs, the folder holds `images.partial.npy` (all planned rows), `done.npy`
 (which of them are written; saved only after the image rows are flushed) and `plan.json`.
@@ -20,7 +22,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +34,7 @@ from PIL import Image
 from cxrdx import __version__
 from cxrdx.atomic import atomic_path, write_text
 from cxrdx.data.imageio import read_image
+from cxrdx.data.metadata import read_source_marker
 from cxrdx.errors import CxrdxError, ImageReadError
 from cxrdx.findings import FINDINGS
 
@@ -63,11 +66,15 @@ class PrepareResult:
     prepared: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     path: Path | None = None
+    excluded_views: dict[str, int] = field(default_factory=dict)  # {view: images} left out by the view filter
 
 
 @dataclass
 class Cache:
-    """An opened cache: `images[i]` is the (S, S) uint8 image of `index.iloc[i]` with `labels[i]`."""
+    """An opened cache: `images[i]` is the (S, S) uint8 image of `index.iloc[i]` with `labels[i]`.
+
+    `labels` is (N, 14) float32: 1, 0, or NaN where the image's dataset does not label the finding.
+    """
 
     path: Path
     images: np.ndarray
@@ -110,8 +117,67 @@ def open_cache(path: str | Path) -> Cache:
     index = _read_index(path / INDEX)
     if len(index) != count:
         raise CxrdxError(f"{path / INDEX}: {len(index)} rows, expected {count} (one per cached image)")
-    labels = index[list(FINDINGS)].to_numpy(dtype=np.uint8)
+    labels = index[list(FINDINGS)].to_numpy(dtype=np.float32)
     return Cache(path=path, images=images, index=index, labels=labels, size=size, meta=meta)
+
+
+class _Stacked:
+    """The image arrays of several caches read as one (N, S, S) array: rows by integer or integer array."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: int | np.integer | np.ndarray) -> np.ndarray:
+        if np.isscalar(rows):
+            part = int(np.searchsorted(self.starts, rows, side="right")) - 1
+            return self.parts[part][int(rows) - self.starts[part]]
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for k in np.unique(part):
+            where = part == k
+            out[where] = self.parts[k][rows[where] - self.starts[k]]
+        return out
+
+
+@dataclass
+class CacheSet(Cache):
+    """Several caches trained on as one: rows follow the order of `paths`. Patient IDs become
+    'dataset:id' so that patients of different datasets never merge; labels keep their NaN."""
+
+    paths: tuple[Path, ...] = ()
+
+    def __reduce__(self):
+        return (open_caches, (self.paths,))
+
+
+def open_caches(paths: Sequence[str | Path]) -> Cache:
+    """One cache, or several of the same image size as one `CacheSet` (the `data.caches` of a training config)."""
+    if len(paths) == 1:
+        return open_cache(paths[0])
+    caches = [open_cache(p) for p in paths]
+    sizes = {c.size for c in caches}
+    if len(sizes) > 1:
+        raise CxrdxError(f"caches of different sizes ({', '.join(f'{c.path}: {c.size} px' for c in caches)}); prepare them at one size")
+    parts = []
+    for c in caches:
+        dataset = c.index["dataset"] if "dataset" in c.index.columns else pd.Series(c.meta.get("dataset", "nih"), index=c.index.index)
+        parts.append(c.index.assign(**{"Patient ID": dataset.astype(str) + ":" + c.index["Patient ID"].astype(str), "dataset": dataset}))
+    index = pd.concat(parts, ignore_index=True)
+    repeated = index["Image Index"].duplicated()
+    if repeated.any():
+        raise CxrdxError(f"image {index['Image Index'][repeated].iloc[0]!r} is in more than one of the caches {', '.join(map(str, paths))}")
+    meta = {"size": caches[0].size, "count": len(index), "caches": [str(c.path) for c in caches]}
+    return CacheSet(
+        path=caches[0].path, images=_Stacked([c.images for c in caches]), index=index,  # type: ignore[arg-type]
+        labels=np.concatenate([c.labels for c in caches]), size=caches[0].size, meta=meta, paths=tuple(c.path for c in caches),
+    )
 
 
 def prepare_cache(
@@ -121,23 +187,22 @@ def prepare_cache(
     metadata: str | Path | None = None,
     workers: int = 0,
     progress: bool = True,
+    dataset: str | None = None,
+    views: Sequence[str] | None = ("PA", "AP"),
+    **options: str,
 ) -> PrepareResult:
     """Decode every image of the metadata table once, resize it to size x size and store it in `out`.
 
-    Resumable: running again with the same arguments continues an interrupted run. Unreadable or
-    missing images go to `out/failed.csv`; the rest is prepared. A complete cache is left as is.
+    `dataset` (None or "nih": ChestX-ray14's Data_Entry table; else a name of
+    `cxrdx.data.datasets.list_datasets()`) reads that dataset's layout with harmonised labels;
+    `views` and `options` go to its adapter (`read_dataset`). Resumable: running again with the
+    same arguments continues an interrupted run. Unreadable or missing images go to
+    `out/failed.csv`; the rest is prepared. A complete cache is left as is.
     """
-    from cxrdx.data.metadata import find_metadata, locate_images, read_metadata
-
     data_dir, out = Path(data_dir), Path(out)
     if size < 8:
         raise CxrdxError(f"cache size {size} is too small (use 8 or more pixels)")
-    metadata = Path(metadata) if metadata is not None else find_metadata(data_dir)
-    index = read_metadata(metadata)
-    found, missing = locate_images(index, data_dir)
-    if len(found) == 0:
-        first = ", ".join(list(index["Image Index"])[:3])
-        raise CxrdxError(f"{data_dir}: none of the {len(index)} images of {metadata} found (first: {first})")
+    found, missing, excluded, source = _locate(data_dir, metadata, dataset, views, options)
     found = found.reset_index(drop=True)
     names = "\n".join(found["Image Index"]).encode()
     plan = {"size": size, "count": len(found), "images_sha256": hashlib.sha256(names).hexdigest()}
@@ -148,7 +213,36 @@ def prepare_cache(
         raise CxrdxError(f"{out}: is a file; --out must be a folder")
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        return _prepare(found, missing, out, plan, workers, progress, data_dir, metadata)
+        result = _prepare(found, missing, out, plan, workers, progress, data_dir, source)
+    result.excluded_views = excluded
+    return result
+
+
+def _locate(
+    data_dir: Path, metadata: str | Path | None, dataset: str | None, views: Sequence[str] | None, options: dict
+) -> tuple[pd.DataFrame, list[str], dict[str, int], dict[str, str]]:
+    """The located rows (with `path`), the missing image names, the excluded views and meta.json's source fields."""
+    if dataset not in (None, "nih"):
+        from cxrdx.data.datasets import read_dataset
+
+        if metadata is not None:
+            raise CxrdxError(f"--metadata is for ChestX-ray14's Data_Entry table; dataset {dataset!r} finds its own label files")
+        index = read_dataset(dataset, data_dir, views=views, **options)
+        if index.table.empty:
+            raise CxrdxError(f"{data_dir}: none of the images of dataset {dataset!r} found ({len(index.missing)} listed, none on disk)")
+        source = {"dataset": dataset, "options": json.dumps(options, sort_keys=True), "views": ",".join(views or ("all",))}
+        return index.table, index.missing, index.excluded_views, source
+    if options:
+        raise CxrdxError(f"{', '.join(options)}: options of the other datasets' readers; ChestX-ray14 (nih) has none")
+    from cxrdx.data.metadata import find_metadata, locate_images, read_metadata
+
+    metadata = Path(metadata) if metadata is not None else find_metadata(data_dir)
+    index = read_metadata(metadata)
+    found, missing = locate_images(index, data_dir)
+    if len(found) == 0:
+        first = ", ".join(list(index["Image Index"])[:3])
+        raise CxrdxError(f"{data_dir}: none of the {len(index)} images of {metadata} found (first: {first})")
+    return found, missing, {}, {"dataset": "nih", "metadata": str(metadata.resolve())}
 
 
 def pixel_stats(cache: Cache, rows: np.ndarray | None = None, chunk: int = 256) -> tuple[float, float]:
@@ -170,7 +264,7 @@ def pixel_stats(cache: Cache, rows: np.ndarray | None = None, chunk: int = 256) 
 
 
 def _prepare(
-    found: pd.DataFrame, missing: list[str], out: Path, plan: dict, workers: int, progress: bool, data_dir: Path, metadata: Path
+    found: pd.DataFrame, missing: list[str], out: Path, plan: dict, workers: int, progress: bool, data_dir: Path, source: dict
 ) -> PrepareResult:
     size = plan["size"]
     images, done = _open_work(out, plan)
@@ -194,7 +288,7 @@ def _prepare(
     del images
     failures = [(found.at[r, "Image Index"], str(found.at[r, "path"]), failed[r]) for r in sorted(failed)]
     failures += [(name, "", f"not found under {data_dir}") for name in missing]
-    _finish(out, found, done, failures, plan, data_dir, metadata)
+    _finish(out, found, done, failures, plan, data_dir, source)
     return PrepareResult(prepared=int(done.sum()), failed=[(n, why) for n, _, why in failures], path=out)
 
 
@@ -270,7 +364,7 @@ def _save_done(out: Path, images: np.memmap, done: np.ndarray) -> None:
             np.save(handle, done)
 
 
-def _finish(out: Path, found: pd.DataFrame, done: np.ndarray, failures: list, plan: dict, data_dir: Path, metadata: Path) -> None:
+def _finish(out: Path, found: pd.DataFrame, done: np.ndarray, failures: list, plan: dict, data_dir: Path, source: dict) -> None:
     """Write the final files; meta.json last, so a crash before it leaves a resumable folder."""
     size = plan["size"]
     if done.all():
@@ -299,11 +393,14 @@ def _finish(out: Path, found: pd.DataFrame, done: np.ndarray, failures: list, pl
         "dtype": "uint8",
         "resize": "PIL Lanczos",
         "data_dir": str(data_dir.resolve()),
-        "metadata": str(metadata.resolve()),
+        **source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cxrdx_version": __version__,
         "plan": plan,
     }
+    marker = read_source_marker(data_dir)
+    if marker is not None:  # synthetic images say so all the way to the model card
+        meta["data_source"] = marker
     write_text(out / META, json.dumps(meta, indent=2) + "\n")
     (out / DONE).unlink(missing_ok=True)
     (out / PLAN).unlink(missing_ok=True)
@@ -330,7 +427,16 @@ def _read_index(path: Path) -> pd.DataFrame:
     missing = [c for c in ("Image Index", "Patient ID", *FINDINGS) if c not in index.columns]
     if missing:
         raise CxrdxError(f"{path}: cache index lacks columns {', '.join(missing)}")
-    return index.astype({name: np.uint8 for name in FINDINGS})
+    # blank = not labelled (NaN); caches of ChestX-ray14 alone hold 0/1 only
+    labels = index[list(FINDINGS)].apply(pd.to_numeric, errors="coerce").astype(np.float32)
+    bad = ~(labels.isin((0.0, 1.0)) | (index[list(FINDINGS)] == "")).to_numpy()
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise CxrdxError(f"{path}: line {row + 2}: {FINDINGS[column]} {index.iat[row, index.columns.get_loc(FINDINGS[column])]!r}; expected 1, 0 or blank")
+    index[list(FINDINGS)] = labels
+    if "Patient Age" in index.columns:
+        index["Patient Age"] = pd.to_numeric(index["Patient Age"], errors="coerce")
+    return index
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -105,11 +105,14 @@ class FileDataset(Dataset):
         labels: np.ndarray | None = None,
         cache_size: int = 256,
         transform: Transform | None = None,
+        names: Sequence[str] | None = None,
     ):
+        """`names`: each image's Image Index (default: its file name)."""
         self.paths = [Path(p) for p in paths]
+        self.names = [p.name for p in self.paths] if names is None else [str(n) for n in names]
         if labels is None:
             labels = np.zeros((len(self.paths), len(FINDINGS)), dtype=np.float32)
-        labels = np.asarray(labels, dtype=np.float32)
+        labels = np.array(labels, dtype=np.float32)  # a copy: the tensor shares its memory
         if labels.shape != (len(self.paths), len(FINDINGS)):
             raise CxrdxError(f"labels of shape {labels.shape}; expected ({len(self.paths)}, {len(FINDINGS)})")
         self.labels = torch.from_numpy(labels)
@@ -121,7 +124,7 @@ class FileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         image = resize_square(read_image(self.paths[i]), self.cache_size, str(self.paths[i]))
-        return self.transform(torch.from_numpy(image)[None]), self.labels[i], self.paths[i].name
+        return self.transform(torch.from_numpy(image)[None]), self.labels[i], self.names[i]
 
 
 def rows_for_split(cache: Cache, split: pd.Series, name: str, allow_missing: bool = False) -> np.ndarray:

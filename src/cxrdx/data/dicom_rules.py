@@ -49,7 +49,7 @@ def dicom_verdict(source: object) -> Verdict | None:
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, force = bytes(source[:132]), False
-        stream = io.BytesIO(bytes(source))
+        stream: io.BytesIO | Path = io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:

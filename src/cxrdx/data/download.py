@@ -148,9 +148,10 @@ def fetch(url: str, dest: str | Path, progress: bool = True, retries: int = 5, t
                     raise CxrdxError(f"{url}: HTTP {exc.code} {exc.reason}") from None
                 problem = f"HTTP {exc.code} {exc.reason}"
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-                if isinstance(getattr(exc, "reason", None), socket.gaierror):  # offline: retrying cannot help
+                reason = getattr(exc, "reason", None)
+                if isinstance(reason, socket.gaierror):  # offline: retrying cannot help
                     raise CxrdxError(
-                        f"{url}: cannot resolve {urllib.parse.urlsplit(url).hostname} ({exc.reason.strerror}); connect "
+                        f"{url}: cannot resolve {urllib.parse.urlsplit(url).hostname} ({reason.strerror}); connect "
                         f"this machine to the internet and run the same command again, or run it on a connected machine "
                         f"and copy its --to folder here"
                     ) from None

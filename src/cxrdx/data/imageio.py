@@ -85,7 +85,7 @@ def _decode_bytes(data: bytes, label: str, max_pixels: int, max_decoded_bytes: i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except UnidentifiedImageError:
         if suffix in DICOM_SUFFIXES:  # DICOM written without the Part 10 preamble
             return _decode_dicom(data, label, max_pixels, max_decoded_bytes, force=True)

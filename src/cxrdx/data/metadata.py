@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrdx.atomic import write_text
 from cxrdx.data import packaged
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS, parse_labels
@@ -25,6 +27,7 @@ _TEXT_COLUMNS = ("Image Index", "Finding Labels", "View Position", "Patient Gend
 _WHOLE_NUMBER = r"^\s*(\d+)\s*$"
 _AGE = r"^\s*(\d+)\s*[Yy]?\s*$"  # Data_Entry_2017.csv of 2017 wrote ages as "058Y"
 _PATIENT_IN_NAME = r"^(\d+)_\d+\.\w+$"  # 00012345_003.png -> 12345
+SOURCE_MARKER = "cxrdx_source.json"  # written by a generator beside its Data_Entry table (the phantoms)
 
 
 def read_metadata(path: str | Path) -> pd.DataFrame:
@@ -174,3 +177,18 @@ def _image_folders(root: Path) -> list[Path]:
     for name in parts:
         candidates += [root / name / "images", root / name]
     return [folder for folder in candidates if folder.is_dir()]
+
+
+def write_source_marker(folder: str | Path, values: dict) -> Path:
+    """Record where a dataset folder's images come from (e.g. {"name": "cxrdx phantoms", "synthetic": true});
+    `cxrdx prepare` copies it into the cache's meta.json as `data_source`, training into the checkpoint."""
+    return write_text(Path(folder) / SOURCE_MARKER, json.dumps(values, indent=2) + "\n")
+
+
+def read_source_marker(folder: str | Path) -> dict | None:
+    """The folder's source marker, or None (real data carries none)."""
+    try:
+        values = json.loads((Path(folder) / SOURCE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None

@@ -6,6 +6,11 @@ the sum of an anatomy layer and one additive layer per planted finding, so a fin
 switched off (`render_phantom(spec, size, omit=...)`) and its box is the footprint of its layer.
 Acquisition (rotation, shift, zoom, brightness, contrast, gamma, noise, PA/AP) maps the density
 to 8-bit pixels. Labels follow the long tail of the paper's Table 1.
+
+A second site (`generate_second_site`) draws other patients with the same findings through another
+scanner: brighter and flatter exposure, more noise, collimation borders, a side marker, mostly AP
+portable films, written in the generic CSV layout (`labels.csv`) without labels for
+SITE2_UNLABELLED, as an external test set.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from PIL import Image
 from scipy.optimize import brentq
 from tqdm import tqdm
 
+from cxrdx import __version__
 from cxrdx.atomic import write_text
+from cxrdx.data.metadata import write_source_marker
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS, format_labels
 
@@ -62,6 +69,8 @@ _BOX_LEVEL = {"Emphysema": 0.1}
 _EDGE = 0.012  # soft-edge width of anatomical outlines, anatomy units
 _LUCENCY = 0.3  # how much darker aerated lung is than soft tissue
 _BAND_PIXELS = 16384  # render in bands of rows this big: small temporaries are faster
+_AP_SHARE = {1: 0.4, 2: 0.85}  # the second site films mostly portable AP
+SITE2_UNLABELLED = ("Emphysema", "Fibrosis", "Hernia", "Pleural_Thickening")  # its reports do not say
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class PhantomSpec:
     age: int
     gender: str
     seed: int
+    site: int = 1  # 2: the second site's scanner (see _acquisition and _site_marks)
 
 
 # --- labels and patients ---------------------------------------------------------------------
@@ -111,19 +121,21 @@ def _draw_labels(rng: np.random.Generator, n: int, prevalence: np.ndarray) -> np
     return labels
 
 
-def sample_specs(n: int, seed: int = 0, tail_floor: float = 0.0) -> list[PhantomSpec]:
+def sample_specs(n: int, seed: int = 0, tail_floor: float = 0.0, site: int = 1) -> list[PhantomSpec]:
     """The phantom dataset's rows (patients, follow-ups, labels, view) without rendering images."""
     if n < 1:
         raise CxrdxError(f"n must be at least 1, got {n}")
+    if site not in _AP_SHARE:
+        raise CxrdxError(f"site must be one of {', '.join(map(str, _AP_SHARE))}, got {site}")
     prevalence = target_prevalence(tail_floor)
-    rng = np.random.default_rng([seed, 0])
+    rng = np.random.default_rng([seed, 0] if site == 1 else [seed, 0, site])  # other patients at site 2
     visits: list[int] = []
     while len(visits) < n:
         visits.extend(range(min(int(rng.geometric(0.35)), 12)))
     visits = visits[:n]
     fresh = _draw_labels(rng, n, prevalence)
     copy = rng.random(n) < _PERSIST
-    ap = rng.random(n) < 0.4
+    ap = rng.random(n) < _AP_SHARE[site]
     specs: list[PhantomSpec] = []
     patient, labels, onset, age, gender = 0, fresh[0], np.zeros(len(FINDINGS), int), 0, "M"
     for row, followup in enumerate(visits):
@@ -144,13 +156,14 @@ def sample_specs(n: int, seed: int = 0, tail_floor: float = 0.0) -> list[Phantom
                 age=min(age + followup // 3, 95),
                 gender=gender,
                 seed=seed,
+                site=site,
             )
         )
     return specs
 
 
 def _rng(spec: PhantomSpec, *stream: int) -> np.random.Generator:
-    return np.random.default_rng([spec.seed, spec.patient, *stream])
+    return np.random.default_rng([spec.seed, spec.patient, *stream] + ([spec.site] if spec.site != 1 else []))
 
 
 # --- anatomy -----------------------------------------------------------------------------------
@@ -577,6 +590,17 @@ def _acquisition(spec: PhantomSpec) -> _Acquisition:
     rng = _rng(spec, 2, spec.followup)
     u = rng.uniform
     ap = spec.view == "AP"
+    if spec.site == 2:  # higher exposure, flatter contrast, noisier detector, stronger heel effect
+        return _Acquisition(
+            rotation=math.radians(u(-8, 8)),
+            shift=(u(-0.08, 0.08), u(-0.08, 0.08)),
+            zoom=u(0.84, 0.98),
+            brightness=u(0.02, 0.1),
+            contrast=u(0.65, 0.9),
+            gamma=u(0.7, 1.0),
+            noise=u(0.03, 0.05),
+            heel=u(-0.1, 0.1),
+        )
     return _Acquisition(
         rotation=math.radians(u(-6, 6) if ap else u(-3, 3)),
         shift=(u(-0.05, 0.05), u(-0.06, 0.06)),
@@ -587,6 +611,21 @@ def _acquisition(spec: PhantomSpec) -> _Acquisition:
         noise=u(0.01, 0.035),
         heel=u(-0.05, 0.05),
     )
+
+
+def _site_marks(value: np.ndarray, spec: PhantomSpec) -> np.ndarray:
+    """The second site's collimation (dark borders of random width) and a bright side marker in a top corner."""
+    size = value.shape[0]
+    rng = _rng(spec, 4, spec.followup)
+    top, bottom, left, right = (int(size * rng.uniform(0.02, 0.1)) for _ in range(4))
+    shaded = np.full_like(value, 0.04)
+    shaded[top : size - bottom, left : size - right] = value[top : size - bottom, left : size - right]
+    side = max(3, size // 16)
+    x = left + side // 2 if rng.random() < 0.5 else size - right - 2 * side
+    y = top + side // 2
+    shaded[y : y + side, x : x + side] = 0.97
+    shaded[y + side // 3 : y + side, x + side // 3 : x + 2 * side // 3] = 0.6  # an 'L'-like cut-out
+    return shaded
 
 
 def _grid(size: int, acq: _Acquisition) -> tuple[np.ndarray, np.ndarray]:
@@ -640,8 +679,10 @@ def render_phantom(
     value = np.clip((density + 0.01) / 0.72, 0.0, 1.0) ** acq.gamma
     value = (value - 0.5) * acq.contrast + 0.5 + acq.brightness + acq.heel * Y
     mottle = rng.random((9, 9), dtype=np.float32)
-    value += np.asarray(Image.fromarray(mottle, mode="F").resize((size, size), Image.BICUBIC)) * (acq.noise * 1.5)
+    value += np.asarray(Image.fromarray(mottle, mode="F").resize((size, size), Image.Resampling.BICUBIC)) * (acq.noise * 1.5)
     value += rng.standard_normal((size, size), dtype=np.float32) * acq.noise - acq.noise * 0.75
+    if spec.site == 2:
+        value = _site_marks(value, spec)
     return np.clip(value * 255.0 + 0.5, 0, 255).astype(np.uint8), boxes
 
 
@@ -676,12 +717,58 @@ def generate_phantoms(
     """Write `n` phantom images with Data_Entry_2017.csv and BBox_List_2017.csv under `out`.
 
     Images are `out/images/PPPPPPPP_FFF.png` (patient, follow-up); boxes are in their pixels.
+    `cxrdx_source.json` marks the folder as synthetic (model cards say so).
     """
+    specs = _specs(n, size, seed, tail_floor, 1)
+    out = Path(out)
+    boxes = _render_all(specs, size, out / "images", progress)
+    write_text(out / "BBox_List_2017.csv", "\n".join([BBOX_HEADER, *boxes]) + "\n")
+    write_text(out / "Data_Entry_2017.csv", "\n".join([DATA_ENTRY_HEADER, *_data_entry_rows(specs, size)]) + "\n")
+    _mark_synthetic(out, "cxrdx phantoms", n, size, seed, tail_floor)
+    return out
+
+
+def generate_second_site(
+    out: str | Path,
+    n: int = 1000,
+    size: int = 256,
+    seed: int = 0,
+    tail_floor: float = 0.0,
+    progress: bool = True,
+) -> Path:
+    """Write `n` second-site phantoms (other patients, another scanner) in the generic CSV layout.
+
+    `out/labels.csv`: path, patient, view, sex, age and one column per finding except
+    SITE2_UNLABELLED (not labelled there); images are `out/images/PPPPPPPP_FFF.png`.
+    Read it with `cxrdx prepare --dataset csv --data-dir out`.
+    """
+    specs = _specs(n, size, seed, tail_floor, 2)
+    out = Path(out)
+    _render_all(specs, size, out / "images", progress)
+    labelled = [(k, f) for k, f in enumerate(FINDINGS) if f not in SITE2_UNLABELLED]
+    rows = [
+        ",".join([f"images/{s.image_index}", f"site2-{s.patient}", s.view, s.gender, str(s.age), *(str(s.labels[k]) for k, _ in labelled)])
+        for s in specs
+    ]
+    write_text(out / "labels.csv", "\n".join([",".join(["path", "patient", "view", "sex", "age", *(f for _, f in labelled)]), *rows]) + "\n")
+    _mark_synthetic(out, "cxrdx second-site phantoms", n, size, seed, tail_floor)
+    return out
+
+
+def _mark_synthetic(out: Path, name: str, n: int, size: int, seed: int, tail_floor: float) -> None:
+    """The source marker that `prepare` carries into the cache and training into the checkpoint (model cards)."""
+    write_source_marker(out, {"name": name, "synthetic": True, "images": n, "size": size, "seed": seed, "tail_floor": tail_floor,
+                              "generator": "cxrdx.data.phantoms", "cxrdx_version": __version__})
+
+
+def _specs(n: int, size: int, seed: int, tail_floor: float, site: int) -> list[PhantomSpec]:
     if size < 32:
         raise CxrdxError(f"size must be at least 32 pixels, got {size}")
-    specs = sample_specs(n, seed, tail_floor)
-    out = Path(out)
-    folder = out / "images"
+    return sample_specs(n, seed, tail_floor, site)
+
+
+def _render_all(specs: list[PhantomSpec], size: int, folder: Path, progress: bool) -> list[str]:
+    """Render and write every image into `folder`; the box rows (BBox_List_2017.csv) of their findings."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -691,6 +778,6 @@ def generate_phantoms(
         image, planted = render_phantom(spec, size)
         _write_png(image, folder / spec.image_index)
         boxes.extend(f"{spec.image_index},{name},{x},{y},{w},{h}" for name, (x, y, w, h) in planted.items())
-    write_text(out / "BBox_List_2017.csv", "\n".join([BBOX_HEADER, *boxes]) + "\n")
-    write_text(out / "Data_Entry_2017.csv", "\n".join([DATA_ENTRY_HEADER, *_data_entry_rows(specs, size)]) + "\n")
-    return out
+    return boxes
+
+

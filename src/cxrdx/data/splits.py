@@ -134,7 +134,7 @@ def table1(index: pd.DataFrame, split: pd.Series) -> dict:
     "label_counts": {"0", "1", "2", "3", ">=4": int}}}, "leakage": leakage_report(...)}
     """
     frame = _join(index, split)
-    labels = frame[list(FINDINGS)].to_numpy()
+    labels = _findings(frame)
     per_image = np.minimum(labels.sum(axis=1), len(LABEL_COUNT_ROWS) - 1)
     names = frame["split"].to_numpy()
 
@@ -226,7 +226,7 @@ def _findings(index: pd.DataFrame) -> np.ndarray:
     missing = [f for f in FINDINGS if f not in index.columns]
     if missing:
         raise CxrdxError(f"the patient split needs the finding columns of the metadata; missing {', '.join(missing)}")
-    return index[list(FINDINGS)].to_numpy(dtype=np.int64)
+    return (index[list(FINDINGS)] == 1).to_numpy(dtype=np.int64)  # positives; NaN (not labelled) is not one
 
 
 def _patient_split(

@@ -135,8 +135,8 @@ def group_cam(
             parts.append(x * m + blurred * (1 - m))
             probabilities.append(to_probability(model(torch.cat(parts)))[:, finding_index])
             forwards += 1
-    probabilities = torch.cat(probabilities)
-    kept_scores = probabilities[1:] - probabilities[0]
+    probs = torch.cat(probabilities)
+    kept_scores = probs[1:] - probs[0]
 
     saliency = (kept_scores.view(-1, 1, 1) * masks[:, 0]).sum(0) if len(kept) else torch.zeros_like(x[0, 0])
     saliency = F.relu(saliency)

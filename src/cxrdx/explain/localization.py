@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from cxrdx import rundir
@@ -162,31 +161,30 @@ def box_iou(saliency: np.ndarray, boxes: np.ndarray, threshold: float = 0.5, mod
 
 
 def localize(
-    model: nn.Module,
+    predictor: Predictor,
     images: Iterable[tuple[str, torch.Tensor, tuple[int, int]]],
     boxes: pd.DataFrame,
     methods: Sequence[str] = ("groupcam", "gradcam"),
-    findings: Sequence[str] = FINDINGS,
     threshold: float = 0.5,
     mode: str = "relative",
     tolerance: float = 0.0,
     progress: bool = False,
     total: int | None = None,
-    temperature: Sequence[float] | None = None,
     **options: object,
 ) -> pd.DataFrame:
-    """One row per (image, boxed finding, method): the model's probability (logits divided by the
-    checkpoint's `temperature` when it has one, as prediction does), hit, iou, flat.
+    """One row per (image, boxed finding, method): the predictor's probability (its checkpoint's
+    temperature applied, as prediction does), hit, iou, flat.
 
     `images` yields (Image Index, model input (1, C, H, W), (width, height) of the pixels its
-    boxes are written in); the boxes are scaled to the input. `findings` are the model's outputs
-    in order; boxes of other findings are skipped. `options` go to `explain` (groups, batch_size).
+    boxes are written in); the boxes are scaled to the input. Boxes of findings the predictor
+    does not output are skipped. `options` go to `explain` (groups, batch_size, target_layers).
     """
     from cxrdx.explain.groupcam import explaining
     from cxrdx.explain.registry import FlatSaliencyWarning, explain
 
     threshold_map(np.ones((1, 2)), threshold, mode)  # reject a bad threshold before any work
-    position = {name: i for i, name in enumerate(findings)}
+    model = predictor.model
+    position = {name: i for i, name in enumerate(predictor.findings)}
     wanted = boxes[boxes["Finding"].isin(position)]
     per_image = {name: group for name, group in wanted.groupby("Image Index", sort=False)}
     rows = []
@@ -198,10 +196,8 @@ def localize(
                 continue
             scaled = scale_boxes(per_image[name], source_size, (image.shape[-1], image.shape[-2]))
             with explaining(model), torch.no_grad():
-                logits = model(image.to(next(model.parameters()).device))[0].double().cpu()
-                if temperature is not None:
-                    logits = logits / torch.as_tensor(temperature, dtype=torch.float64)
-                probabilities = torch.sigmoid(logits).tolist()
+                logits = model(image.to(next(model.parameters()).device)).float().cpu().numpy()
+            probabilities = predictor.probabilities(logits)[0].tolist()
             for finding, group in scaled.groupby("Finding", sort=False):
                 xywh = group[list(BOX_FIELDS)].to_numpy()
                 for method in methods:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,16 @@ if TYPE_CHECKING:
     import torch
 
     from cxrdx.predict import ImageSource, Predictor
+
+
+@dataclass(frozen=True)
+class LocalizationInputs:
+    """The boxes to score and their images (`localization_inputs`)."""
+
+    boxes: pd.DataFrame  # the box table, narrowed to the split when one was asked for
+    names: list[str]  # boxed images found, at most `limit`
+    load: Callable[[str], tuple[torch.Tensor, tuple[int, int]]]  # name -> model input, size the boxes refer to
+    missing: list[str]  # boxed images not found
 
 
 def run_split_file(checkpoint: str | Path) -> Path | None:
@@ -35,8 +46,8 @@ def explain_inputs(
     checkpoint: str | Path,
     images: Sequence[str] = (),
     split: str | None = None,
-    cache: str | Path | None = None,
     split_file: str | Path | None = None,
+    cache: str | Path | None = None,
     limit: int | None = None,
 ) -> tuple[int, Iterator[tuple[str, ImageSource]]]:
     """(count, lazy (name, image) pairs): the IMAGE files and folders, or with `split` that split of a cache (default: the run's)."""
@@ -71,9 +82,9 @@ def localization_inputs(
     cache: str | Path | None = None,
     box_size: int | None = None,
     limit: int | None = None,
-) -> tuple[pd.DataFrame, list[str], Callable[[str], tuple[torch.Tensor, tuple[int, int]]], list[str]]:
-    """(boxes, names, load, missing): the boxes (of `split` only, when given) and their images, found as by `boxed_images`
-    in `data_dir` or else a cache (default: the run's)."""
+) -> LocalizationInputs:
+    """The boxes (of `split` only, when given) and their images, found as by `boxed_images` in `data_dir` or else a
+    cache (default: the run's). Options in `explain_inputs`' order."""
     from cxrdx.explain.localization import boxed_images, boxes_in_split
 
     if split:
@@ -100,4 +111,4 @@ def localization_inputs(
         if not cache_path:
             raise CxrdxError("give the boxed images: --data-dir D or --cache C")
         opened = open_cache(cache_path)
-    return (boxes, *boxed_images(boxes, predictor, data_dir, opened, box_size, limit))
+    return LocalizationInputs(boxes, *boxed_images(boxes, predictor, data_dir, opened, box_size, limit))

@@ -40,16 +40,19 @@ def roc_figure(y: np.ndarray, probs: Mapping[str, np.ndarray], names: Sequence[s
     """One panel per finding, one ROC curve per model, AUROC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    y = np.asarray(y)
+    y = np.asarray(y, dtype=np.float64)
     fig, axes = _grid(len(names))
     for k, (ax, name) in enumerate(zip(axes, names)):
         ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        both = 0 < y[:, k].sum() < len(y)
+        labelled = ~np.isnan(y[:, k])  # NaN: an image the dataset does not label for this finding
+        yk = y[labelled, k]
+        both = 0 < yk.sum() < len(yk)
         for model, p in probs.items():
             if both:
-                fpr, tpr, _ = roc_curve(y[:, k], p[:, k])
-                ax.plot(fpr, tpr, lw=1.2, label=f"{model} ({roc_auc_score(y[:, k], p[:, k]):.3f})")
-        ax.set_title(name if both else f"{name} (no AUROC: one class only)", fontsize=9)
+                fpr, tpr, _ = roc_curve(yk, p[labelled, k])
+                ax.plot(fpr, tpr, lw=1.2, label=f"{model} ({roc_auc_score(yk, p[labelled, k]):.3f})")
+        why = "not labelled" if not labelled.any() else "one class only"
+        ax.set_title(name if both else f"{name} (no AUROC: {why})", fontsize=9)
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)
         ax.set_xlabel("1 - specificity", fontsize=8), ax.set_ylabel("sensitivity", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -66,10 +69,11 @@ def reliability_figure(y: np.ndarray, probs: np.ndarray, names: Sequence[str], p
     ece = expected_calibration_error(y, probs, n_bins)
     fig, axes = _grid(len(names), width=2.8)
     for k, (ax, name) in enumerate(zip(axes, names)):
-        curve = reliability(y[:, k], probs[:, k], n_bins)
+        labelled = ~np.isnan(y[:, k].astype(np.float64))  # NaN: not labelled for this finding
+        curve = reliability(y[labelled, k], probs[labelled, k], n_bins)
         filled = curve["count"] > 0
         ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        ax.bar(curve["low"], curve["count"] / max(1, len(y)), width=1 / n_bins, align="edge", color="0.9", label="share of images")
+        ax.bar(curve["low"], curve["count"] / max(1, int(labelled.sum())), width=1 / n_bins, align="edge", color="0.9", label="share of images")
         ax.plot(curve.loc[filled, "mean_prob"], curve.loc[filled, "frac_pos"], "o-", ms=3, lw=1.2, label="positive fraction")
         ax.set_title(f"{name} (ECE {ece[k]:.3f})", fontsize=9)
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)

@@ -59,7 +59,7 @@ class ForestRow:
 
 def _best(groups: list[s.Scores]) -> tuple[str, dict[str, float], int] | None:
     """(model, its mean AUROC summary, test images) with the highest mean AUROC."""
-    scored = [(g.cmp.evaluations[m].overall["auroc"], m, len(g.y)) for g in groups for m in g.cmp.models]
+    scored = [(g.cmp.evaluations[m].overall.auroc._asdict(), m, len(g.y)) for g in groups for m in g.cmp.models]
     scored = [x for x in scored if np.isfinite(x[0]["mean"])]
     if not scored:
         return None
@@ -82,7 +82,7 @@ def forest_rows(groups: list[s.Scores]) -> list[ForestRow]:
     pos = _position
     for group in groups:
         for model in group.cmp.models:
-            x = group.cmp.evaluations[model].overall["auroc"]
+            x = group.cmp.evaluations[model].overall.auroc._asdict()
             if not np.isfinite(x["mean"]):
                 continue
             low, high = (pos(x[k]) if np.isfinite(x[k]) else pos(x["mean"]) for k in ("low", "high"))
@@ -107,8 +107,8 @@ def header_context(runs: list[s.Run], groups: list[s.Scores]) -> dict[str, Any]:
         ("Test images", f"{images:,}"),
         ("Findings with an AUROC", f"{summary['n']} of {len(FINDINGS)}"),
         ("Models", str(len(models))),
-        ("Macro F1" + (" (best model)" if several else ""), f(overall["macro_f1"]["mean"], 2)),
-        ("All findings correct", f(overall["exact_match_accuracy"])),
+        ("Macro F1" + (" (best model)" if several else ""), f(overall.macro_f1.mean, 2)),
+        ("All findings correct", f(overall.exact_match_accuracy)),
     ]
     return context
 
@@ -148,7 +148,7 @@ def _plain(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(groups: list[s.Scores], path: Path) -> dict[str, Any]:
     best = _best(groups)
-    models = {m: _plain(g.cmp.evaluations[m].overall["auroc"]) for g in groups for m in g.cmp.models}
+    models = {m: _plain(g.cmp.evaluations[m].overall.auroc._asdict()) for g in groups for m in g.cmp.models}
     return {
         "report": str(path),
         "best_model": best[0] if best else None,
@@ -189,7 +189,7 @@ def write_report(
     out = Path(out_dir)
     runs = s.open_runs(run_dirs, names)
     template_environment(template_dir)  # a wrong folder fails before the work
-    steps = ["scores", "dataset", "models", "training", "results", "explanations", "localization", "page"]
+    steps = ["scores", "dataset", "models", "training", "results", "explanations", "localization", "external", "page"]
     with tqdm(total=len(steps), desc="report", unit="part", disable=not progress, leave=False) as bar:
 
         def step(value: Any) -> Any:
@@ -207,6 +207,8 @@ def write_report(
             *step(s.results_sections(groups, notes)),
             step(s.guarded("explanations", "Where the model looks", s.explanations_section, runs)),
             step(s.guarded("localization", "Localization", s.localization_section, runs)),
+            step(s.guarded("external", "External validation and subgroups", s.external_section, runs)),
+            s.guarded("model-card", "Model card", s.card_section, runs),
             s.guarded("settings", "Settings", s.settings_section, runs),
         ]
         path = out / REPORT

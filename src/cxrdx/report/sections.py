@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrdx import metrics, rundir
+from cxrdx import card, metrics, rundir
 from cxrdx.atomic import write_text
 from cxrdx.config import TrainConfig
 from cxrdx.errors import CxrdxError
@@ -119,7 +119,8 @@ def _thresholds(run: Run) -> np.ndarray | float:
 def _score(runs: list[Run]) -> Scores:
     from cxrdx.evaluation import load_runs
 
-    _, probs, y, _ = load_runs([r.path / EVAL for r in runs], [r.name for r in runs])
+    aligned = load_runs([r.path / EVAL for r in runs], [r.name for r in runs])
+    probs, y = aligned.probs, aligned.labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)  # kept in cmp.notes
         cmp = metrics.compare_models(y, probs, thresholds={r.name: _thresholds(r) for r in runs})
@@ -557,6 +558,84 @@ def localization_section(runs: list[Run]) -> Section:
         except (ValueError, KeyError, CxrdxError) as exc:
             parts.append(note(f"{run.name}: {path} not usable ({exc})."))
     return Section("localization", "Localization", "".join(parts))
+
+
+def external_section(runs: list[Run]) -> Section:
+    """Per run: the generalisation table over its external evaluations (RUN/eval-NAME) and its
+    subgroup tables (from RUN/eval's labels.csv columns: sex, age band, view, dataset)."""
+    from cxrdx.external import compare_external
+    from cxrdx.subgroups import read_subgroups, subgroup_tables
+
+    parts = []
+    for run in runs:
+        internal = run.path / EVAL
+        if not (internal / rundir.PREDICTIONS).is_file():
+            continue
+        try:
+            externals = rundir.external_evals(run.path)
+            if externals:
+                names = ["internal", *(name for name, _ in externals)]
+                _, table = compare_external(internal, [path for _, path in externals], names)
+                parts.append(f"<h3>{escape(run.name)}: generalisation</h3>" + tables.html(table))
+            groups = read_subgroups(internal)
+            if groups is not None:
+                parts.append(f"<h3>{escape(run.name)}: subgroups</h3>" + "".join(tables.html(t) for t in subgroup_tables(groups)))
+        except (CxrdxError, ValueError, KeyError) as exc:
+            parts.append(note(f"{run.name}: external validation and subgroups not usable ({exc})."))
+    if not parts:
+        parts.append(note("No external evaluation (RUN/eval-NAME, from `cxrdx evaluate --cache OTHER --out RUN/eval-NAME`) "
+                          "and no subgroup columns in RUN/eval/labels.csv."))
+    return Section("external", "External validation and subgroups", "".join(parts))
+
+
+# --- the model card ------------------------------------------------------------------------------------
+
+
+def _card_facts(facts: Sequence[tuple[str, str]]) -> str:
+    """(label, text) pairs as a definition list; a pair without a label continues the label above as a list."""
+    groups: list[tuple[str, list[str]]] = []
+    for label, text in facts:
+        if label or not groups:
+            groups.append((label, [text]))
+        else:
+            groups[-1][1].append(text)
+    items = "".join(
+        f"<dt>{escape(label)}</dt><dd>{escape(texts[0]) if len(texts) == 1 else '<ul>' + ''.join(f'<li>{escape(t)}</li>' for t in texts) + '</ul>'}</dd>"
+        for label, texts in groups
+    )
+    return f"<dl class='card'>{items}</dl>" if items else ""
+
+
+def _card_table(table: card.CardTable) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in table.header)
+    rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+    shown = f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+    return f"<details><summary>{escape(table.caption)}</summary>{shown}</details>"
+
+
+def card_html(model_card: card.ModelCard, folded: str | None = None) -> str:
+    """A model card as an HTML fragment: the not-for-clinical-use line, the intended use, then the sections (`folded`: under
+    a <details> element with this summary)."""
+    banner = ""
+    if model_card.not_for_clinical_use:
+        banner = f"<p class='not-clinical'>{escape(card.NOT_FOR_CLINICAL_USE)}: {escape('; '.join(model_card.not_for_clinical_use))}.</p>"
+    body = "".join(f"<h4>{escape(part.title)}</h4>{_card_facts(part.facts)}{''.join(_card_table(t) for t in part.tables)}"
+                   for part in card.card_sections(model_card))
+    banner += f"<p><b>Intended use:</b> {escape(model_card.intended_use.primary)}</p>"
+    return banner + (f"<details><summary>{escape(folded)}</summary>{body}</details>" if folded else body)
+
+
+def card_section(runs: list[Run]) -> Section:
+    """Each run's model card (RUN/card.json, written by training and enriched by evaluate); several are folded."""
+    parts = []
+    for run in runs:
+        head = f"<h3>{escape(run.name)}</h3>" if len(runs) > 1 else ""
+        model_card = card.read_run_card(run.path)
+        if model_card is None:
+            parts.append(head + note(f"No model card: run `cxrdx card --checkpoint {rundir.best_checkpoint(run.path)} --out {run.path}`."))
+        else:
+            parts.append(head + card_html(model_card, f"The model card of {run.name}" if len(runs) > 1 else None))
+    return Section("model-card", "Model card", "".join(parts))
 
 
 # --- settings and the page ---------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def _summary_rows(summary: Mapping[str, float], label: str) -> dict[str, float]:
 
 
 def _left_out_note(cmp: Comparison) -> list[str]:
-    left = sorted({n for e in cmp.evaluations.values() for n in e.overall["left_out_of_auroc_mean"]})
+    left = sorted({n for e in cmp.evaluations.values() for n in e.overall.left_out_of_auroc_mean})
     return [f"Left out of the means (no AUROC): {', '.join(left)}."] if left else []
 
 
@@ -200,7 +200,7 @@ def table3(cmp: Comparison) -> Table:
     level = f"{round(cmp.level * 100)}%"
     data, display = {}, {}
     for i, model in enumerate(cmp.models):
-        overall = cmp.evaluations[model].overall["auroc"]
+        overall = cmp.evaluations[model].overall.auroc._asdict()
         r, p = cmp.pearson[model]
         data[model] = {**dict(zip(cmp.findings, cmp.auc[i])), **_summary_rows(overall, "Overall"), "Pearson r": r, "Pearson p": p}
         display[model] = {
@@ -215,7 +215,7 @@ def table3(cmp: Comparison) -> Table:
     display_frame = pd.DataFrame(display)
     display_frame.insert(0, "Positive ratio", pd.Series({f: format_value(v, 4) for f, v in ratio.items()}).reindex(display_frame.index, fill_value=""))
     data_frame.index.name = display_frame.index.name = "Finding"
-    notes = [f"AUROC per finding; overall = mean over findings ± standard error, t-interval with n-1 df ({cmp.evaluations[cmp.models[0]].overall['auroc']['n']} findings)."]
+    notes = [f"AUROC per finding; overall = mean over findings ± standard error, t-interval with n-1 df ({cmp.evaluations[cmp.models[0]].overall.auroc.n} findings)."]
     return Table("table3", "Table 3. AUROC by finding and model", data_frame, display_frame, notes + _left_out_note(cmp))
 
 
@@ -232,12 +232,13 @@ def table4(cmp: Comparison) -> Table:
         for metric, label in _TABLE4.items():
             for finding, v in e.per_finding[metric].items():
                 d[(label, finding)], s[(label, finding)] = v, format_value(v, 3 if metric == "accuracy" else 2)
-            for row, v in _summary_rows(e.overall[metric], "Overall").items():
+            summary = getattr(e.overall, metric)._asdict()
+            for row, v in _summary_rows(summary, "Overall").items():
                 d[(label, row)] = v
-            s[(label, f"Overall, mean ± SE ({level} CI)")] = format_mean_ci(e.overall[metric], 3 if metric == "accuracy" else 2)
+            s[(label, f"Overall, mean ± SE ({level} CI)")] = format_mean_ci(summary, 3 if metric == "accuracy" else 2)
             if metric == "accuracy":
-                d[(label, "All findings correct")] = e.overall["exact_match_accuracy"]
-                s[(label, "All findings correct")] = format_value(e.overall["exact_match_accuracy"])
+                d[(label, "All findings correct")] = e.overall.exact_match_accuracy
+                s[(label, "All findings correct")] = format_value(e.overall.exact_match_accuracy)
         data[model], display[model] = d, s
     data_frame, display_frame = pd.DataFrame(data), pd.DataFrame(display)
     for frame in (data_frame, display_frame):
@@ -331,8 +332,8 @@ def calibration_table(cmp: Comparison) -> Table:
         both = pd.concat(dict(zip(cmp.models, boot)), names=["Model", "Finding"])
         data = data.join(both)
         display["Bootstrap CI"] = [f"({format_value(lo)}, {format_value(hi)})" for lo, hi in both.to_numpy()]
-        unit = next(iter(cmp.evaluations.values())).overall["auroc_bootstrap"]
-        notes.append(f"Bootstrap CI: percentile interval over {unit['replicates']} resamples of {unit['unit']}s.")
+        unit = next(iter(cmp.evaluations.values())).overall.auroc_bootstrap
+        notes.append(f"Bootstrap CI: percentile interval over {unit.replicates} resamples of {unit.unit}s.")
     return Table("per_finding", "AUROC confidence intervals, thresholds and calibration", data, display, notes)
 
 
@@ -386,7 +387,7 @@ def table1_table(index: pd.DataFrame, split: pd.Series, title: str) -> tuple[Tab
     total = parts["all"]["images"]
     names = {"train": "Train", "val": "Validation", "test": "Test", "all": "Total"}
     heads = [f"{names[c]} ({100 * parts[c]['images'] / max(total, 1):.0f}%)" if c != "all" else "Total" for c in columns]
-    data: dict[tuple[str, str], list[int]] = {("Split", "Images"): [parts[c]["images"] for c in columns]}
+    data: dict[tuple[str, str], list[float]] = {("Split", "Images"): [parts[c]["images"] for c in columns]}
     data[("Split", "Patients")] = [patients[c] for c in columns]
     for f in FINDINGS:
         data[("Labels", f)] = [parts[c]["findings"][f] for c in columns]

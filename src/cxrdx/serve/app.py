@@ -35,6 +35,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from cxrdx import __version__
+from cxrdx.card import served_card
 from cxrdx.predict import BasePredictor
 from cxrdx.serve.guard import AccessGuard
 from cxrdx.serve.settings import ServeSettings, read_api_key
@@ -108,6 +109,7 @@ def create_app(predictor: BasePredictor, settings: ServeSettings | None = None, 
     app.state.predictor, app.state.queue, app.state.settings = predictor, queue, settings
     page = resources.files("cxrdx.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     info = predictor.info
+    card = served_card(predictor)  # once: it hashes nothing, but reads the training cache's description
     app.add_middleware(AccessGuard, settings=settings)  # added first: runs inside the access log
 
     @app.middleware("http")
@@ -147,6 +149,7 @@ def create_app(predictor: BasePredictor, settings: ServeSettings | None = None, 
                 "max_decoded_bytes": settings.max_decoded_bytes,
                 "max_inflight_bytes": settings.max_inflight_bytes,
                 "rate_limit_per_minute": settings.rate_per_minute,
+                "card": card,
             }
         )
 

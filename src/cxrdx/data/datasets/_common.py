@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 import pandas as pd
 
 from cxrdx.errors import CxrdxError
@@ -141,17 +142,17 @@ def normalise_sex(raw: pd.Series) -> pd.Series:
 
 def index_frame(
     dataset: str,
-    image: Sequence[str],
-    patient: Sequence[str],
+    image: ArrayLike,
+    patient: ArrayLike,
     labels: Mapping[str, np.ndarray],
     extra_labels: Sequence[str],
-    view: Sequence[str] | None = None,
-    sex: Sequence[str] | None = None,
-    age: Sequence[float] | None = None,
-    **more: Sequence,
+    view: ArrayLike | None = None,
+    sex: ArrayLike | None = None,
+    age: ArrayLike | None = None,
+    **more: ArrayLike,
 ) -> pd.DataFrame:
     """The index columns in their fixed order; a finding absent from `labels` is NaN (not labelled)."""
-    n = len(image)
+    n = len(np.asarray(image))
     blank = np.full(n, "", dtype=object)
     out = {
         IMAGE: np.asarray(image, dtype=object),
