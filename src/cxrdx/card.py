@@ -29,6 +29,7 @@ from cxrdx import __version__, rundir
 from cxrdx.checkpoint import Checkpoint, load_checkpoint
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+from cxrdx.ood import OodGuard
 
 FORMAT = "cxrdx-model-card/1"
 NOT_FOR_CLINICAL_USE = "Not for clinical use"
@@ -377,6 +378,8 @@ def _kind(settings: dict[str, Any], training_caches: list[str]) -> str:
 
 
 def _guard_setting(guard: Any) -> str:
+    if isinstance(guard, OodGuard):
+        return guard.describe()
     if guard is None or guard is False or guard == {}:
         return "off: the model scores any image it is given, chest radiograph or not"
     if dataclasses.is_dataclass(guard) and not isinstance(guard, type):
