@@ -138,3 +138,35 @@ def test_page_asks_for_the_api_key_and_sends_it(predictor: Predictor, xray: Path
         page.set_input_files("#file", str(xray))
         page.locator("#bars button.bar").nth(len(FINDINGS) - 1).wait_for()
         assert page.evaluate("sessionStorage.getItem('cxrdx-api-key')") == API_KEY
+
+
+
+def test_page_shows_the_input_guards_reason_instead_of_bars(predictor: Predictor, xray: Path, chromium, tmp_path: Path) -> None:
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from cxrdx.ood import OodGuard, logits_and_features
+
+    # a guard centred on this very x-ray, with a tight threshold: the x-ray passes, noise is refused
+    with torch.no_grad():
+        features = logits_and_features(predictor.model, predictor.to_tensor(predictor.load(xray)[None]))[1][0].double().numpy()
+    dim = len(features)
+    guard = OodGuard(features, np.eye(dim), np.eye(dim), threshold=1e-4 * (1 + np.linalg.norm(features)), percentile=99.0,
+                     val_acceptance=0.99, train_images=1, val_images=1, shrinkage=0.0)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)).save(noise)
+    guarded = Predictor(dataclasses.replace(predictor.checkpoint, guard=guard), device="cpu")
+    with serving(create_app(guarded)) as url:
+        page = chromium.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('Model')")
+        page.set_input_files("#file", str(xray))
+        page.locator("#bars button.bar").nth(len(FINDINGS) - 1).wait_for()
+        page.set_input_files("#file", str(noise))  # after bars, a refusal: the bars must go
+        page.wait_for_function("document.getElementById('status').textContent.includes('HTTP 422')")
+        assert page.locator("#bars button.bar").count() == 0
+        assert page.locator("#findings-help").inner_text().startswith("No findings for this image: refused by the input guard")
+        assert page.locator("#legend").is_hidden() and page.locator("#image-figure").is_hidden()

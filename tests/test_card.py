@@ -44,7 +44,7 @@ def test_the_run_card_has_every_section_and_the_phantom_warning(run: Path, phant
     assert [h for h in headings if h in MITCHELL] == MITCHELL
     assert {"Preprocessing", "Provenance"} <= set(headings)
     assert f"> **NOT FOR CLINICAL USE**: {PHANTOMS}; {NO_EXTERNAL}." in text
-    assert "Input guard**: off" in text
+    assert "Input guard**: on: Mahalanobis distance" in text  # cxrdx train fits it
 
     values = json.loads((run / "card.json").read_text(encoding="utf-8"))
     assert values["format"] == card.FORMAT and values["not_for_clinical_use"] == [PHANTOMS, NO_EXTERNAL]
@@ -52,7 +52,7 @@ def test_the_run_card_has_every_section_and_the_phantom_warning(run: Path, phant
     assert training["synthetic"] is True and training["source"].startswith("cxrdx phantoms: synthetic radiographs (240 images, seed 0)")
     assert training["leakage"] == {"val_images_with_train_patient": 0, "test_images_with_train_patient": 0}  # the patient split
     assert sum(s["images"] for s in training["splits"].values()) == 240
-    assert values["guard"].startswith("off") and values["provenance"]["imported"] is None
+    assert values["guard"].startswith("on: Mahalanobis") and values["provenance"]["imported"] is None
     # the phantoms' marker travels: generator folder -> cache meta.json -> checkpoint config
     marker = json.loads((phantom_cache / "meta.json").read_text())["data_source"]
     assert marker["synthetic"] is True and load_checkpoint(rundir.best_checkpoint(run)).config["data_source"] == marker

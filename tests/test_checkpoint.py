@@ -27,6 +27,7 @@ from cxrdx.config import load_config, save_config
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 from cxrdx.models import create_model
+from cxrdx.ood import fit_guard
 
 SIZE = 64
 
@@ -69,6 +70,7 @@ def every_field() -> Checkpoint:
         temperature=[1.0 + i / 10 for i in range(14)], config={"data": {"cache": "cache/x", "mean": (0.5,)}, "seed": 3},
         val_metrics={"loss": 0.25, "auroc": {"Mass": None, "Hernia": 0.75}, "auc": np.float64(0.5)}, epoch=7,
         cxrdx_version="9.8.7", preprocess="xrv", provenance={"source": "chexnet", "sha256": "0" * 64},
+        guard=fit_guard(np.random.default_rng(0).normal(size=(50, 96)), np.random.default_rng(1).normal(size=(20, 96))),
     )
 
 
@@ -83,8 +85,10 @@ def test_every_field_round_trips(tmp_path: Path):
                 "config": {"data": {"cache": "cache/x", "mean": [0.5]}, "seed": 3},  # JSON: a tuple comes back a list
                 "val_metrics": {"loss": 0.25, "auroc": {"Mass": None, "Hernia": 0.75}, "auc": 0.5}}
     for name, value in expected.items():
-        if name != "state_dict":
+        if name not in ("state_dict", "guard"):
             assert getattr(loaded, name) == value, name
+    assert loaded.guard.header() == original.guard.header()
+    assert all(np.array_equal(getattr(loaded.guard, a), getattr(original.guard, a)) for a in ("mean", "projection", "precision"))
     assert loaded.state_dict.keys() == original.state_dict.keys()
     for key, tensor in original.state_dict.items():
         assert loaded.state_dict[key].dtype == tensor.dtype and torch.equal(loaded.state_dict[key], tensor), key
@@ -96,7 +100,7 @@ def test_every_field_round_trips(tmp_path: Path):
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["format"] == FORMAT and json.loads(metadata["checkpoint"])["epoch"] == 7
-    assert load_file(path).keys() == original.state_dict.keys()
+    assert load_file(path).keys() == original.state_dict.keys() | original.guard.tensors().keys()
     assert not list(tmp_path.glob("*.tmp"))
 
 

@@ -126,7 +126,7 @@ def test_cli_predict_marks_refused_dicoms(tmp_path: Path, capsys: pytest.Capture
     assert table.loc["b_lateral.dcm", "flags"].startswith("lateral view (ViewPosition LL)")
     assert (table.loc[["c_ct.dcm", "d_sr.dcm"], list(FINDINGS)] == "").all().all()
     assert (table.loc[["a_chest.dcm", "b_lateral.dcm"], list(FINDINGS)] != "").all().all()
-    assert "2 of 4 images refused by the DICOM header rules (predict them anyway with --allow-ood)" in capsys.readouterr().err
+    assert "2 of 4 images refused by the input guard (predict them anyway with --allow-ood)" in capsys.readouterr().err
 
     assert main([*args, "--allow-ood"]) == 1  # the SR has no pixels to predict
     table = pd.read_csv(out, keep_default_na=False).set_index("Image Index")

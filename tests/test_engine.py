@@ -63,6 +63,9 @@ def test_run_directory_contract(one_epoch_run: Path, phantom_cache: Path):
     np.testing.assert_allclose([config.data.mean[0], config.data.std[0]], [mean, std], rtol=1e-6)
 
     best = load_checkpoint(run / "checkpoints" / "best.pt")
+    # the input guard, fitted at the end on the training split, threshold on validation
+    assert best.guard is not None and (best.guard.train_images, best.guard.val_images) == (len(rows), 24)
+    assert best.guard.val_acceptance >= 0.95 and load_checkpoint(run / "checkpoints" / "last.pt").guard.header() == best.guard.header()
     (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert row["epoch"] == 1 and row["step"] == 5 and row["best"] is True
     for key in ("train_loss", "raw_val_loss", "raw_val_mean_auroc", "ema_val_loss", "ema_val_mean_auroc", "lr", "images_per_s"):

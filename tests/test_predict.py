@@ -224,10 +224,12 @@ def test_cli_predict_reports_bad_files_and_exits_1(checkpoint: Path, tmp_path: P
     out = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--format", "csv", "--out", str(out), "--device", "cpu"]) == 1
     table = pd.read_csv(out, keep_default_na=False)
-    assert list(table.columns) == ["Image Index", *FINDINGS, "positives", "error", "accepted", "reason", "flags"]
+    assert list(table.columns) == ["Image Index", *FINDINGS, "positives", "error", "accepted", "reason", "flags", "ood_score"]
     assert list(table["Image Index"]) == ["a.png", "b.jpg", "c.dcm", "d.png"]
     assert (table["error"][:3] == "").all() and table["error"][3] != ""
-    assert "1 of 4 images could not be read" in capsys.readouterr().err
+    assert (table["ood_score"] == "").all()  # this checkpoint has no input guard
+    err = capsys.readouterr().err
+    assert "1 of 4 images could not be read" in err and "input guard content check off" in err
 
     assert main(["predict", "--checkpoint", str(checkpoint), str(folder / "a.png"), "--format", "json", "--device", "cpu"]) == 0
     [record] = json.loads(capsys.readouterr().out)

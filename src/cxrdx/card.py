@@ -28,6 +28,7 @@ import numpy as np
 from cxrdx import __version__, rundir
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
+from cxrdx.ood import OodGuard
 
 if TYPE_CHECKING:  # the report reads cards without loading torch
     from cxrdx.checkpoint import Checkpoint
@@ -381,6 +382,8 @@ def _kind(settings: dict[str, Any], training_caches: list[str]) -> str:
 
 
 def _guard_setting(guard: Any) -> str:
+    if isinstance(guard, OodGuard):
+        return guard.describe()
     if guard is None or guard is False or guard == {}:
         return "off: the model scores any image it is given, chest radiograph or not"
     if dataclasses.is_dataclass(guard) and not isinstance(guard, type):

@@ -2,7 +2,9 @@
 
 Format `cxrdx-checkpoint/2` is a safetensors file: the weights are its tensors and its string map
 `__metadata__` holds two entries, `format` ("cxrdx-checkpoint/2") and `checkpoint`, one JSON object
-with every other `Checkpoint` field. Loading it never unpickles. The resume state of a run
+with every other `Checkpoint` field. The input guard (`cxrdx.ood`), when fitted, adds the tensors
+`guard.mean`, `guard.projection` and `guard.precision` and the header field `guard`; a file
+without them loads with the guard off. Loading it never unpickles. The resume state of a run
 (optimizer, scheduler, RNG...) is a separate file that only `train --resume` reads, with
 `torch.load(weights_only=True)`: see `save_train_state`.
 
@@ -27,6 +29,7 @@ from cxrdx.atomic import atomic_path
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 from cxrdx.jsonsafe import to_json_safe
+from cxrdx.ood import TENSOR_PREFIX, OodGuard, guard_from_parts
 from cxrdx.preprocess import PREPROCESS
 
 FORMAT = "cxrdx-checkpoint/2"
@@ -58,6 +61,7 @@ class Checkpoint:
     cxrdx_version: str = __version__
     preprocess: str = "cxrdx"  # the input pipeline, one of cxrdx.preprocess.PREPROCESS
     provenance: dict[str, Any] = field(default_factory=dict)  # where imported weights came from (cxrdx.imported)
+    guard: OodGuard | None = None  # the input guard's content check (cxrdx.ood); None: guard off
 
     def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """Create the network and load the weights, in eval mode."""
@@ -75,10 +79,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_numbers(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return isinstance(value, list) and all(_is_number(v) for v in value)
 
 
+_GUARD_NUMBERS = ("threshold", "percentile", "val_acceptance", "train_images", "val_images", "shrinkage")
 _HEADER: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model_name": (lambda v: isinstance(v, str), "a string"),
     "input_size": (_is_int, "an integer"),
@@ -95,6 +104,8 @@ _HEADER: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cxrdx_version": (lambda v: isinstance(v, str), "a string"),
     "preprocess": (lambda v: v in PREPROCESS, f"one of {', '.join(PREPROCESS)}"),
     "provenance": (lambda v: isinstance(v, dict), "an object"),
+    "guard": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(v.get(k)) for k in _GUARD_NUMBERS)),
+              f"null or an object with the numbers {', '.join(_GUARD_NUMBERS)}"),
 }
 _REQUIRED = ("model_name", "input_size", "mean", "std")
 
@@ -126,9 +137,14 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    header = to_json_safe({name: getattr(checkpoint, name) for name in _HEADER}, nonfinite="keep")
+    guard = checkpoint.guard
+    fields_ = {name: getattr(checkpoint, name) for name in _HEADER if name != "guard"}
+    header = to_json_safe({**fields_, "guard": guard and guard.header()}, nonfinite="keep")
     _check_header(header, path)  # never write a file that load_checkpoint would refuse
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.state_dict.items()}
+    if any(k.startswith(TENSOR_PREFIX) for k in tensors):
+        raise CxrdxError(f"{path}: model weights named {TENSOR_PREFIX}* would clash with the input guard's tensors")
+    tensors.update(guard.tensors() if guard is not None else {})
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "checkpoint": json.dumps(header)})
     return path
@@ -182,7 +198,19 @@ def _from_safetensors(path: Path, device: str | torch.device) -> Checkpoint:
         raise
     except Exception as exc:  # safetensors raises SafetensorError for a truncated or damaged file
         raise CxrdxError(f"{path}: damaged checkpoint file ({exc})") from None
+    guard_tensors = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(TENSOR_PREFIX)]}
+    values["guard"] = _guard(values.get("guard"), guard_tensors, path)
     return Checkpoint(state_dict=state_dict, **values)
+
+
+def _guard(header: dict[str, Any] | None, tensors: dict[str, torch.Tensor], path: Path) -> OodGuard | None:
+    """The input guard stored as header fields + `guard.*` tensors, None when the file has none."""
+    if header is None:
+        return None
+    try:
+        return guard_from_parts(header, tensors)
+    except (KeyError, ValueError) as exc:
+        raise CxrdxError(f"{path}: damaged input guard in the checkpoint ({exc.__class__.__name__}: {exc})") from None
 
 
 def convert_checkpoint(source: str | Path, out: str | Path, trust_pickle: bool = False) -> Checkpoint:

@@ -545,8 +545,10 @@ def _compare_external(args: argparse.Namespace) -> int:
 def _calibrate_args(parser: argparse.ArgumentParser) -> None:
     _inference_args(parser, "val")
     parser.add_argument("--thresholds", choices=["youden", "f1"],
-                        help="choose per-finding thresholds on the split (default, without either option: youden and --temperature)")
+                        help="choose per-finding thresholds on the split (default, without any option: youden, --temperature and --ood)")
     parser.add_argument("--temperature", action="store_true", help="fit per-finding temperature scaling on the split")
+    parser.add_argument("--ood", action="store_true",
+                        help="refit the input guard's content check: features of the training split, threshold keeping 99%% of the split")
     parser.add_argument("--out", help="write the calibrated checkpoint here (default: replace --checkpoint)")
 
 
@@ -556,14 +558,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from cxrdx.evaluation import calibrate_checkpoint
 
     check_output_file(args.out or args.checkpoint, "--out")
-    both = args.thresholds is None and not args.temperature  # no option: calibrate both
-    thresholds, temperature = ("youden", True) if both else (args.thresholds, args.temperature)
+    every = args.thresholds is None and not args.temperature and not args.ood  # no option: calibrate all three
+    # the guard fits on the prepared cache: by default not with --data-dir
+    thresholds, temperature, ood = ("youden", True, args.data_dir is None) if every else (args.thresholds, args.temperature, args.ood)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, summary = calibrate_checkpoint(args.checkpoint, args.out, thresholds, temperature, args.split,
-                                          **_inference_kwargs(args))
+        ckpt, summary = calibrate_checkpoint(args.checkpoint, args.out, thresholds, temperature, args.split, ood,
+                                             **_inference_kwargs(args))
     _report_notes("calibrate", caught)
-    print(summary.round(4).to_string())
+    if len(summary.columns):
+        print(summary.round(4).to_string())
+    if ood and ckpt.guard is not None:
+        print(f"input guard {ckpt.guard.describe()}")
     print(f"wrote {args.out or args.checkpoint}")
     return 0
 
@@ -702,7 +708,8 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write the output to this file instead of standard output")
     parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass")
     parser.add_argument("--allow-ood", action="store_true",
-                        help="also predict DICOM images the header rules refuse (not a chest radiograph); they stay marked refused")
+                        help="also predict images the input guard refuses (DICOM header rules: not a chest radiograph; "
+                             "content check: out of distribution); they stay marked refused")
     parser.add_argument("--dicom-out", metavar="DIR",
                         help="also write a DICOM Structured Report of each accepted DICOM image's findings into DIR")
     parser.add_argument("--heatmaps", action="store_true",
@@ -732,6 +739,8 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"cxrdx predict: note: {folders} not searched; add --recursive to include them", file=sys.stderr)
     files = scan.files
     predictor = _load_predictor(args, args.batch_size)
+    if predictor.guard is None:
+        print(f"cxrdx predict: note: input guard content check {predictor.guard_status}", file=sys.stderr)
     paths, names = zip(*files)
     predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1,
                                     allow_ood=args.allow_ood)
@@ -754,7 +763,7 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"cxrdx predict: no heatmap for {name}: {why}", file=sys.stderr)
     refused = [p for p in predictions if not p.accepted]
     if refused:
-        print(f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the DICOM header rules"
+        print(f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the input guard"
               + ("" if args.allow_ood else " (predict them anyway with --allow-ood)"), file=sys.stderr)
     failed = [p for p in predictions if p.error]
     if failed:

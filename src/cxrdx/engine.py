@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cxrdx import rundir
-from cxrdx.checkpoint import Checkpoint, load_train_state, pickle_train_state, save_checkpoint, save_train_state
+from cxrdx.checkpoint import Checkpoint, load_checkpoint, load_train_state, pickle_train_state, save_checkpoint, save_train_state
 from cxrdx.config import TrainConfig
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
@@ -674,10 +674,31 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
             break
     if writer is not None:
         writer.close()
+    if info.main:
+        _fit_guards(run, progress)
     if info.main and run.plan.warnings:  # repeated at the end, where the results are read
         print("\n".join(f"warning: {w}" for w in run.plan.warnings), file=sys.stderr, flush=True)
     if info.enabled:
         dist.barrier()
+
+
+def _fit_guards(run: Run, progress: bool) -> None:
+    """Fit the input guard (cxrdx.ood) of best.pt and last.pt on the training split and store it in them."""
+    from cxrdx import ood
+
+    fitted: dict[int, ood.OodGuard] = {}
+    for path in (rundir.best_checkpoint(run.run_dir), rundir.last_checkpoint(run.run_dir)):
+        if not path.is_file():
+            continue
+        ckpt = load_checkpoint(path)
+        if ckpt.epoch not in fitted:
+            data = run.data
+            fitted[ckpt.epoch] = ood.fit_on_cache(ckpt.build_model(run.device), data.cache, data.train_rows, data.val_rows,
+                                                  ckpt.input_size, ckpt.mean, ckpt.std, run.device, seed=run.config.seed)
+        ckpt.guard = fitted[ckpt.epoch]
+        save_checkpoint(path, ckpt)
+        if progress:
+            print(f"input guard of {path.name}: {ckpt.guard.describe()}", file=sys.stderr, flush=True)
 
 
 def _prefixed(prefix: str, metrics: dict[str, Any] | None) -> dict[str, Any]:

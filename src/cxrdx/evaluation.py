@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrdx import metrics, report, subgroups
+from cxrdx import metrics, ood, report, subgroups
 from cxrdx.atomic import write_text
 from cxrdx.card import add_evaluation
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -338,7 +338,8 @@ def evaluate_checkpoint(
     }
     data = predict_kwargs.get("data_dir") or predict_kwargs.get("cache")
     settings["data"] = None if data is None else str(data)  # None: the training data; the model card tells external data by it
-    result = evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, predicted.notes, settings)
+    notes = [*predicted.notes, guard_note(ckpt, checkpoint, split, **predict_kwargs)]
+    result = evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
     add_evaluation(checkpoint, out)  # RUN/checkpoints/best.pt: the run's model card gains this evaluation
     return result
 
@@ -435,19 +436,27 @@ def calibrate_checkpoint(
     thresholds: str | None = None,
     temperature: bool = False,
     split: str = "val",
+    ood: bool = False,
     **predict_kwargs: Any,
 ) -> tuple[Checkpoint, pd.DataFrame]:
-    """Fit per-finding temperatures and/or thresholds on `split`; store them in the checkpoint (atomic write).
+    """Fit per-finding temperatures and/or thresholds on `split`, and/or (`ood`) refit the input guard's
+    content check (training split, threshold on `split`); store them in the checkpoint (atomic write).
 
     Thresholds are chosen on the temperature-scaled probabilities, which is what prediction uses.
-    Returns the new checkpoint and a per-finding summary (ECE before / after, temperature, threshold).
+    Returns the new checkpoint and a per-finding summary (ECE before / after, temperature, threshold;
+    empty when only the guard was refitted).
     """
-    if thresholds is None and not temperature:
-        raise CxrdxError("nothing to calibrate: pass --thresholds youden|f1 and/or --temperature")
+    if thresholds is None and not temperature and not ood:
+        raise CxrdxError("nothing to calibrate: pass --thresholds youden|f1, --temperature and/or --ood")
     if split in ("test", "all"):
         raise CxrdxError(f"calibrating on the '{split}' split would leak it into the test results; use 'val'")
     if predict_kwargs.get("hflip"):
         raise CxrdxError("--tta-hflip: predict, serve and export do not flip, so thresholds fitted on flipped averages would not hold")
+    if thresholds is None and not temperature:
+        ckpt = load_checkpoint(checkpoint, trust_pickle=predict_kwargs.get("trust_pickle", False))
+        ckpt.guard = fit_checkpoint_guard(ckpt, checkpoint, split, **predict_kwargs)
+        save_checkpoint(out or checkpoint, ckpt)
+        return ckpt, pd.DataFrame(index=list(FINDINGS))
     predicted = predict_split(checkpoint, split=split, apply_temperature=False, **predict_kwargs)
     ckpt, preds = predicted.checkpoint, predicted.predictions
     raw = preds.probs
@@ -463,8 +472,83 @@ def calibrate_checkpoint(
     summary["temperature"] = ckpt.temperature or [1.0] * len(FINDINGS)
     summary["threshold"] = ckpt.thresholds
     ckpt.val_metrics = {**(ckpt.val_metrics or {}), "calibration": {"split": split, "thresholds": thresholds, "temperature": temperature}}
+    if ood:
+        ckpt.guard = fit_checkpoint_guard(ckpt, checkpoint, split, **predict_kwargs)
     save_checkpoint(out or checkpoint, ckpt)
     return ckpt, summary
+
+
+def fit_checkpoint_guard(
+    ckpt: Checkpoint,
+    checkpoint: str | Path,
+    split: str = "val",
+    cache: str | Path | None = None,
+    split_file: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    allow_missing: bool = False,
+    **_: Any,
+) -> ood.OodGuard | None:
+    """The input guard's content check of `ckpt`, fitted on the training split of its prepared cache
+    (at most ood.MAX_TRAIN_IMAGES images), its threshold set on `split`; None (with a warning) for a
+    model whose penultimate features cannot be read."""
+    from cxrdx.data.cache import open_cache
+    from cxrdx.data.dataset import rows_for_split
+    from cxrdx.runtime import resolve_device
+
+    if data_dir is not None:
+        raise CxrdxError("--ood fits on the prepared cache (--cache), not on --data-dir")
+    cache_path = cache or (ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}).get("cache")
+    if not cache_path:
+        raise CxrdxError(f"{checkpoint}: the checkpoint names no cache; pass --cache DIR to fit the input guard")
+    series = _split_series(Path(checkpoint), split_file, split)
+    if series is None:
+        raise CxrdxError("--ood needs a training split: pass --split val (the threshold's split), not all")
+    opened = open_cache(cache_path)
+    train_rows, val_rows = (rows_for_split(opened, series, name, allow_missing) for name in ("train", split))
+    torch_device = resolve_device(device)
+    model = ckpt.build_model(torch_device)
+    if not ood.supports_guard(model):
+        warnings.warn(f"{checkpoint}: model {ckpt.model_name} gives no penultimate features; the input guard's content check "
+                      "stays off", CxrdxWarning, stacklevel=2)
+        return None
+    seed = int(ckpt.config.get("seed", 0)) if isinstance(ckpt.config, dict) else 0
+    return ood.fit_on_cache(model, opened, train_rows, val_rows, ckpt.input_size, ckpt.mean, ckpt.std, torch_device,
+                            batch_size=batch_size, seed=seed)
+
+
+def guard_note(
+    ckpt: Checkpoint,
+    checkpoint: str | Path,
+    split: str,
+    cache: str | Path | None = None,
+    split_file: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    allow_missing: bool = False,
+    **_: Any,
+) -> str:
+    """What the input guard's content check would accept of the evaluated images (all stay in the metrics):
+    one more pass over a prepared cache for the penultimate features."""
+    from cxrdx.data.cache import open_cache
+    from cxrdx.data.dataset import rows_for_split
+    from cxrdx.runtime import resolve_device
+
+    if ckpt.guard is None:
+        return f"input guard content check {ood.GUARD_OFF}"
+    if data_dir is not None:
+        return "input guard: acceptance not measured on --data-dir images (it is measured on a prepared cache)"
+    opened = open_cache(cache or ckpt.config["data"]["cache"])  # predict_split opened it already
+    series = _split_series(Path(checkpoint), split_file, split)
+    rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
+    torch_device = resolve_device(device)
+    features = ood.cache_features(ckpt.build_model(torch_device), opened, rows, ckpt.input_size, ckpt.mean, ckpt.std,
+                                  torch_device, batch_size)
+    accepted = int(np.sum(ood.score(ckpt.guard, features) <= ckpt.guard.threshold))
+    return (f"input guard: {accepted:,} of {len(features):,} images ({accepted / max(len(features), 1):.1%}) accepted by the "
+            f"content check (threshold {ckpt.guard.threshold:.4g}); the metrics include all of them")
 
 
 def _warn_stuck_temperatures(temperatures: Sequence[float], split: str) -> None:

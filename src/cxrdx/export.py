@@ -154,6 +154,7 @@ class OnnxPredictor(BasePredictor):
     """A cxrdx .onnx file on ONNX Runtime, with `Predictor`'s interface (`.session` instead of `.model`)."""
 
     backend = "onnxruntime"
+    guard_status = "off (ONNX): the exported graph gives no features; use the checkpoint for the content check"
 
     def __init__(self, model: bytes | str | Path, batch_size: int = 32, providers: list[str] | None = None):
         import onnxruntime as ort

@@ -28,6 +28,7 @@ from cxrdx.checkpoint import Checkpoint, load_checkpoint
 from cxrdx.data.dicom_rules import Verdict, dicom_verdict
 from cxrdx.errors import CxrdxError
 from cxrdx.inference import probabilities
+from cxrdx.ood import GUARD_OFF, OodGuard, logits_and_features, refusal, score, supports_guard
 from cxrdx.preprocess import CXRDX, XRV, xrv_input
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
@@ -80,9 +81,10 @@ class ModelInfo:
 class Prediction:
     """One image's result; `error` is set (and the rest empty) when it could not be read.
 
-    `accepted`, `reason` and `flags` are the DICOM header rules' Verdict (`cxrdx.data.dicom_rules`): a refused
-    image has `accepted` False, the `reason`, and no probabilities unless predicted with `allow_ood`.
-    Images without a DICOM header are accepted without a check.
+    `accepted`, `reason` and `flags` are the input guard's verdict: the DICOM header rules
+    (`cxrdx.data.dicom_rules`), then the content check (`cxrdx.ood`) whose `ood_score` (None: guard off)
+    refuses an image above the checkpoint's threshold. A refused image has `accepted` False, the `reason`,
+    and no probabilities unless predicted with `allow_ood`.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Prediction:
     accepted: bool = True
     reason: str | None = None
     flags: list[str] = field(default_factory=list)
+    ood_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +105,8 @@ class BasePredictor:
     """Decoding, batching, temperature and thresholds; subclasses supply `_logits`."""
 
     backend = "none"
+    guard: OodGuard | None = None  # the content check; subclasses that compute features set it
+    guard_status = GUARD_OFF  # one line for people: what the content check does
 
     def __init__(self, info: ModelInfo, batch_size: int = 32):
         from cxrdx.data.dataset import eval_transform
@@ -193,10 +198,10 @@ class BasePredictor:
                         if errors == "raise":
                             raise
                         failed[i] = getattr(exc, "reason", None) or f"{exc.__class__.__name__}: {exc}"
-                probs = self._proba_pixels(np.stack(pixels), False) if pixels else []
-                row = dict(zip(ok, probs, strict=True))
+                probs, scores = self._scored_pixels(np.stack(pixels)) if pixels else ([], [])
+                row, ood = dict(zip(ok, probs, strict=True)), dict(zip(ok, scores, strict=True))
                 for i in chunk:
-                    results.append(self.prediction(names[i], row.get(i), failed.get(i), verdicts[i]))
+                    results.append(self._judged(names[i], row.get(i), ood.get(i), failed.get(i), verdicts[i], allow_ood))
                 bar.update(len(chunk))
         return results
 
@@ -213,6 +218,35 @@ class BasePredictor:
         thresholds = self.thresholds
         positives = [f for f in self.findings if probabilities[f] >= thresholds[f]]
         return replace(checked, probabilities=probabilities, thresholds=thresholds, positives=positives)
+
+    def predict_pixels(self, pixels: np.ndarray, name: str, allow_ood: bool = False) -> Prediction:
+        """The Prediction of one image already decoded to uint8 (S, S) by `load`, through the content check."""
+        probs, scores = self._scored_pixels(pixels[None])
+        return self._judged(name, probs[0], scores[0], None, None, allow_ood)
+
+    def _judged(self, name: str, probs: np.ndarray | None, ood_score: float | None, error: str | None,
+                verdict: Verdict | None, allow_ood: bool) -> Prediction:
+        """The Prediction after the content check: a score over the guard's threshold refuses the image
+        (after any header-rule reason), and a refused image keeps its probabilities only with `allow_ood`."""
+        reason = None if ood_score is None or self.guard is None else refusal(self.guard, ood_score)
+        if reason is not None:
+            verdict = verdict or Verdict(accepted=True)
+            verdict = Verdict(accepted=False, reason=verdict.reason or reason, flags=[*verdict.flags, "out-of-distribution"])
+        kept = probs if allow_ood or verdict is None or verdict.accepted else None
+        return replace(self.prediction(name, kept, error, verdict), ood_score=ood_score)
+
+    def _scored_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[float | None]]:
+        """Probabilities (N, 14) and content-check scores (None each when the guard is off) of prepared pixels."""
+        probs, scores = [], []
+        for start in range(0, len(pixels), self.batch_size):
+            logits, features = self._logits_features(self.to_tensor(pixels[start : start + self.batch_size]))
+            probs.append(self.probabilities(logits))
+            scores += [None] * len(logits) if features is None or self.guard is None else [float(v) for v in score(self.guard, features)]
+        return np.concatenate(probs), scores
+
+    def _logits_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and penultimate features (None: this backend gives none) of one batch."""
+        return self._logits(batch), None
 
     def _proba_pixels(self, pixels: np.ndarray, progress: bool) -> np.ndarray:
         out = []
@@ -240,6 +274,12 @@ class Predictor(BasePredictor):
         self.checkpoint = checkpoint
         self.device = resolve_device(str(device))
         self.model = checkpoint.build_model(self.device)
+        if checkpoint.guard is not None and supports_guard(self.model):
+            width = getattr(self.model, "num_features", checkpoint.guard.mean.shape[0])
+            if width != checkpoint.guard.mean.shape[0]:
+                raise CxrdxError(f"the checkpoint's input guard was fitted on {checkpoint.guard.mean.shape[0]} features, "
+                                 f"but {checkpoint.model_name} gives {width}; refit it with `cxrdx calibrate --ood`")
+            self.guard, self.guard_status = checkpoint.guard, checkpoint.guard.describe()
 
     @classmethod
     def from_checkpoint(
@@ -251,6 +291,13 @@ class Predictor(BasePredictor):
     def _logits(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             return self.model(batch.to(self.device)).float().cpu().numpy()
+
+    def _logits_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.guard is None:
+            return self._logits(batch), None
+        with torch.inference_mode():
+            logits, features = logits_and_features(self.model, batch.to(self.device))
+        return logits.float().cpu().numpy(), features.double().cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -308,18 +355,18 @@ def _name(item: ImageSource, i: int) -> str:
 
 def format_predictions(predictions: Sequence[Prediction], fmt: Literal["table", "json", "csv"] = "table") -> str:
     """table: one line per image with its positive findings; json: everything; csv: the predictions-file
-    columns (`Image Index` + one probability per finding) plus `positives`, `error` and the header rules'
-    `accepted`, `reason` and `flags`."""
+    columns (`Image Index` + one probability per finding) plus `positives`, `error` and the input guard's
+    `accepted`, `reason`, `flags` and `ood_score` (empty: guard off)."""
     if fmt == "json":
         return json.dumps([p.to_dict() for p in predictions], indent=2) + "\n"
     findings = next((list(p.probabilities) for p in predictions if p.probabilities), [])
     if fmt == "csv":
         rows = [
             {"Image Index": csv_safe(p.name), **p.probabilities, "positives": "|".join(p.positives), "error": csv_safe(p.error or ""),
-             "accepted": p.accepted, "reason": csv_safe(p.reason or ""), "flags": "|".join(p.flags)}
+             "accepted": p.accepted, "reason": csv_safe(p.reason or ""), "flags": "|".join(p.flags), "ood_score": p.ood_score}
             for p in predictions
         ]
-        columns = ["Image Index", *findings, "positives", "error", "accepted", "reason", "flags"]
+        columns = ["Image Index", *findings, "positives", "error", "accepted", "reason", "flags", "ood_score"]
         return pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.8g")
     if fmt != "table":
         raise CxrdxError(f"unknown format {fmt!r}; choose table, json or csv")

@@ -65,7 +65,7 @@ ERRORS = {
     408: {"description": "the upload did not arrive within the body timeout"},
     413: {"description": "upload larger than the limit"},
     415: {"description": "not PNG, JPEG or DICOM (judged by content)"},
-    422: {"description": "an image that cannot be decoded (or too large once decoded), or a bad parameter"},
+    422: {"description": "an image that cannot be decoded (or too large once decoded), refused by the input guard, or a bad parameter"},
     429: {"description": "rate limit of this client reached; see Retry-After"},
     503: {"description": "inference queue or upload memory budget full; see Retry-After"},
 }
@@ -78,6 +78,7 @@ class PredictResponse(BaseModel):
     probabilities: dict[str, float] = Field(description="the 14 findings in canonical order")
     thresholds: dict[str, float] = Field(description="decision threshold of each finding")
     positives: list[str] = Field(description="findings whose probability reaches their threshold")
+    ood_score: float | None = Field(None, description="the input guard's out-of-distribution score (absent: guard off)")
     image: str | None = Field(None, description="with ?image=true: the model's view of the image, PNG data URL")
 
 
@@ -137,6 +138,7 @@ def create_app(predictor: BasePredictor, settings: ServeSettings | None = None, 
                 "thresholds": predictor.thresholds,
                 "temperature": info.temperature,
                 "val_metrics": info.val_metrics,
+                "input_guard": predictor.guard_status,
                 "trained_with_cxrdx": info.cxrdx_version,
                 "cxrdx_version": __version__,
                 "explain": {"available": _can_explain(predictor), "methods": _methods() if _can_explain(predictor) else []},
@@ -343,8 +345,11 @@ def _predict_job(predictor: BasePredictor, data: bytearray, with_image: bool, ma
     from cxrdx.explain.render import png_bytes
 
     pixels = _decode(predictor, data, max_decoded_bytes)
-    prediction = predictor.prediction(UPLOAD_NAME, predictor.predict_proba(pixels[None])[0])  # pixels already decoded
+    prediction = predictor.predict_pixels(pixels, UPLOAD_NAME)  # pixels already decoded
+    if not prediction.accepted:
+        raise HTTPException(422, f"refused by the input guard: {prediction.reason}")
     result: dict[str, Any] = {
+        "ood_score": prediction.ood_score,
         "probabilities": prediction.probabilities,
         "thresholds": prediction.thresholds,
         "positives": prediction.positives,
