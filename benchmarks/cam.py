@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from cxrdx.runtime import resolve_device
 from cxrdx.explain import FlatSaliencyWarning, default_target_layers, explain
+from cxrdx.runtime import resolve_device
 
 METHODS = ("groupcam", "gradcam", "scorecam")
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_predict import chest_like, make_checkpoint
 
 from cxrdx.findings import FINDINGS
 from cxrdx.predict import Predictor
 from cxrdx.serve import create_app
-from test_predict import chest_like, make_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import tiny_config
+from test_predict import make_checkpoint
 
 from cxrdx import card, rundir
 from cxrdx.checkpoint import load_checkpoint
 from cxrdx.cli import main
-from test_engine import tiny_config
-from test_predict import make_checkpoint
 
 MITCHELL = ["Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data", "Quantitative analyses",
             "Ethical considerations", "Caveats and recommendations"]

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.errors import CxrdxError
@@ -18,7 +19,6 @@ from cxrdx.findings import FINDINGS
 from cxrdx.models import PAPER_MODELS
 from cxrdx.predict import Predictor
 from cxrdx.serve import create_app
-from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 TOLERANCE = 1e-4
 

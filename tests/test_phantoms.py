@@ -13,8 +13,6 @@ import pytest
 from PIL import Image
 
 from cxrdx.cli import main
-from cxrdx.errors import CxrdxError
-from cxrdx.findings import FINDINGS, parse_labels
 from cxrdx.data.phantoms import (
     BBOX_HEADER,
     DATA_ENTRY_HEADER,
@@ -23,6 +21,8 @@ from cxrdx.data.phantoms import (
     render_phantom,
     sample_specs,
 )
+from cxrdx.errors import CxrdxError
+from cxrdx.findings import FINDINGS, parse_labels
 
 
 def _rows(path: Path) -> list[list[str]]:

@@ -89,7 +89,7 @@ def make_run(
         rundir.write_labels(folder / rundir.LABELS, names, y, test["Patient ID"].to_numpy())
     if "explain" not in skip:
         rows = []
-        for i, (image, labels, p) in enumerate(list(zip(names, y, probs))[:6]):
+        for i, (image, p) in enumerate(list(zip(names, probs))[:6]):
             k = int(np.argmax(p))
             png = run / rundir.EXPLAIN / FINDINGS[k] / f"{Path(image).stem}.groupcam.png"
             png.parent.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 from cxrdx import __version__
 from cxrdx.dicom_privacy import scrub_patient_values
 from cxrdx.findings import FINDINGS
 from cxrdx.predict import Predictor
 from cxrdx.serve import create_app
-from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 LIMIT = 256 * 2**10
 PATIENT = ("Doe^Jane", "PID-7731-SECRET")

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
+from test_predict import chest_like, dicom_bytes, make_checkpoint
+from test_serve import blocked_predictor, png_bytes, png_chunk
 
 from cxrdx.cli import main
 from cxrdx.data.imageio import read_image
@@ -29,8 +31,6 @@ from cxrdx.predict import Predictor
 from cxrdx.serve import create_app
 from cxrdx.serve.guard import RateLimiter
 from cxrdx.serve.settings import ServeSettings, host_name, parse_rate
-from test_predict import chest_like, dicom_bytes, make_checkpoint
-from test_serve import blocked_predictor, png_bytes, png_chunk
 
 KEY = "s3cret-key-for-tests"
 REPO = Path(__file__).resolve().parents[1]

@@ -186,7 +186,7 @@ def _brute_force_components(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     out = np.zeros((n, k))
     for j in range(k):
         pos, neg = np.flatnonzero(y[:, j]), np.flatnonzero(1 - y[:, j])
-        kernel = lambda a, b: 1.0 if s[a, j] > s[b, j] else 0.5 if s[a, j] == s[b, j] else 0.0
+        kernel = lambda a, b, j=j: 1.0 if s[a, j] > s[b, j] else 0.5 if s[a, j] == s[b, j] else 0.0
         auc = np.mean([kernel(a, b) for a in pos for b in neg])
         for i in pos:
             out[i, j] = (np.mean([kernel(i, b) for b in neg]) - auc) / np.sqrt(len(pos) * (len(pos) - 1))

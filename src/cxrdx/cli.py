@@ -8,10 +8,16 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from cxrdx import __version__
 from cxrdx.checks import check_nonnegative, check_output_dir, check_output_file, check_positive, check_range
 from cxrdx.errors import CxrdxError, CxrdxWarning, ParameterError
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `cxrdx --help` stays fast
+    from torch import nn
+
+    from cxrdx.predict import Predictor
 
 Handler = Callable[[argparse.Namespace], int]
 FAILED = "FAILED"  # written into a run folder whose training stopped with an error: the error
@@ -25,7 +31,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints the usage and exits; one line and exit 2 instead
+    def error(self, message: str) -> NoReturn:  # argparse prints the usage and exits; one line and exit 2 instead
         raise _UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
 
 
@@ -590,7 +596,7 @@ def _cam_args(parser: argparse.ArgumentParser) -> None:
     _trust_pickle_arg(parser)
 
 
-def _cam_setup(args: argparse.Namespace) -> tuple[object, list[object] | None, dict[str, int]]:
+def _cam_setup(args: argparse.Namespace) -> tuple[Predictor, list[nn.Module] | None, dict[str, int]]:
     """The predictor, the target layers (None: automatic) and the method options."""
     from cxrdx.explain.runs import cam_predictor
 
@@ -948,8 +954,8 @@ def _card(args: argparse.Namespace) -> int:
     from cxrdx.card import build_card, run_evaluations, write_card
     from cxrdx.rundir import config_path, run_dir_of
 
-    run_dir = run_dir_of(args.checkpoint)
-    run_dir = run_dir if config_path(run_dir).is_file() else None
+    folder = run_dir_of(args.checkpoint)
+    run_dir = folder if config_path(folder).is_file() else None
     evaluations = args.eval if args.eval is not None else (run_evaluations(run_dir) if run_dir is not None else [])
     card = build_card(args.checkpoint, evaluations, run_dir)
     md, js = write_card(card, args.out)

@@ -182,11 +182,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if key not in hints:
             raise CxrdxError(f"unknown config key {path!r}; valid keys{' in ' + where if where else ''}: {', '.join(valid)}")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, path)
         else:
             kwargs[key] = _check_type(value, hint, path)
-            choices = _CHOICES.get(tuple(path.split(".")))
+            section, _, name = path.rpartition(".")
+            choices = _CHOICES.get((section, name))
             if choices and kwargs[key] not in choices:
                 raise CxrdxError(f"{path}: {kwargs[key]!r} is not one of {', '.join(choices)}")
     return cls(**kwargs)

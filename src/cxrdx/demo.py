@@ -12,8 +12,10 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from cxrdx import rundir
 from cxrdx.errors import CxrdxError
@@ -51,7 +53,7 @@ class Step:
     `args` is the `cxrdx` command line that does the same."""
 
     title: str
-    args: list[str]
+    args: list[Any]  # the command-line words; str() of each is printed
     run: Callable[[], str]
 
 
@@ -72,11 +74,11 @@ def steps(s: DemoSettings) -> list[Step]:
         overrides = [f"out={run}", f"name={loss}", f"loss.name={loss}", f"data.cache={cache}", f"data.split_file={split}",
                      f"optim.epochs={s.epochs}", f"seed={s.seed}", f"data.input_size={s.input_size}"]
         found.append(Step(f"train with L_{loss}", ["train", "--config", preset_path(), *[a for o in overrides for a in ("--set", o)]],
-                          lambda overrides=overrides: _train(overrides)))
+                          partial(_train, overrides)))
     for loss, run in runs.items():
         best, out = rundir.best_checkpoint(run), run / rundir.EVAL
         found.append(Step(f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", best, "--split", "test", "--out", out],
-                          lambda best=best, out=out: _evaluate(best, out)))
+                          partial(_evaluate, best, out)))
     evaluations = [run / rundir.EVAL for run in runs.values()]
     found.append(Step("compare the losses (Tables 3-5)", ["compare", *evaluations, "--names", *LOSSES, "--out", s.out / "compare"],
                       lambda: _compare(evaluations, s.out / "compare")))
@@ -91,19 +93,19 @@ def steps(s: DemoSettings) -> list[Step]:
     for loss, run in runs.items():
         best, external = rundir.best_checkpoint(run), rundir.external_eval_dir(run, SITE2)
         found.append(Step(f"evaluate L_{loss} on the second site", ["evaluate", "--checkpoint", best, "--cache", cache2, "--out", external],
-                          lambda best=best, external=external: _evaluate(best, external, split="all", cache=cache2)))
+                          partial(_evaluate, best, external, split="all", cache=cache2)))
         found.append(Step(f"generalisation table (L_{loss})", ["compare", run / rundir.EVAL, "--external", external, "--names", "site1", SITE2,
                                                              "--out", run / GENERALISATION],
-                          lambda run=run, external=external: _generalisation(run / rundir.EVAL, external, run / GENERALISATION)))
+                          partial(_generalisation, run / rundir.EVAL, external, run / GENERALISATION)))
     for loss, run in runs.items():
         best = rundir.best_checkpoint(run)
         found.append(Step(f"Group-CAM heatmaps (L_{loss})", ["explain", "--checkpoint", best, "--split", "test", "--limit", s.explain_images,
                                                            "--predicted", "--target-layer", s.cam_layer, "--out", run / rundir.EXPLAIN],
-                          lambda best=best, run=run: _explain(s, best, run / rundir.EXPLAIN)))
+                          partial(_explain, s, best, run / rundir.EXPLAIN)))
         found.append(Step(f"localization vs boxes (L_{loss})", ["localize", "--checkpoint", best, "--boxes", data / "BBox_List_2017.csv", "--split",
                                                               "test", "--limit", s.localize_images, "--methods", *LOCALIZE_METHODS,
                                                               "--target-layer", s.cam_layer, "--out", run / rundir.LOCALIZE],
-                          lambda best=best, run=run: _localize(s, best, data / "BBox_List_2017.csv", run / rundir.LOCALIZE)))
+                          partial(_localize, s, best, data / "BBox_List_2017.csv", run / rundir.LOCALIZE)))
     found.append(Step("HTML report", ["report", *runs.values(), "--names", *LOSSES, "--out", s.out / "report"],
                       lambda: _report(list(runs.values()), s.out / "report")))
     return [Step(step.title, [str(a) for a in step.args], step.run) for step in found]
@@ -161,6 +163,8 @@ def _evaluate(checkpoint: Path, out: Path, split: str = "test", cache: Path | No
     from cxrdx.report import format_mean_ci
 
     result = evaluate_checkpoint(checkpoint, out, split, cache=cache)
+    if result is None:  # only under torchrun, on ranks other than 0: the demo runs in one process
+        raise CxrdxError("the demo runs in one process, not under torchrun")
     return f"{result['settings']['images']} images; mean AUROC {format_mean_ci(result['overall']['auroc'])}"
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 from cxrdx.inference import collect_logits, mean_auroc, probabilities
 from cxrdx.runtime import Dist, autocast, distributed, resolve_amp, resolve_device
+
+if TYPE_CHECKING:
+    from cxrdx.data.dataset import CacheDataset
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -111,6 +114,7 @@ def plan_run(config: TrainConfig, processes: int, train_images: int) -> Plan:
     if optim.batch_per_process is not None:
         per_process = (optim.batch_per_process,) * processes
     else:
+        assert optim.global_batch is not None  # the config sets exactly one of the two
         per_process = spread(optim.global_batch, processes)
     ema = config.ema
     plan = Plan(processes, per_process, train_images, optim.epochs, ema.decay if ema.enabled else None)
@@ -162,7 +166,7 @@ class _GlobalBatchSampler(Sampler):
 
 
 class _SeededDataset(Dataset):
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: CacheDataset, seed: int):
         self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
@@ -202,6 +206,8 @@ def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
         split = make_split(cache.index, strategy="patient", seed=config.seed)
     train_rows = np.asarray(rows_for_split(cache, split, "train", config.data.allow_missing))
     val_rows = np.asarray(rows_for_split(cache, split, "val", config.data.allow_missing))
+    mean: float | list[float]
+    std: float | list[float]
     if config.data.mean is None or config.data.std is None:
         mean, std = pixel_stats(cache, rows=train_rows)
     else:
@@ -230,7 +236,9 @@ def _loaders(config: TrainConfig, data: _Data, plan: Plan, info: Dist, device: t
     )
     # The loader's own generator: creating its iterator must not consume the global RNG (exact resume).
     train_loader.generator = torch.Generator().manual_seed(config.seed)
-    val_sampler = DistributedSampler(val_set, info.world_size, info.rank, shuffle=False) if info.enabled else None
+    val_sampler: DistributedSampler | None = (
+        DistributedSampler(val_set, info.world_size, info.rank, shuffle=False) if info.enabled else None
+    )
     val_loader = make_loader(val_set, max(plan.per_process), shuffle=False, workers=cfg.workers, sampler=val_sampler,
                              pin_memory=pin)
     return train_loader, val_loader, sampler
@@ -262,7 +270,8 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     from timm.optim import param_groups_weight_decay
 
     cfg = config.optim
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    no_decay = getattr(model, "no_weight_decay", None)  # timm models name their own exempt parameters
+    skip = no_decay() if callable(no_decay) else ()
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr)
@@ -310,7 +319,7 @@ def _per_image(total: float, count: int, criterion: nn.Module) -> float:
 def _rng_state(device: torch.device) -> dict[str, Any]:
     name, keys, *position = np.random.get_state()
     # plain values only (numpy's key array as a list): the resume file then loads with weights_only=True
-    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), *position), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (name, np.asarray(keys).tolist(), *position), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -593,7 +602,7 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
 
         ema = ModelEmaV3(model, decay=config.ema.decay, use_warmup=config.ema.warmup)
     if config.runtime.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = cast(nn.Module, torch.compile(wrapped))
     optimizer = _optimizer(config, model)
     run = Run(
         config=config, run_dir=run_dir, info=info, device=device, amp=amp, data=data, model=wrapped, ema=ema,
@@ -637,7 +646,7 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
         train_loss, images_per_s = _train_epoch(run, progress)
         raw = _validate(run, _unwrap(run.model))
         ema_metrics = _validate(run, run.ema.module) if run.ema is not None else None
-        selected = ema_metrics if config.selection.weights == "ema" else raw
+        selected = ema_metrics if config.selection.weights == "ema" and ema_metrics is not None else raw
         value = selected["loss"] if monitor == "val_loss" else selected["mean_auroc"]
         improved = _better(value, state.best, monitor)
         state.epoch += 1

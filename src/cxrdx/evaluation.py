@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,17 @@ from cxrdx.findings import FINDINGS
 from cxrdx.preprocess import XRV
 from cxrdx.rundir import EVAL_REPORT as REPORT
 from cxrdx.rundir import (  # the evaluation folder's files; compare and the tests read them through here too
-    LABELS, PREDICTIONS, EvalMetrics, read_eval_metrics, read_labels, read_predictions, run_dir_of, split_path,
-    write_eval_metrics, write_labels, write_predictions,
+    LABELS,
+    PREDICTIONS,
+    EvalMetrics,
+    read_eval_metrics,
+    read_labels,
+    read_predictions,
+    run_dir_of,
+    split_path,
+    write_eval_metrics,
+    write_labels,
+    write_predictions,
 )
 
 
@@ -140,14 +149,16 @@ def predict_split(
     Under torchrun each process predicts its shard and every process gets the whole split.
     `trust_pickle` also loads an old pickle checkpoint (see cxrdx.checkpoint).
     """
+    from torch.utils.data import DataLoader, Dataset
+
     from cxrdx.data.dataset import CacheDataset, FileDataset, XrvFileDataset, eval_transform, make_loader, rows_for_split
     from cxrdx.inference import inference_sampler, run_inference
     from cxrdx.runtime import distributed
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     if ckpt.findings != list(FINDINGS):
-        missing = ", ".join(f for f in FINDINGS if f not in ckpt.findings)
-        raise CxrdxError(f"{checkpoint}: the model does not predict {missing}; evaluation needs all {len(FINDINGS)} findings")
+        lacking = ", ".join(f for f in FINDINGS if f not in ckpt.findings)
+        raise CxrdxError(f"{checkpoint}: the model does not predict {lacking}; evaluation needs all {len(FINDINGS)} findings")
     if ckpt.preprocess == XRV and data_dir is None:
         raise CxrdxError(f"{checkpoint}: a torchxrayvision model crops and resizes the original images (preprocess 'xrv'), "
                          "not a prepared cache: pass --data-dir DIR")
@@ -166,6 +177,7 @@ def predict_split(
                 raise CxrdxError(f"{text}; leave them out with --allow-missing")
             notes.append(f"{text} (left out)")
         labels = located[list(FINDINGS)].to_numpy(np.float32)
+        images: Dataset
         if ckpt.preprocess == XRV:
             images = XrvFileDataset(located["path"].tolist(), labels, ckpt.input_size, ckpt.mean, ckpt.std,
                                     names=located["Image Index"].tolist())
@@ -200,7 +212,7 @@ def predict_split(
         shown = _Progress(loader, f"predict {split}", progress and info.main)
         # fp32 as Predictor: thresholds and temperatures fitted here must hold for what predict/serve output
         temperature = ckpt.temperature if apply_temperature else None
-        probs, targets, names = run_inference(model, shown, torch_device, amp=False, hflip=hflip, temperature=temperature)
+        probs, targets, names = run_inference(model, cast(DataLoader, shown), torch_device, amp=False, hflip=hflip, temperature=temperature)
     rows_of = table.set_index(pd.Index(table["Image Index"].astype(str))).loc[[str(n) for n in names]]
     meta = rows_of[[c for c in subgroups.COLUMNS if c in rows_of.columns]].reset_index(drop=True)
     predictions = SplitPredictions(list(names), probs, targets, rows_of["Patient ID"].to_numpy(), meta if len(meta.columns) else None)

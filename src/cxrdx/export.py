@@ -61,7 +61,7 @@ def export_onnx(
             torch.onnx.export(
                 torch_predictor.model,
                 (torch.zeros(1, 1, size, size),),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # torch writes to a file object too; its annotation names paths only
                 input_names=["image"],
                 output_names=["logits"],
                 dynamic_axes=axes,
@@ -116,7 +116,8 @@ def model_info(metadata: dict[str, str], name: str) -> ModelInfo:
     lacking = sorted(k for k, f in fields.items() if k not in info and f.default is dataclasses.MISSING
                      and f.default_factory is dataclasses.MISSING)
     if unknown or lacking:
-        what = "; ".join(filter(None, [unknown and f"unexpected {', '.join(unknown)}", lacking and f"missing {', '.join(lacking)}"]))
+        parts = ([f"unexpected {', '.join(unknown)}"] if unknown else []) + ([f"missing {', '.join(lacking)}"] if lacking else [])
+        what = "; ".join(parts)
         raise CxrdxError(f"{name}: unexpected cxrdx metadata ({what})")
     try:
         findings = info["findings"]

@@ -4,8 +4,8 @@ validation AUROC."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Sequence, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ def _local_indices(loader: DataLoader) -> list[int]:
     sampler = loader.sampler
     if isinstance(sampler, DistributedSampler):
         return list(sampler)
-    return list(range(len(loader.dataset)))
+    return list(range(_size(loader)))
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def collect_logits(
         return out, tgt, np.asarray(names, dtype=object)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (_local_indices(loader), out, tgt, names))
-    n = len(loader.dataset)
+    n = _size(loader)
     out_all, tgt_all, names_all = np.zeros((n, width)), np.zeros((n, width), dtype=np.float32), np.empty(n, dtype=object)
     for indices, out, tgt, nm in gathered:  # DistributedSampler's padding repeats samples: same values
         out_all[indices], tgt_all[indices], names_all[indices] = out, tgt, nm
@@ -112,3 +112,8 @@ def mean_auroc(probs: np.ndarray, targets: np.ndarray) -> tuple[float, list[floa
         per.append(float(roc_auc_score(column, probs[labelled, j])) if 0 < column.sum() < len(column) else None)
     defined = [v for v in per if v is not None]
     return (float(np.mean(defined)) if defined else float("nan")), per
+
+
+def _size(loader: DataLoader) -> int:
+    """The number of samples of a loader's dataset (map-style datasets all have a length)."""
+    return len(cast(Sized, loader.dataset))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ the means with a note; nothing raises for it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -389,7 +389,7 @@ def compare_models(
     y: np.ndarray,
     probs: dict[str, np.ndarray],
     names: Sequence[str] = FINDINGS,
-    thresholds: float | np.ndarray | dict[str, np.ndarray] = 0.5,
+    thresholds: float | np.ndarray | Mapping[str, np.ndarray | float] = 0.5,
     level: float = 0.95,
     groups: Sequence | np.ndarray | None = None,
     n_bootstrap: int = 0,
@@ -411,7 +411,7 @@ def compare_models(
         warnings.simplefilter("ignore", MetricWarning)  # said once above for all models
         evaluations = {
             m: evaluate(
-                y, a, thresholds[m] if isinstance(thresholds, dict) else thresholds, names, level,
+                y, a, thresholds[m] if isinstance(thresholds, Mapping) else thresholds, names, level,
                 groups=groups, n_bootstrap=n_bootstrap, auroc=(auc[i], var[i]),
             )
             for i, (m, a) in enumerate(zip(models, arrays))

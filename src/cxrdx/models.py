@@ -135,7 +135,8 @@ def _new_stem(model: nn.Module) -> None:
 
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     for conv in _as_tuple(cfg.get("first_conv"))[:1]:
-        model.get_submodule(conv).reset_parameters()
+        stem: Any = model.get_submodule(conv)  # a Conv2d, found by name
+        stem.reset_parameters()
     if isinstance(model, EfficientNet):
         model.bn1.reset_parameters()
 
@@ -323,7 +324,7 @@ def cam_target_layers(model: nn.Module, input_size: int | None = None) -> list[n
     from timm.models.resnet import ResNet
 
     if isinstance(model, ResNet):
-        return [model.layer4]
+        return [model.get_submodule("layer4")]
     if isinstance(model, EfficientNet):
         return [model.bn2]
     if isinstance(model, MaxxVit):
@@ -406,7 +407,8 @@ def _input_channels(model: nn.Module) -> int:
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     for name in _as_tuple(cfg.get("first_conv")):
         try:
-            return model.get_submodule(name).in_channels
+            conv: Any = model.get_submodule(name)
+            return int(conv.in_channels)
         except AttributeError:
             continue
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -442,7 +444,8 @@ def model_table(
     rows = []
     for name in names:
         model = create_model(name, num_findings=num_findings, in_chans=in_chans)
-        if model.pretrained_cfg.get("fixed_input_size") and model.pretrained_cfg["input_size"][-1] != input_size:
+        cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
+        if cfg.get("fixed_input_size") and cfg["input_size"][-1] != input_size:
             try:
                 model = create_model(name, num_findings=num_findings, in_chans=in_chans, img_size=input_size)
             except Exception:  # noqa: BLE001 - a model that rejects img_size is measured as built

@@ -87,8 +87,9 @@ def supports_guard(model: nn.Module) -> bool:
 
 def logits_and_features(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and pooled penultimate features of one batch from a single pass through the backbone."""
-    maps = model.forward_features(batch)
-    return model.forward_head(maps), model.forward_head(maps, pre_logits=True).flatten(1)
+    net: Any = model  # a timm model: forward_features / forward_head, checked by supports_guard
+    maps = net.forward_features(batch)
+    return net.forward_head(maps), net.forward_head(maps, pre_logits=True).flatten(1)
 
 
 @torch.no_grad()
@@ -163,8 +164,8 @@ def fit_on_cache(model: nn.Module, cache: Any, train_rows: np.ndarray, val_rows:
     train_rows = np.asarray(train_rows)
     if len(train_rows) > max_train:
         train_rows = np.sort(np.random.default_rng(seed).choice(train_rows, max_train, replace=False))
-    features = [cache_features(model, cache, rows, input_size, mean, std, device, batch_size) for rows in (train_rows, val_rows)]
-    return fit_guard(*features, percentile=percentile)
+    train, val = (cache_features(model, cache, rows, input_size, mean, std, device, batch_size) for rows in (train_rows, val_rows))
+    return fit_guard(train, val, percentile=percentile)
 
 
 def cache_features(model: nn.Module, cache: Any, rows: np.ndarray | None, input_size: int, mean: list[float],

@@ -157,7 +157,7 @@ class BasePredictor:
     def predict_proba(self, images: ImageSource | Sequence[ImageSource], progress: bool = False) -> np.ndarray:
         """Probabilities (N, 14) float64. A batch of `load`'s pixels (uint8 (N, S, S) at the cache size)
         is taken as already prepared; anything else is one image or a sequence of images."""
-        if self._prepared(images):
+        if isinstance(images, np.ndarray) and self._prepared(images):
             return self._proba_pixels(images, progress)
         items = _as_list(images)
         out = [np.zeros((0, len(self.findings)))]
@@ -189,7 +189,8 @@ class BasePredictor:
                 pixels, ok, failed = [], [], {}
                 verdicts = {i: dicom_verdict(items[i]) for i in chunk}
                 for i in chunk:
-                    if not (allow_ood or verdicts[i] is None or verdicts[i].accepted):
+                    verdict = verdicts[i]
+                    if not (allow_ood or verdict is None or verdict.accepted):
                         continue
                     try:
                         pixels.append(self.load(items[i], name=names[i]))
@@ -198,7 +199,7 @@ class BasePredictor:
                         if errors == "raise":
                             raise
                         failed[i] = getattr(exc, "reason", None) or f"{exc.__class__.__name__}: {exc}"
-                probs, scores = self._scored_pixels(np.stack(pixels)) if pixels else ([], [])
+                probs, scores = self._scored_pixels(np.stack(pixels)) if pixels else (np.zeros((0, len(self.findings))), [])
                 row, ood = dict(zip(ok, probs, strict=True)), dict(zip(ok, scores, strict=True))
                 for i in chunk:
                     results.append(self._judged(names[i], row.get(i), ood.get(i), failed.get(i), verdicts[i], allow_ood))
@@ -237,7 +238,8 @@ class BasePredictor:
 
     def _scored_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, list[float | None]]:
         """Probabilities (N, 14) and content-check scores (None each when the guard is off) of prepared pixels."""
-        probs, scores = [], []
+        probs: list[np.ndarray] = []
+        scores: list[float | None] = []
         for start in range(0, len(pixels), self.batch_size):
             logits, features = self._logits_features(self.to_tensor(pixels[start : start + self.batch_size]))
             probs.append(self.probabilities(logits))

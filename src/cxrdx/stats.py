@@ -292,7 +292,7 @@ def mean_se_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Mea
     return MeanCI(mean, se, mean - half, mean + half, int(x.size))
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Pearson r and two-sided p over the pairs where both are finite; NaN with fewer than 3."""
     a, b = np.asarray(x, float), np.asarray(y, float)
     keep = np.isfinite(a) & np.isfinite(b)

@@ -5,7 +5,7 @@ letting a header value of the file reach a message."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +24,7 @@ class UploadError(CxrdxError):
     """A request body that holds no file: malformed multipart, no boundary, no `file` part."""
 
 
-def sniff(data: bytes) -> str | None:
+def sniff(data: bytes | bytearray) -> str | None:
     """"png", "jpeg" or "dicom" from the first bytes; None for anything else."""
     for kind, magic in MAGIC.items():
         if data.startswith(magic):
@@ -44,7 +44,7 @@ def decode_upload(predictor: BasePredictor, data: bytes | bytearray, max_decoded
     except Exception as exc:
         reason = getattr(exc, "reason", None) or f"{exc.__class__.__name__}: {exc}"
     # Raised outside the handler: the decoder's traceback (its frames hold copies of the upload) is dropped now.
-    raise ImageReadError(UPLOAD_NAME, scrub_patient_values(reason, data))
+    raise ImageReadError(UPLOAD_NAME, scrub_patient_values(reason, bytes(data)))
 
 
 class RawBody:
@@ -79,7 +79,7 @@ class MultipartFile:
         self.found = self.keep = False
         self.headers: dict[bytes, bytes] = {}
         self.field, self.value = bytearray(), bytearray()
-        callbacks = dict(
+        callbacks: Any = dict(  # python-multipart's callback names; its TypedDict cannot describe the lambdas
             on_part_begin=self._part_begin,
             on_header_field=lambda data, start, end: self.field.extend(data[start:end]),
             on_header_value=lambda data, start, end: self.value.extend(data[start:end]),

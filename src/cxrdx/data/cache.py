@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -134,9 +134,9 @@ class _Stacked:
         return self.shape[0]
 
     def __getitem__(self, rows: int | np.integer | np.ndarray) -> np.ndarray:
-        if np.isscalar(rows):
-            part = int(np.searchsorted(self.starts, rows, side="right")) - 1
-            return self.parts[part][int(rows) - self.starts[part]]
+        if isinstance(rows, (int, np.integer)):
+            one = int(np.searchsorted(self.starts, rows, side="right")) - 1
+            return self.parts[one][int(rows) - self.starts[one]]
         rows = np.asarray(rows, dtype=np.int64)
         part = np.searchsorted(self.starts, rows, side="right") - 1
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
@@ -394,7 +394,7 @@ def _finish(out: Path, found: pd.DataFrame, done: np.ndarray, failures: list, pl
         "resize": "PIL Lanczos",
         "data_dir": str(data_dir.resolve()),
         **source,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "cxrdx_version": __version__,
         "plan": plan,
     }

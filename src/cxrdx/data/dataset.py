@@ -30,9 +30,9 @@ DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25  # placeholders; use pixel_stats of the tr
 
 
 def _normalize(mean: float | Sequence[float], std: float | Sequence[float]) -> list[v2.Transform]:
-    mean = [float(mean)] if np.isscalar(mean) else [float(m) for m in mean]
-    std = [float(std)] if np.isscalar(std) else [float(s) for s in std]
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)]
+    means = [float(m) for m in np.atleast_1d(np.asarray(mean, dtype=np.float64))]
+    stds = [float(s) for s in np.atleast_1d(np.asarray(std, dtype=np.float64))]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=means, std=stds)]
 
 
 def train_transform(

@@ -17,9 +17,9 @@ Conventions (applied the same way to every source):
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
@@ -32,7 +32,7 @@ MAX_DECODED_BYTES = 128 * 2**20
 PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
-Source = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, Image.Image]
+Source = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | Image.Image
 
 
 def read_image(
@@ -72,7 +72,7 @@ def read_image(
     raise ImageReadError(name or repr(type(source)), f"unsupported source type {type(source).__name__}")
 
 
-def is_dicom(data: bytes) -> bool:
+def is_dicom(data: bytes | bytearray) -> bool:
     """True for DICOM Part 10 bytes (the 'DICM' marker after the 128-byte preamble)."""
     return len(data) >= 132 and data[128:132] == b"DICM"
 

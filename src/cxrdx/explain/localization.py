@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -171,7 +171,7 @@ def localize(
     tolerance: float = 0.0,
     progress: bool = False,
     total: int | None = None,
-    **options: object,
+    **options: Any,
 ) -> pd.DataFrame:
     """One row per (image, boxed finding, method): the predictor's probability (its checkpoint's
     temperature applied, as prediction does), hit, iou, flat.

@@ -7,8 +7,28 @@ The names other modules use are importable from here: `from cxrdx import report;
 from cxrdx.report.figures import plot_curves, reliability_figure, roc_figure
 from cxrdx.report.page import SUMMARY, TABLE2, headline, write_report
 from cxrdx.report.tables import (
-    DASH, FORMATS, Table, anova_table, calibration_table, comparison_tables, csv_text, delong_table, expert_table, format_mean_ci,
-    format_p, format_value, html, json_object, markdown, markdown_report, p_clause, render, table3, table4, table5, write_tables,
+    DASH,
+    FORMATS,
+    Table,
+    anova_table,
+    calibration_table,
+    comparison_tables,
+    csv_text,
+    delong_table,
+    expert_table,
+    format_mean_ci,
+    format_p,
+    format_value,
+    html,
+    json_object,
+    markdown,
+    markdown_report,
+    p_clause,
+    render,
+    table3,
+    table4,
+    table5,
+    write_tables,
 )
 
 __all__ = [

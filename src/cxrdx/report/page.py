@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,7 @@ def render_page(
     import jinja2
     from markupsafe import Markup
 
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     shown = [s.Section(x.id, x.title, Markup(x.body)) for x in sections]  # bodies are HTML built with escape()
     try:
         template = template_environment(template_dir).get_template(TEMPLATE)

@@ -131,7 +131,7 @@ def _score(runs: list[Run]) -> Scores:
 def score_runs(runs: list[Run]) -> tuple[list[Scores], list[str]]:
     """One comparison over all evaluated runs when they share the test images, else one per run."""
     evaluated = [r for r in runs if r.has_eval()]
-    notes = []
+    notes: list[str] = []
     if len(evaluated) > 1:
         try:
             return [_score(evaluated)], notes
@@ -194,7 +194,8 @@ def dataset_section(runs: list[Run]) -> Section:
     from cxrdx.data.cache import open_cache
     from cxrdx.data.splits import read_split
 
-    parts, used = [], {}
+    parts: list[str] = []
+    used: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         split_path = rundir.split_path(run.path)
         cache = _cache_path(run)
@@ -207,11 +208,11 @@ def dataset_section(runs: list[Run]) -> Section:
             continue
         key = (hashlib.sha256(split_path.read_bytes()).hexdigest(), str(cache.resolve()))
         used.setdefault(key, []).append(run)
-    for (_, cache), group in used.items():
+    for (_, cache_dir), group in used.items():
         first = group[0]
-        title = f"Table 1. Images and labels by split (run(s) {', '.join(r.name for r in group)}; prepared cache {cache})"
+        title = f"Table 1. Images and labels by split (run(s) {', '.join(r.name for r in group)}; prepared cache {cache_dir})"
         try:
-            table, leak = tables.table1_table(open_cache(cache).index, read_split(rundir.split_path(first.path)), title)
+            table, leak = tables.table1_table(open_cache(cache_dir).index, read_split(rundir.split_path(first.path)), title)
         except CxrdxError as exc:
             parts.append(note(f"{first.name}: no Table 1: {exc}"))
             continue
@@ -242,11 +243,13 @@ def model_rows(
         except (ValueError, KeyError, TypeError):
             cached = {}
     rows, notes, fresh = [], [], False
+    if measure is None:
+        from cxrdx.models import model_table
+
+        measure = model_table
     for name, size in wanted:
         key = f"{name}@1*{size}*{size}"
         if key not in cached:
-            if measure is None:
-                from cxrdx.models import model_table as measure
             try:
                 cached[key] = measure([name], size)[0]
                 fresh = True
@@ -428,7 +431,7 @@ def _lookup(table: pd.DataFrame, name: str) -> pd.Series | None:
     return table.loc[stems[Path(name).stem]] if Path(name).stem in stems else None
 
 
-OUTCOMES = {
+OUTCOMES: dict[tuple[bool, int | None], tuple[str, str]] = {
     (True, 1): ("correct", "true positive"), (False, 0): ("correct", "true negative"),
     (True, 0): ("wrong", "false positive"), (False, 1): ("wrong", "missed (false negative)"),
 }
@@ -480,7 +483,7 @@ def classify_panels(run: Run) -> tuple[pd.DataFrame, str]:
             found = _lookup(preds, name)
             p = float(found[finding]) if found is not None else np.nan
         truth = _lookup(labels, name) if labels is not None else None
-        label = int(truth[finding]) if truth is not None else None
+        label = int(truth[finding]) if truth is not None and np.isfinite(truth[finding]) else None
         threshold = float(thresholds[FINDINGS.index(finding)])
         if np.isfinite(p):
             kind, outcome = OUTCOMES.get((bool(p >= threshold), label), ("unknown", "label unknown"))

@@ -330,7 +330,8 @@ def calibration_table(cmp: Comparison) -> Table:
         data = data.join(both)
         display["Bootstrap CI"] = [f"({format_value(lo)}, {format_value(hi)})" for lo, hi in both.to_numpy()]
         unit = next(iter(cmp.evaluations.values())).overall.auroc_bootstrap
-        notes.append(f"Bootstrap CI: percentile interval over {unit.replicates} resamples of {unit.unit}s.")
+        if unit is not None:
+            notes.append(f"Bootstrap CI: percentile interval over {unit.replicates} resamples of {unit.unit}s.")
     return Table("per_finding", "AUROC confidence intervals, thresholds and calibration", data, display, notes)
 
 

@@ -59,7 +59,7 @@ UPLOAD_BODY = {
         },
     }
 }
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "empty or malformed upload, or a Host name that is not served"},
     401: {"description": "API key missing or wrong (when the service has one)"},
     408: {"description": "the upload did not arrive within the body timeout"},
@@ -361,7 +361,10 @@ def _predict_job(predictor: BasePredictor, data: bytearray, with_image: bool, ma
 
 def _explain_job(predictor: BasePredictor, data: bytearray, finding_index: int, method: str, max_decoded_bytes: int) -> bytes:
     from cxrdx.explain.render import heatmap_png
+    from cxrdx.predict import Predictor
 
+    if not isinstance(predictor, Predictor):  # the route answers 501 for other backends before queueing this job
+        raise TypeError(f"heatmaps need a PyTorch model, not the {predictor.backend} backend")
     return heatmap_png(predictor, _decode(predictor, data, max_decoded_bytes), finding_index, method)
 
 

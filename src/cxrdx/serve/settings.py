@@ -94,12 +94,12 @@ def read_api_key(path: str | Path | None, environ: Mapping[str, str] = os.enviro
         key = environ.get(API_KEY_ENV, "").strip()
         return key or None
     try:
-        key = Path(path).read_text(encoding="utf-8").strip().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").strip().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise CxrdxError(f"--api-key-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
-    if not key or not key[0].strip():
+    if not lines or not lines[0].strip():
         raise CxrdxError(f"--api-key-file {path}: the file is empty")
-    return key[0].strip()
+    return lines[0].strip()
 
 
 def is_loopback(host: str) -> bool:
