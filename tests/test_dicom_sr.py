@@ -117,3 +117,14 @@ def test_refused_or_failed_predictions_get_no_sr() -> None:
     assert finding_code("Pleural_Thickening").value == "CXR14-12"
     with pytest.raises(CxrdxError, match="no code"):
         finding_code("Fracture")
+
+
+def test_the_input_guard_score_is_reported_when_the_model_has_a_guard() -> None:
+    info = ModelInfo("test_resnet", list(FINDINGS), [0.5] * 14, 64, [0.5], [0.25])
+    header = dx_dataset(chest_like(8).astype(np.uint16), 12)
+    probabilities = {f: 0.1 for f in FINDINGS}
+    guarded = Prediction("x", probabilities=probabilities, thresholds=dict.fromkeys(FINDINGS, 0.5), ood_score=7.25)
+    value = items(build_sr(header, guarded, info))["Out-of-distribution score"][0].MeasuredValueSequence[0].NumericValue
+    assert float(value) == 7.25
+    unguarded = Prediction("x", probabilities=probabilities, thresholds=dict.fromkeys(FINDINGS, 0.5))
+    assert "Out-of-distribution score" not in items(build_sr(header, unguarded, info))

@@ -79,6 +79,9 @@ def build_sr(source, prediction: Prediction, info: ModelInfo):
         conclusions,
         hd.sr.TextContentItem(hd.sr.CodedConcept("DISCLAIMER", SCHEME, "Disclaimer"), DISCLAIMER, relationship_type=rel),
     ])
+    if prediction.ood_score is not None:  # the input guard's content check, when the model has one
+        ood = hd.sr.CodedConcept("OODSCORE", SCHEME, "Out-of-distribution score")
+        root.ContentSequence.append(hd.sr.NumContentItem(ood, prediction.ood_score, no_units, relationship_type=rel))
     return hd.sr.ComprehensiveSR(
         evidence=[source],
         content=root,
