@@ -28,7 +28,6 @@ import numpy as np
 from cxrdx import __version__, rundir
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
-from cxrdx.ood import OodGuard
 
 if TYPE_CHECKING:  # the report reads cards without loading torch
     from cxrdx.checkpoint import Checkpoint
@@ -382,6 +381,8 @@ def _kind(settings: dict[str, Any], training_caches: list[str]) -> str:
 
 
 def _guard_setting(guard: Any) -> str:
+    from cxrdx.ood import OodGuard  # here: reading a card must not load torch
+
     if isinstance(guard, OodGuard):
         return guard.describe()
     if guard is None or guard is False or guard == {}:
