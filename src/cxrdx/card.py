@@ -259,11 +259,7 @@ def _number(value: Any) -> float | None:
 
 def _training_caches(ckpt: Checkpoint) -> list[str]:
     """The prepared cache(s) the model was trained on (data.caches, else data.cache)."""
-    data = ckpt.config.get("data") if isinstance(ckpt.config, dict) else None
-    if not isinstance(data, dict):
-        return []
-    caches = data.get("caches") or ([data["cache"]] if data.get("cache") else [])
-    return [str(c) for c in caches]
+    return ckpt.training_caches()
 
 
 def _cache_meta_and_index(caches: list[str]) -> tuple[dict[str, Any], Any]:

@@ -63,6 +63,13 @@ class Checkpoint:
     provenance: dict[str, Any] = field(default_factory=dict)  # where imported weights came from (cxrdx.imported)
     guard: OodGuard | None = None  # the input guard's content check (cxrdx.ood); None: guard off
 
+    def training_caches(self) -> list[str]:
+        """The prepared cache(s) the model was trained on (its config's data.caches, else data.cache); [] for none."""
+        data = self.config.get("data") if isinstance(self.config, dict) else None
+        if not isinstance(data, dict):
+            return []
+        return [str(c) for c in (data.get("caches") or ([data["cache"]] if data.get("cache") else []))]
+
     def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """Create the network and load the weights, in eval mode."""
         from cxrdx.models import create_model

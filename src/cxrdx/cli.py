@@ -485,7 +485,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     expert = google2019_labels() if args.expert_labels == "" else args.expert_labels
     dataset = {"csv": "generic"}.get(args.dataset, args.dataset)
-    split = args.split or default_split(args.checkpoint, args.cache, dataset)
+    split = args.split or default_split(args.checkpoint, args.cache, dataset, args.trust_pickle)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate_checkpoint(args.checkpoint, args.out, split, args.thresholds, args.bootstrap,

@@ -188,10 +188,10 @@ def predict_split(
     else:
         from cxrdx.data.cache import open_caches
 
-        cache_path = cache or data_cfg.get("caches") or data_cfg.get("cache")
+        cache_path = [str(cache)] if cache else ckpt.training_caches()
         if not cache_path:
             raise CxrdxError(f"{checkpoint}: the checkpoint names no cache; pass --cache DIR or --data-dir DIR")
-        opened = open_caches(cache_path if isinstance(cache_path, list) else [cache_path])
+        opened = open_caches(cache_path)
         if ckpt.cache_size is not None and opened.size != ckpt.cache_size:
             raise CxrdxError(
                 f"{cache_path}: a {opened.size}-px cache, but {checkpoint} was trained on {ckpt.cache_size}-px images; "
@@ -239,16 +239,15 @@ def _read_images(
     return locate_images(index, data_dir)
 
 
-def default_split(checkpoint: str | Path, cache: str | Path | None = None, dataset: str | None = None) -> str:
+def default_split(checkpoint: str | Path, cache: str | Path | None = None, dataset: str | None = None,
+                  trust_pickle: bool = False) -> str:
     """'all' for images the model was not trained on (another dataset's files, or a cache other than
     its training cache): they have no split of this run; else 'test'."""
     if dataset not in (None, "nih"):
         return "all"
     if cache is None:
         return "test"
-    config = load_checkpoint(checkpoint).config
-    data = config.get("data", {}) if isinstance(config, dict) else {}
-    trained_on = data.get("caches") or ([data["cache"]] if data.get("cache") else [])
+    trained_on = load_checkpoint(checkpoint, trust_pickle=trust_pickle).training_caches()
     return "test" if Path(cache).resolve() in {Path(p).resolve() for p in trained_on} else "all"
 
 
@@ -505,19 +504,19 @@ def fit_checkpoint_guard(
     """The input guard's content check of `ckpt`, fitted on the training split of its prepared cache
     (at most ood.MAX_TRAIN_IMAGES images), its threshold set on `split`; None (with a warning) for a
     model whose penultimate features cannot be read."""
-    from cxrdx.data.cache import open_cache
+    from cxrdx.data.cache import open_caches
     from cxrdx.data.dataset import rows_for_split
     from cxrdx.runtime import resolve_device
 
     if data_dir is not None:
         raise CxrdxError("--ood fits on the prepared cache (--cache), not on --data-dir")
-    cache_path = cache or (ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}).get("cache")
+    cache_path = [str(cache)] if cache else ckpt.training_caches()
     if not cache_path:
         raise CxrdxError(f"{checkpoint}: the checkpoint names no cache; pass --cache DIR to fit the input guard")
     series = _split_series(Path(checkpoint), split_file, split)
     if series is None:
         raise CxrdxError("--ood needs a training split: pass --split val (the threshold's split), not all")
-    opened = open_cache(cache_path)
+    opened = open_caches(cache_path)
     train_rows, val_rows = (rows_for_split(opened, series, name, allow_missing) for name in ("train", split))
     torch_device = resolve_device(device)
     model = ckpt.build_model(torch_device)
@@ -544,7 +543,7 @@ def guard_note(
 ) -> str:
     """What the input guard's content check would accept of the evaluated images (all stay in the metrics):
     one more pass over a prepared cache for the penultimate features."""
-    from cxrdx.data.cache import open_cache
+    from cxrdx.data.cache import open_caches
     from cxrdx.data.dataset import rows_for_split
     from cxrdx.runtime import resolve_device
 
@@ -552,7 +551,7 @@ def guard_note(
         return f"input guard content check {ood.GUARD_OFF}"
     if data_dir is not None:
         return "input guard: acceptance not measured on --data-dir images (it is measured on a prepared cache)"
-    opened = open_cache(cache or ckpt.config["data"]["cache"])  # predict_split opened it already
+    opened = open_caches([str(cache)] if cache else ckpt.training_caches())  # predict_split opened it already
     series = _split_series(Path(checkpoint), split_file, split)
     rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
     torch_device = resolve_device(device)
