@@ -53,6 +53,7 @@ def radiograph(path: Path, seed: int = 0, **header: object) -> Path:
     pixels = chest_like(64, seed).astype(np.uint16) * 16
     ds = dx_dataset(pixels, 12, **header)
     ds.PatientName, ds.PatientID = PATIENT, PATIENT_ID
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -317,9 +318,10 @@ def test_dcmtk_storescu_to_listen_to_storescp(checkpoint: Path, tmp_path: Path) 
                                   capture_output=True).returncode == 0
 
         wait_for(answers, "cxrdx listen to answer C-ECHO", timeout=120)
-        sent = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "CXRDX", "-to", "30", "127.0.0.1", str(node_port),
-                               *map(str, sources)], capture_output=True, text=True, timeout=60)
-        assert sent.returncode == 0, sent.stderr
+        for path, proposal in zip(sources, ([], ["-xs"])):  # -xs: propose JPEG Lossless SV1 too, for the compressed file
+            sent = subprocess.run(["storescu", *proposal, "-aet", "MODALITY", "-aec", "CXRDX", "-to", "30", "127.0.0.1",
+                                   str(node_port), str(path)], capture_output=True, text=True, timeout=60)
+            assert sent.returncode == 0 and not sent.stderr.strip(), sent.stderr
         wait_for(lambda: len(list(pacs_dir.iterdir())) == len(sources), "one SR per image at the PACS")
     finally:
         node.send_signal(signal.SIGINT)

@@ -834,8 +834,8 @@ def _listen(args: argparse.Namespace) -> int:
     settings = NodeSettings(out=check_output_dir(args.out, "--out"), host=args.host, port=args.port, ae_title=args.ae_title,
                             allow_ae=tuple(args.allow_ae), forward=Peer.parse(args.forward) if args.forward else None,
                             heatmaps=args.heatmaps, queue_size=args.queue_size, outbox_retry_s=args.retry_interval)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s cxrdx listen: %(message)s", stream=sys.stderr)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its own INFO lines would duplicate ours
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s cxrdx listen: %(message)s", stream=sys.stderr)
+    logging.getLogger("cxrdx.listen").setLevel(logging.INFO)  # ours only: pynetdicom's and highdicom's INFO lines are noise here
     if not is_loopback(args.host):
         print(f"cxrdx listen: warning: listening on {args.host}, reachable from other machines; DICOM travels unencrypted"
               + ("" if args.allow_ae else "; restrict callers with --allow-ae"), file=sys.stderr)
