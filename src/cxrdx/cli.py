@@ -818,6 +818,7 @@ def _listen_args(parser: argparse.ArgumentParser) -> None:
 
 def _listen(args: argparse.Namespace) -> int:
     import logging
+    import signal
     import time
 
     from cxrdx.listen import NodeSettings, Peer, check_ae_title, check_port
@@ -841,7 +842,11 @@ def _listen(args: argparse.Namespace) -> int:
               + ("" if args.allow_ae else "; restrict callers with --allow-ae"), file=sys.stderr)
     from cxrdx.listen import Node
 
+    def stop(signum: int, frame: object) -> None:  # a service manager's stop (SIGTERM) ends as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
     node = Node(_load_predictor(args, batch_size=1), settings).start()
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(1.0)
