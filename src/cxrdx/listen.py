@@ -24,12 +24,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from cxrdx.atomic import atomic_path, write_text
 from cxrdx.errors import CxrdxError
 
 if TYPE_CHECKING:
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
+
     from cxrdx.predict import Prediction, Predictor
 
 log = logging.getLogger("cxrdx.listen")
@@ -193,7 +197,7 @@ class Node:
         self.predictor = predictor
         self.settings = settings
         self.jobs: queue.Queue[Path | None] = queue.Queue(maxsize=settings.queue_size)
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         self._worker: threading.Thread | None = None
         self._peer_down = False  # the last send failed: new results wait in the outbox for the periodic retry
 
@@ -204,7 +208,7 @@ class Node:
             raise CxrdxError("the node is not started")
         return int(self._server.server_address[1])
 
-    def start(self) -> Node:
+    def start(self) -> Self:
         from pynetdicom import AE, evt
 
         s = self.settings
@@ -218,7 +222,7 @@ class Node:
         ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers: list[Any] = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
         self._worker = threading.Thread(target=self._work, args=(backlog,), name="cxrdx-listen-worker", daemon=True)
         self._worker.start()
         try:
@@ -243,31 +247,32 @@ class Node:
             self._worker = None
             log.info("stopped")
 
-    def __enter__(self) -> Node:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # --- network threads: check, store, queue ----------------------------------------------------
-    def _on_echo(self, event) -> int:  # noqa: ANN001 (pynetdicom's event)
+    def _on_echo(self, event: Event) -> int:
         log.info("C-ECHO from %s", _caller(event))
         return SUCCESS
 
-    def _on_rejected(self, event) -> None:  # noqa: ANN001
+    def _on_rejected(self, event: Event) -> None:
         log.warning("association from %s rejected (calling AE title not allowed, or nothing to negotiate)", _caller(event))
 
-    def _on_store(self, event) -> int:  # noqa: ANN001
-        uid = str(event.request.AffectedSOPInstanceUID or "")
+    def _on_store(self, event: Event) -> int:
+        request = cast("C_STORE", event.request)
+        uid = str(request.AffectedSOPInstanceUID or "")
         if not UID.fullmatch(uid) or len(uid) > 64:
             log.warning("C-STORE from %s refused: invalid SOP Instance UID", _caller(event))
             return CANNOT_UNDERSTAND
         try:
             ds = event.dataset
-            if str(ds.SOPInstanceUID) != uid or str(ds.SOPClassUID) != str(event.request.AffectedSOPClassUID):
+            if str(ds.SOPInstanceUID) != uid or str(ds.SOPClassUID) != str(request.AffectedSOPClassUID):
                 log.warning("C-STORE %s from %s refused: the dataset's SOP class or instance UID differs from the request's", uid, _caller(event))
                 return DOES_NOT_MATCH
-        except Exception as exc:  # a dataset pydicom cannot parse is the sender's problem, answered, not raised
+        except Exception as exc:  # noqa: BLE001 (a dataset pydicom cannot parse is the sender's problem: answered, not raised)
             log.warning("C-STORE %s from %s refused: unreadable dataset (%s)", uid, _caller(event), type(exc).__name__)
             return CANNOT_UNDERSTAND
         path = self.settings.incoming / f"{uid}.dcm"
@@ -288,8 +293,8 @@ class Node:
 
     # --- the worker thread: predict, write, forward ------------------------------------------------
     def _work(self, backlog: list[Path]) -> None:
-        for path in backlog:
-            self._process(path)
+        for left_over in backlog:
+            self._process(left_over)
         self._retry_outbox()
         next_retry = time.monotonic() + self.settings.outbox_retry_s
         while True:
@@ -381,7 +386,7 @@ class Node:
                     self.settings.outbox)
 
 
-def _caller(event) -> str:  # noqa: ANN001
+def _caller(event: Event) -> str:
     """The calling AE title and address of an event's association: never anything from a dataset."""
     requestor = event.assoc.requestor
     return f"{requestor.ae_title.strip() or '?'}@{requestor.address}"
