@@ -226,6 +226,33 @@ def test_a_full_queue_answers_out_of_resources(predictor: Predictor, tmp_path: P
     assert list((tmp_path / "out" / "incoming").iterdir()) == []
 
 
+class FailsOnce(Predictor):
+    """A predictor whose first image fails with a message quoting the patient (as a header error might)."""
+
+    def __init__(self, inner: Predictor):
+        self.__dict__.update(inner.__dict__)
+        self.calls = 0
+
+    def predict(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise ValueError(f"invalid value {PATIENT!r}")
+        return super().predict(*args, **kwargs)
+
+
+def test_a_failing_image_does_not_stop_the_node(predictor: Predictor, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    files = [radiograph(tmp_path / f"{i}.dcm", i) for i in range(2)]
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in files]
+    with Node(FailsOnce(predictor), NodeSettings(out=tmp_path / "out", port=0)) as node:
+        assert store(node.port, files) == [0, 0]
+        wait_for(lambda: len(results(node.settings.out)) == 2, "both results")
+    found = results(tmp_path / "out")
+    assert found[uids[0]]["prediction"]["error"] == f"ValueError: invalid value {PATIENT!r}" and found[uids[0]]["outputs"] == []
+    assert found[uids[1]]["prediction"]["probabilities"] and found[uids[1]]["outputs"] == [f"{uids[1]}.sr.dcm"]
+    assert f"{uids[0]}: failed (ValueError)" in caplog.text and PATIENT not in caplog.text
+
+
 def test_calling_ae_allow_list(predictor: Predictor, tmp_path: Path) -> None:
     with Node(predictor, NodeSettings(out=tmp_path / "out", port=0, allow_ae=("MODALITY",))) as node:
         assert echo(node.port, calling="MODALITY") == 0

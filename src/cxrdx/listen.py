@@ -318,8 +318,9 @@ class Node:
         except Exception as exc:  # noqa: BLE001 (the node keeps serving whatever one file does)
             from cxrdx.predict import Prediction
 
-            log.error("%s: failed (%s)", uid, exc if isinstance(exc, CxrdxError) else type(exc).__name__)
-            result = NodeResult(uid, Prediction(name=uid, accepted=False, error=f"{type(exc).__name__}: {exc}"))
+            # only the exception's class: a message quoting header values could carry the patient's name
+            log.error("%s: failed (%s); the details are in %s.json", uid, type(exc).__name__, uid)
+            result = NodeResult(uid, Prediction(name=uid, error=f"{type(exc).__name__}: {exc}"))
         try:
             write_text(Path(self.settings.out) / f"{uid}.json", json.dumps(result.to_dict(), indent=2) + "\n")
             if self.settings.forward and result.outputs:
