@@ -320,6 +320,18 @@ def test_cli_refuses_an_out_folder_that_is_a_file(tmp_path: Path, capsys: pytest
     assert "--out" in capsys.readouterr().err
 
 
+def test_cli_warns_about_a_public_address_and_names_a_busy_port(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["listen", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(tmp_path / "out"),
+                     "--host", "0.0.0.0", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and "warning: listening on 0.0.0.0, reachable from other machines" in err and "--allow-ae" in err
+    assert f"cannot listen on 0.0.0.0:{port}" in err
+
+
 def test_node_settings_refuse_bad_values(tmp_path: Path) -> None:
     with pytest.raises(CxrdxError, match="queue_size must be at least 1"):
         NodeSettings(out=tmp_path, queue_size=0)
