@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from test_dicom_decode import ENCODINGS, dx_dataset, encode, tools_for
 from test_predict import chest_like, make_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.errors import CxrdxError
-from cxrdx.listen import OUT_OF_RESOURCES, RESULT_CLASSES, STORAGE_CLASSES, Node, NodeSettings, Peer
+from cxrdx.listen import OUT_OF_RESOURCES, RESULT_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES, Node, NodeSettings, Peer
 from cxrdx.predict import Predictor
 
 PATIENT = "DOE^JANE"
@@ -182,20 +182,28 @@ def test_every_transfer_syntax(node: Node, predictor: Predictor, tmp_path: Path)
     implicit = pydicom.dcmread(original)
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     implicit.save_as(tmp_path / "implicit.dcm", implicit_vr=True, little_endian=True)
-    files = {"Implicit VR Little Endian": (tmp_path / "implicit.dcm", True)}
+    files = {"Implicit VR Little Endian": (tmp_path / "implicit.dcm", reference, 1e-6)}  # (file, expected, tolerance)
     for k, encoding in enumerate(ENCODINGS):
         path = encode(original, tmp_path / f"{k}.dcm", encoding)
         ds = pydicom.dcmread(path)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()  # one instance each
         ds.save_as(path, enforce_file_format=True)
-        files[encoding.name] = (path, encoding.lossless)
-    assert store(node.port, [path for path, _ in files.values()]) == [0] * len(files)
+        files[encoding.name] = (path, reference, 1e-6 if encoding.lossless else 0.05)
+    eight = dx_dataset(chest_like(64).astype(np.uint16), 8)  # JPEG Baseline holds 8 bits
+    eight.save_as(tmp_path / "eight.dcm", enforce_file_format=True)
+    subprocess.run(["dcmcjpeg", "+eb", str(tmp_path / "eight.dcm"), str(tmp_path / "baseline.dcm")], check=True, capture_output=True)
+    files["JPEG Baseline"] = (tmp_path / "baseline.dcm", predictor.predict([tmp_path / "eight.dcm"])[0], 0.05)
+    assert store(node.port, [path for path, _, _ in files.values()]) == [0] * len(files)
     wait_for(lambda: len(results(node.settings.out)) == len(files), "one result per syntax")
     found = results(node.settings.out)
-    for name, (path, lossless) in files.items():
-        prediction = found[pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID]["prediction"]
+    syntaxes = set()
+    for name, (path, expected, tolerance) in files.items():
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        prediction = found[header.SOPInstanceUID]["prediction"]
         assert prediction["accepted"] and prediction["error"] is None, name
-        assert prediction["probabilities"] == pytest.approx(reference.probabilities, abs=1e-6 if lossless else 0.05), name
+        assert prediction["probabilities"] == pytest.approx(expected.probabilities, abs=tolerance), name
+        syntaxes.add(header.file_meta.TransferSyntaxUID)
+    assert syntaxes == set(TRANSFER_SYNTAXES) - {ExplicitVRLittleEndian}  # explicit VR: the other tests
     assert len(list(node.settings.out.glob("*.sr.dcm"))) == len(files)
 
 
