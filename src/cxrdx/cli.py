@@ -821,7 +821,7 @@ def _listen(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from cxrdx.listen import NodeSettings, Peer, check_ae_title, check_port
+    from cxrdx.listen import Node, NodeSettings, Peer, check_ae_title, check_port
     from cxrdx.serve.settings import is_loopback
 
     check_port(args.port, "--port")
@@ -840,7 +840,6 @@ def _listen(args: argparse.Namespace) -> int:
     if not is_loopback(args.host):
         print(f"cxrdx listen: warning: listening on {args.host}, reachable from other machines; DICOM travels unencrypted"
               + ("" if args.allow_ae else "; restrict callers with --allow-ae"), file=sys.stderr)
-    from cxrdx.listen import Node
 
     def stop(signum: int, frame: object) -> None:  # a service manager's stop (SIGTERM) ends as cleanly as Ctrl-C
         raise KeyboardInterrupt
