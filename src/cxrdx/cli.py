@@ -877,6 +877,61 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen_args(parser: argparse.ArgumentParser) -> None:
+    _model_source_args(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the results: a JSON and a DICOM SR per image")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=11112, help="TCP port, 1-65535")
+    parser.add_argument("--ae-title", default="CXRDX", help="this node's AE title (1-16 characters)")
+    parser.add_argument("--allow-ae", action="append", default=[], metavar="AE",
+                        help="accept associations only from this calling AE title (repeatable; default: any)")
+    parser.add_argument("--forward", metavar="AE@HOST:PORT", help="send each SR (and heatmap) to this DICOM node, e.g. a PACS")
+    parser.add_argument("--heatmaps", action="store_true",
+                        help="with --checkpoint: also a Secondary Capture of the Group-CAM map of the most probable positive finding")
+    parser.add_argument("--queue-size", type=int, default=16, help="images waiting for the model; more are refused (0xA700)")
+    parser.add_argument("--retry-interval", type=_POSITIVE, default=60.0, help="seconds between tries to send what waits in DIR/outbox")
+
+
+def _listen(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import time
+
+    from cxrdx.listen import Node, NodeSettings, Peer, check_ae_title, check_port
+    from cxrdx.serve.settings import is_loopback
+
+    check_port(args.port, "--port")
+    check_ae_title(args.ae_title, "--ae-title")
+    for title in args.allow_ae:
+        check_ae_title(title, "--allow-ae")
+    if args.queue_size < 1:
+        raise CxrdxError(f"--queue-size must be at least 1, got {args.queue_size}")
+    if args.heatmaps and not args.checkpoint:
+        raise CxrdxError("--heatmaps needs --checkpoint (Group-CAM runs on the PyTorch model)")
+    settings = NodeSettings(out=check_output_dir(args.out, "--out"), host=args.host, port=args.port, ae_title=args.ae_title,
+                            allow_ae=tuple(args.allow_ae), forward=Peer.parse(args.forward) if args.forward else None,
+                            heatmaps=args.heatmaps, queue_size=args.queue_size, outbox_retry_s=args.retry_interval)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s cxrdx listen: %(message)s", stream=sys.stderr)
+    logging.getLogger("cxrdx.listen").setLevel(logging.INFO)  # ours only: pynetdicom's and highdicom's INFO lines are noise here
+    if not is_loopback(args.host):
+        print(f"cxrdx listen: warning: listening on {args.host}, reachable from other machines; DICOM travels unencrypted"
+              + ("" if args.allow_ae else "; restrict callers with --allow-ae"), file=sys.stderr)
+
+    def stop(signum: int, frame: object) -> None:  # a service manager's stop (SIGTERM) ends as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    node = Node(_load_predictor(args, batch_size=1), settings).start()
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("cxrdx listen: stopping: finishing the images already received", file=sys.stderr)
+    finally:
+        node.stop()
+    return 0
+
+
 def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint")
     parser.add_argument("--onnx", required=True, help="the .onnx file to write")
@@ -982,6 +1037,7 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
         ("localize", "pointing game and IoU of heatmaps against boxes", _localize_args, _localize),
         ("predict", "probabilities and positive findings for image files", _predict_args, _predict),
         ("serve", "start the prediction web service and its page", _serve_args, _serve),
+        ("listen", "run a DICOM node: predict the radiographs a PACS sends, return DICOM SRs", _listen_args, _listen),
         ("export", "export a checkpoint to ONNX and check it against PyTorch", _export_args, _export),
         ("convert", "rewrite an old pickle checkpoint in the safe format (safetensors + JSON header)", _convert_args, _convert),
         ("import", "a pretrained chest X-ray model (torchxrayvision, CheXNet) as a cxrdx checkpoint", _import_args, _import),
