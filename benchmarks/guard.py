@@ -4,7 +4,7 @@
 
 Held out: the test split of the cache the model was trained on (default: the one its config names,
 with RUN/split.csv). Foreign: scikit-image's packaged photographs and micrographs (`skimage/data/`)
-and generated text, blank and noise images (tests/foreign_images.py), at the cache's image size.
+and generated text, blank and noise images (tests/helpers.py), at the cache's image size.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cxrdx.predict import Predictor
 from cxrdx.rundir import run_dir_of, split_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the foreign test images live with the tests
-from foreign_images import foreign_images
+from helpers import foreign_images
 
 KINDS = ("skimage", "text", "blank", "noise")
 

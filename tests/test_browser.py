@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import chest_like, make_checkpoint
 from PIL import Image
-from test_predict import chest_like, make_checkpoint
 
 from cxrdx.findings import FINDINGS
 from cxrdx.predict import Predictor

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import tiny_config
-from test_predict import make_checkpoint
+from helpers import make_checkpoint, tiny_config
 
 from cxrdx import card, rundir
 from cxrdx.checkpoint import load_checkpoint

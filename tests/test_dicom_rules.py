@@ -11,13 +11,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from helpers import CORPUS, chest_like, dx_dataset, make_checkpoint
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
 )
-from test_dicom_decode import CORPUS, dx_dataset
-from test_predict import chest_like, make_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.data.dicom_rules import Verdict, check_header, dicom_verdict

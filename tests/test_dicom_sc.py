@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers import chest_like, dx_dataset, make_checkpoint
 from matplotlib import colormaps
-from test_dicom_decode import dx_dataset
-from test_predict import chest_like, make_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.data.imageio import read_image

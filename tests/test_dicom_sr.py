@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers import CORPUS, chest_like, dx_dataset, make_checkpoint
 from PIL import Image
-from test_dicom_decode import CORPUS, dx_dataset
-from test_predict import chest_like, make_checkpoint
 
 from cxrdx import __version__
 from cxrdx.cli import main

@@ -9,20 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny_config
 
 from cxrdx.checkpoint import load_checkpoint, load_train_state
-from cxrdx.config import TrainConfig, load_config
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
-
-
-def tiny_config(cache: Path, out: Path, *overrides: str) -> TrainConfig:
-    """test_resnet (batch norm, dropout 0.5) at 32 px with the full augmentation, 2 epochs of 5 steps."""
-    return load_config(None, [
-        f"data.cache={cache}", f"out={out}", "data.input_size=32", "data.workers=0", "model.name=test_resnet",
-        "optim.global_batch=32", "optim.epochs=2", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=ours",
-        *overrides,
-    ])
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
+from helpers import SIZE, chest_like, dicom_bytes, make_checkpoint
 from PIL import Image
-from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.errors import CxrdxError

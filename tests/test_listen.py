@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers import ENCODINGS, chest_like, dx_dataset, encode, make_checkpoint, tools_for
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from test_dicom_decode import ENCODINGS, dx_dataset, encode, tools_for
-from test_predict import chest_like, make_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.errors import CxrdxError

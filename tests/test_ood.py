@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from foreign_images import foreign_images
+from helpers import SIZE, chest_like, foreign_images, make_checkpoint
 from PIL import Image
-from test_predict import SIZE, chest_like, make_checkpoint
 
 from cxrdx import ood
 from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

@@ -2,92 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 import torch
+from helpers import SIZE, chest_like, dicom_bytes, make_checkpoint
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from cxrdx.checkpoint import Checkpoint, save_checkpoint
 from cxrdx.cli import main
 from cxrdx.data.cache import open_cache, prepare_cache
 from cxrdx.data.dataset import CacheDataset, eval_transform
 from cxrdx.data.imageio import read_image
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
-from cxrdx.models import create_model
 from cxrdx.predict import Predictor, collect_images
-
-SIZE = 64  # cache and input size of the test checkpoints: random weights, tiny and fast
-
-
-def make_checkpoint(path: Path, model_name: str = "test_resnet", size: int = SIZE, **fields) -> Path:
-    """A checkpoint with random weights (fixed seed): enough for parity and robustness tests."""
-    torch.manual_seed(0)
-    kwargs = fields.pop("model_kwargs", {})
-    model = create_model(model_name, num_findings=len(FINDINGS), **kwargs)
-    ckpt = Checkpoint(
-        model_name=model_name, state_dict=model.state_dict(), input_size=size, mean=[0.5], std=[0.25],
-        cache_size=size, model_kwargs=kwargs, **fields,
-    )
-    return save_checkpoint(path, ckpt)
-
-
-def dicom_bytes(
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    window: tuple[float, float] | None = None,
-    voi_lut: np.ndarray | None = None,
-    pixel_data: bool = True,
-    patient: tuple[str, str] | None = None,
-) -> bytes:
-    """A DICOM Part 10 file (explicit VR little endian) holding `pixels` (uint8 or uint16)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    if patient:
-        ds.PatientName, ds.PatientID = patient
-        ds.PatientBirthDate = "19610203"
-    bits = pixels.dtype.itemsize * 8
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits_stored or bits, (bits_stored or bits) - 1
-    ds.PixelRepresentation = 0
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    if voi_lut is not None:
-        item = pydicom.Dataset()
-        item.LUTDescriptor = [len(voi_lut), 0, 16]
-        item.add_new(0x00283006, "US", [int(v) for v in voi_lut])  # LUT Data
-        ds.VOILUTSequence = [item]
-    if pixel_data:
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
-def chest_like(size: int = 96, seed: int = 0) -> np.ndarray:
-    """uint8 image spanning 0..255: a smooth gradient with two bright blobs and some noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = 0.5 * x + 0.3 * y + np.exp(-((x - 0.3) ** 2 + (y - 0.5) ** 2) / 0.02) + 0.6 * np.exp(-((x - 0.7) ** 2 + (y - 0.4) ** 2) / 0.01)
-    img = img + rng.normal(0, 0.03, img.shape)
-    img = (img - img.min()) / (img.max() - img.min())
-    return np.rint(img * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import logging
 import re
 import struct
 import tempfile
-import threading
 import zlib
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import SIZE, blocked_predictor, chest_like, dicom_bytes, make_checkpoint, png_bytes, png_chunk
 from PIL import Image
-from test_predict import SIZE, chest_like, dicom_bytes, make_checkpoint
 
 from cxrdx import __version__
 from cxrdx.dicom_privacy import scrub_patient_values
@@ -30,21 +29,10 @@ LIMIT = 256 * 2**10
 PATIENT = ("Doe^Jane", "PID-7731-SECRET")
 
 
-def png_bytes(img: np.ndarray, mode: str | None = None) -> bytes:
-    out = io.BytesIO()
-    image = Image.fromarray(img)
-    (image.convert(mode) if mode else image).save(out, format="PNG")
-    return out.getvalue()
-
-
 def jpeg_bytes(img: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(img).save(out, format="JPEG", quality=90)
     return out.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png_bomb(side: int) -> bytes:
@@ -221,21 +209,6 @@ def test_scrub_removes_patient_values_from_messages() -> None:
     cleaned = scrub_patient_values(message, data)
     assert all(s not in cleaned for s in ("Doe", "Jane", "PID-7731", "19610203"))
     assert scrub_patient_values(message, png_bytes(chest_like(16))) == message
-
-
-def blocked_predictor(path: Path) -> tuple[Predictor, threading.Event, threading.Event]:
-    """A predictor, and two events: its decoding waits for the first (release) and sets the second (entered)."""
-    blocked = Predictor.from_checkpoint(make_checkpoint(path), device="cpu")
-    release, entered = threading.Event(), threading.Event()
-    load = blocked.load
-
-    def slow_load(source, name=None):
-        entered.set()
-        release.wait(30)
-        return load(source, name)
-
-    blocked.load = slow_load
-    return blocked, release, entered
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:

@@ -20,9 +20,8 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import blocked_predictor, chest_like, dicom_bytes, make_checkpoint, png_bytes, png_chunk
 from PIL import Image, ImageFile
-from test_predict import chest_like, dicom_bytes, make_checkpoint
-from test_serve import blocked_predictor, png_bytes, png_chunk
 
 from cxrdx.cli import main
 from cxrdx.data.imageio import read_image
