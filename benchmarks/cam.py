@@ -75,8 +75,10 @@ def main() -> None:
                     torch.cuda.synchronize(device)
                 seconds[method].append(time.perf_counter() - start)
 
-    print(f"{name}, {size} x {size} px, {device}, {args.threads} thread(s), groups {args.groups}, batch {args.batch_size}, "
-          f"{args.rounds} round(s)")
+    print(
+        f"{name}, {size} x {size} px, {device}, {args.threads} thread(s), groups {args.groups}, batch {args.batch_size}, "
+        f"{args.rounds} round(s)"
+    )
     base = statistics.median(seconds["gradcam"])
     print(f"{'method':<10} {'s / explanation':>16} {'forward passes':>15} {'x Grad-CAM':>11}")
     for method in METHODS:

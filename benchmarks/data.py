@@ -33,14 +33,16 @@ MEAN, STD = 0.5, 0.25
 
 
 def paper_transform(input_size: int) -> T.Compose:
-    return T.Compose([
-        T.RandomHorizontalFlip(),
-        T.AutoAugment(T.AutoAugmentPolicy.IMAGENET),
-        T.Resize((input_size, input_size)),
-        T.ToTensor(),
-        T.Normalize([MEAN], [STD]),
-        T.RandomErasing(p=0.25),
-    ])
+    return T.Compose(
+        [
+            T.RandomHorizontalFlip(),
+            T.AutoAugment(T.AutoAugmentPolicy.IMAGENET),
+            T.Resize((input_size, input_size)),
+            T.ToTensor(),
+            T.Normalize([MEAN], [STD]),
+            T.RandomErasing(p=0.25),
+        ]
+    )
 
 
 def rate(step, items: list, min_seconds: float) -> tuple[float, float]:
@@ -100,8 +102,10 @@ def main() -> None:
     print(f"{'path':<58}{'img/CPU-s':>10}{'img/wall-s':>11}")
     print(f"{'paper: PIL decode 1024^2, AutoAugment full size, resize':<58}{slow_cpu:>10.1f}{slow_wall:>11.1f}")
     print(f"{f'cache: memmap {args.cache_size}^2, resize, AutoAugment':<58}{fast_cpu:>10.1f}{fast_wall:>11.1f}")
-    print(f"ratio cache / paper per core: {fast_cpu / slow_cpu:.1f}x (wall: {fast_wall / slow_wall:.1f}x); "
-          f"one-time prepare {len(paths) / prepare_s:.0f} img/s, paid once for all epochs")
+    print(
+        f"ratio cache / paper per core: {fast_cpu / slow_cpu:.1f}x (wall: {fast_wall / slow_wall:.1f}x); "
+        f"one-time prepare {len(paths) / prepare_s:.0f} img/s, paid once for all epochs"
+    )
 
 
 if __name__ == "__main__":

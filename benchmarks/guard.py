@@ -50,8 +50,10 @@ def main() -> None:
         kept = [p.name for p in some if p.accepted]
         print(f"  {kind}: {len(some) - len(kept)} of {len(some)} refused" + (f" (accepted: {', '.join(kept)})" if kept else ""))
     scores = lambda ps: np.array([p.ood_score for p in ps])
-    print(f"OOD score median: held out {np.median(scores(held_out)):.3g}, foreign {np.median(scores(judged)):.3g}, "
-          f"threshold {predictor.guard.threshold:.3g}")
+    print(
+        f"OOD score median: held out {np.median(scores(held_out)):.3g}, foreign {np.median(scores(judged)):.3g}, "
+        f"threshold {predictor.guard.threshold:.3g}"
+    )
 
 
 if __name__ == "__main__":

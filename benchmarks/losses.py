@@ -44,10 +44,21 @@ def run(out: Path, cache: Path, split: Path, loss: str, seed: int, epochs: int, 
     run_dir = out / f"{loss}_seed{seed}"
     if not (run_dir / "checkpoints" / "best.pt").is_file():
         started = time.perf_counter()
-        train(load_config(Path(__file__).parents[1] / "src/cxrdx/presets/demo.yaml", [
-            f"data.cache={cache}", f"data.split_file={split}", f"out={run_dir}", f"seed={seed}", f"loss.name={loss}",
-            f"optim.epochs={epochs}", f"data.input_size={input_size}",
-        ]), progress=False)
+        train(
+            load_config(
+                Path(__file__).parents[1] / "src/cxrdx/presets/demo.yaml",
+                [
+                    f"data.cache={cache}",
+                    f"data.split_file={split}",
+                    f"out={run_dir}",
+                    f"seed={seed}",
+                    f"loss.name={loss}",
+                    f"optim.epochs={epochs}",
+                    f"data.input_size={input_size}",
+                ],
+            ),
+            progress=False,
+        )
         print(f"{run_dir.name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
     preds = predict_split(run_dir / "checkpoints" / "best.pt", split="test", progress=False, workers=0).predictions
     return np.array([auroc_ci(preds.labels[:, k], preds.probs[:, k])[0] for k in range(len(FINDINGS))])

@@ -35,8 +35,9 @@ def make_models(name: str, size: int, folder: Path) -> tuple[Predictor, OnnxPred
     torch.manual_seed(0)
     kwargs = {"img_size": size} if name.startswith("coatnet") else {}
     model = create_model(name, num_findings=len(FINDINGS), **kwargs)
-    ckpt = Checkpoint(model_name=name, state_dict=model.state_dict(), input_size=size, mean=[0.5], std=[0.25],
-                      cache_size=256, model_kwargs=kwargs)
+    ckpt = Checkpoint(
+        model_name=name, state_dict=model.state_dict(), input_size=size, mean=[0.5], std=[0.25], cache_size=256, model_kwargs=kwargs
+    )
     save_checkpoint(folder / f"{name}.pt", ckpt)
     result = export_onnx(ckpt, folder / f"{name}.onnx")
     print(f"  {name}: exported, ONNX Runtime vs PyTorch max abs probability difference {result.max_abs_diff:.1e}")
@@ -51,8 +52,9 @@ def free_port() -> int:
 
 def load_test(predictor: BasePredictor, image: bytes, clients: int, requests: int) -> dict[str, float]:
     """`clients` threads send `requests` uploads in all, each waiting for its answer before the next."""
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor, queue_size=clients), host="127.0.0.1",
-                                           port=free_port(), log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(predictor, queue_size=clients), host="127.0.0.1", port=free_port(), log_level="warning", access_log=False)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -93,8 +95,13 @@ def load_test(predictor: BasePredictor, image: bytes, clients: int, requests: in
     server.should_exit = True
     thread.join()
     ms = np.array(latencies) * 1e3
-    return {"throughput": len(ms) / wall, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
-            "errors": errors, "wall": wall}
+    return {
+        "throughput": len(ms) / wall,
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "errors": errors,
+        "wall": wall,
+    }
 
 
 def single_image_ms(predictor: BasePredictor, size: int, repeats: int) -> float:
@@ -134,16 +141,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        print(f"\nLoad test: {args.model} at {args.size} px, {args.clients} clients, {args.requests} requests "
-              f"of {label} ({len(image) / 1e6:.2f} MB) to POST /v1/predict on 127.0.0.1")
+        print(
+            f"\nLoad test: {args.model} at {args.size} px, {args.clients} clients, {args.requests} requests "
+            f"of {label} ({len(image) / 1e6:.2f} MB) to POST /v1/predict on 127.0.0.1"
+        )
         torch_predictor, onnx_predictor = make_models(args.model, args.size, folder)
         rows = {p.backend: load_test(p, image, args.clients, args.requests) for p in (torch_predictor, onnx_predictor)}
         print(f"  {'backend':<12} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'wall s':>7}")
         for backend, r in rows.items():
             print(f"  {backend:<12} {r['throughput']:>7.2f} {r['p50']:>8.0f} {r['p99']:>8.0f} {r['errors']:>7d} {r['wall']:>7.1f}")
         t, o = rows["pytorch"], rows["onnxruntime"]
-        print(f"  onnxruntime / pytorch: throughput x{o['throughput'] / t['throughput']:.2f}, p50 x{o['p50'] / t['p50']:.2f}, "
-              f"p99 x{o['p99'] / t['p99']:.2f}")
+        print(
+            f"  onnxruntime / pytorch: throughput x{o['throughput'] / t['throughput']:.2f}, p50 x{o['p50'] / t['p50']:.2f}, "
+            f"p99 x{o['p99'] / t['p99']:.2f}"
+        )
         if any(r["errors"] for r in rows.values()):
             raise SystemExit("errors in the load test: expected 0")
 

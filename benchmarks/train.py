@@ -84,10 +84,18 @@ def main() -> None:
         images_needed = args.batch_size * (1 + args.steps * args.repeats)
         # enough images for every finding to have training positives (the loss weights need them)
         cache = args.cache or _make_cache(Path(tmp), n=max(300, int(images_needed / 0.6)), size=args.cache_size)
-        config = load_config(None, [
-            f"data.cache={cache}", f"out={tmp}/run", f"model.name={args.model}", f"data.input_size={args.input_size}",
-            f"optim.global_batch={args.batch_size}", f"data.workers={args.workers}", *args.overrides,
-        ])
+        config = load_config(
+            None,
+            [
+                f"data.cache={cache}",
+                f"out={tmp}/run",
+                f"model.name={args.model}",
+                f"data.input_size={args.input_size}",
+                f"optim.global_batch={args.batch_size}",
+                f"data.workers={args.workers}",
+                *args.overrides,
+            ],
+        )
         run = setup_run(config)
         run.model.train()
         batches = _batches(run)
@@ -104,8 +112,10 @@ def main() -> None:
             full.append(_time_full(run, batches, args.steps))
 
     amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.amp]
-    print(f"{args.model} {args.input_size}px batch {args.batch_size} on {run.device} ({torch.get_num_threads()} threads, "
-          f"{args.workers} loader workers, amp {amp}, EMA {'on' if run.ema is not None else 'off'})")
+    print(
+        f"{args.model} {args.input_size}px batch {args.batch_size} on {run.device} ({torch.get_num_threads()} threads, "
+        f"{args.workers} loader workers, amp {amp}, EMA {'on' if run.ema is not None else 'off'})"
+    )
     print(f"{'':28}{'images/s (median)':>18}   rounds")
     print(f"{'bare forward/backward':28}{statistics.median(bare):18.2f}   {', '.join(f'{v:.2f}' for v in bare)}")
     print(f"{'full training step':28}{statistics.median(full):18.2f}   {', '.join(f'{v:.2f}' for v in full)}")

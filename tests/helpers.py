@@ -43,8 +43,14 @@ def make_checkpoint(path: Path, model_name: str = "test_resnet", size: int = SIZ
     kwargs = fields.pop("model_kwargs", {})
     model = create_model(model_name, num_findings=len(FINDINGS), **kwargs)
     ckpt = Checkpoint(
-        model_name=model_name, state_dict=model.state_dict(), input_size=size, mean=[0.5], std=[0.25],
-        cache_size=size, model_kwargs=kwargs, **fields,
+        model_name=model_name,
+        state_dict=model.state_dict(),
+        input_size=size,
+        mean=[0.5],
+        std=[0.25],
+        cache_size=size,
+        model_kwargs=kwargs,
+        **fields,
     )
     return save_checkpoint(path, ckpt)
 
@@ -101,11 +107,22 @@ def chest_like(size: int = 96, seed: int = 0) -> np.ndarray:
 
 def tiny_config(cache: Path, out: Path, *overrides: str) -> TrainConfig:
     """test_resnet (batch norm, dropout 0.5) at 32 px with the full augmentation, 2 epochs of 5 steps."""
-    return load_config(None, [
-        f"data.cache={cache}", f"out={out}", "data.input_size=32", "data.workers=0", "model.name=test_resnet",
-        "optim.global_batch=32", "optim.epochs=2", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=ours",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.cache={cache}",
+            f"out={out}",
+            "data.input_size=32",
+            "data.workers=0",
+            "model.name=test_resnet",
+            "optim.global_batch=32",
+            "optim.epochs=2",
+            "optim.lr=1e-3",
+            "ema.decay=0.9",
+            "loss.name=ours",
+            *overrides,
+        ],
+    )
 
 
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"  # read directly: get_testdata_files() downloads

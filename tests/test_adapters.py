@@ -83,8 +83,12 @@ def chexpert_dir(tmp_path: Path) -> Path:
         CHEXPERT_HEADER + f"{ROOT}/valid/patient64541/study1/view1_frontal.jpg,Male,73,Frontal,AP,0.0,1.0,1.0,1.0,0.0,1.0,"
         "0.0,0.0,0.0,0.0,0.0,0.0,0.0,1.0\n"
     )
-    for rel in ("train/patient00001/study1/view1_frontal.jpg", "train/patient00001/study1/view2_lateral.jpg",
-                "train/patient00002/study2/view1_frontal.jpg", "valid/patient64541/study1/view1_frontal.jpg"):
+    for rel in (
+        "train/patient00001/study1/view1_frontal.jpg",
+        "train/patient00001/study1/view2_lateral.jpg",
+        "train/patient00002/study2/view1_frontal.jpg",
+        "valid/patient64541/study1/view1_frontal.jpg",
+    ):
         image(root / rel)
     return tmp_path
 
@@ -93,7 +97,8 @@ def test_chexpert_layout_views_and_missing_images(chexpert_dir: Path) -> None:
     for data_dir in (chexpert_dir, chexpert_dir / ROOT):  # the dataset folder or the folder above it
         index = read_dataset("chexpert", data_dir)
         assert index.table["Image Index"].tolist() == [
-            "train/patient00001/study1/view1_frontal.jpg", "train/patient00002/study2/view1_frontal.jpg",
+            "train/patient00001/study1/view1_frontal.jpg",
+            "train/patient00002/study2/view1_frontal.jpg",
             "valid/patient64541/study1/view1_frontal.jpg",
         ]
         assert index.missing == ["train/patient00003/study1/view1_frontal.jpg"]
@@ -129,8 +134,9 @@ def test_chexpert_uncertain_policies(chexpert_dir: Path) -> None:
 
 
 def test_chexpert_rejects_a_bad_label(tmp_path: Path) -> None:
-    (tmp_path / "train.csv").write_text(CHEXPERT_HEADER + f"{ROOT}/train/patient00001/study1/view1_frontal.jpg,"
-                                        "Female,68,Frontal,AP,,,2.0,,,,,,,,,,,\n")
+    (tmp_path / "train.csv").write_text(
+        CHEXPERT_HEADER + f"{ROOT}/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,,,2.0,,,,,,,,,,,\n"
+    )
     with pytest.raises(CxrdxError, match=r"train.csv: line 2: Cardiomegaly .2.0.; expected one of 0, 1, -1 or blank"):
         read_dataset("chexpert", tmp_path)
     with pytest.raises(CxrdxError, match="no CheXpert label table"):
@@ -139,23 +145,29 @@ def test_chexpert_rejects_a_bad_label(tmp_path: Path) -> None:
 
 # --- MIMIC-CXR-JPG ---------------------------------------------------------------------------------
 
-MIMIC_LABELS = ("subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Enlarged Cardiomediastinum,Fracture,"
-                "Lung Lesion,Lung Opacity,No Finding,Pleural Effusion,Pleural Other,Pneumonia,Pneumothorax,Support Devices\n")
+MIMIC_LABELS = (
+    "subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Enlarged Cardiomediastinum,Fracture,"
+    "Lung Lesion,Lung Opacity,No Finding,Pleural Effusion,Pleural Other,Pneumonia,Pneumothorax,Support Devices\n"
+)
 
 
 def test_mimic_layout_join_and_split(tmp_path: Path) -> None:
     def gz(name: str, text: str) -> None:
         (tmp_path / name).write_bytes(gzip.compress(text.encode()))
 
-    gz("mimic-cxr-2.0.0-chexpert.csv.gz", MIMIC_LABELS + "10000032,50414267,,,,,,,,,1.0,,,,,\n"
-       "10000898,50771383,,-1.0,,1.0,,,,,,,,,,\n")
-    gz("mimic-cxr-2.0.0-negbio.csv.gz", MIMIC_LABELS + "10000032,50414267,,,,,,,,,1.0,,,,,\n"
-       "10000898,50771383,,1.0,,1.0,,,,,,,,,,\n")
-    gz("mimic-cxr-2.0.0-metadata.csv.gz", "dicom_id,subject_id,study_id,ViewPosition\n"
-       "a1,10000032,50414267,PA\na2,10000032,50414267,LATERAL\nb1,10000898,50771383,AP\n"
-       "c1,10001884,50000014,AP\nd1,10001884,50000015,AP AXIAL\n")
-    gz("mimic-cxr-2.0.0-split.csv.gz", "dicom_id,study_id,subject_id,split\na1,50414267,10000032,train\n"
-       "a2,50414267,10000032,train\nb1,50771383,10000898,validate\nc1,50000014,10001884,test\n")
+    gz("mimic-cxr-2.0.0-chexpert.csv.gz", MIMIC_LABELS + "10000032,50414267,,,,,,,,,1.0,,,,,\n10000898,50771383,,-1.0,,1.0,,,,,,,,,,\n")
+    gz("mimic-cxr-2.0.0-negbio.csv.gz", MIMIC_LABELS + "10000032,50414267,,,,,,,,,1.0,,,,,\n10000898,50771383,,1.0,,1.0,,,,,,,,,,\n")
+    gz(
+        "mimic-cxr-2.0.0-metadata.csv.gz",
+        "dicom_id,subject_id,study_id,ViewPosition\n"
+        "a1,10000032,50414267,PA\na2,10000032,50414267,LATERAL\nb1,10000898,50771383,AP\n"
+        "c1,10001884,50000014,AP\nd1,10001884,50000015,AP AXIAL\n",
+    )
+    gz(
+        "mimic-cxr-2.0.0-split.csv.gz",
+        "dicom_id,study_id,subject_id,split\na1,50414267,10000032,train\n"
+        "a2,50414267,10000032,train\nb1,50771383,10000898,validate\nc1,50000014,10001884,test\n",
+    )
     for rel in ("p10/p10000032/s50414267/a1.jpg", "p10/p10000032/s50414267/a2.jpg", "p10/p10001884/s50000014/c1.jpg"):
         image(tmp_path / "files" / rel)
 
@@ -185,7 +197,16 @@ def test_padchest_terms_views_and_folders(tmp_path: Path) -> None:
     rows = [
         ("a.png", "0", "p1", "20140915", "1930.0", "F", "PA", "['normal']"),
         ("b.png", "0", "p1", "20150914", "1930.0", "F", "L", "['pleural effusion', 'nodule']"),
-        ("c.png", "1", "p2", "20150101", "1950.0", "M", "AP_horizontal", "['pseudonodule', 'subcutaneous emphysema', 'pericardial effusion']"),
+        (
+            "c.png",
+            "1",
+            "p2",
+            "20150101",
+            "1950.0",
+            "M",
+            "AP_horizontal",
+            "['pseudonodule', 'subcutaneous emphysema', 'pericardial effusion']",
+        ),
         ("d.png", "1", "p3", "20160101", "", "M", "PA", "['unchanged']"),
         ("e.png", "1", "p4", "20160101", "1940.0", "M", "PA", ""),
         ("f.png", "2", "p5", "20160101", "1940.0", "F", "PA", "['hydropneumothorax', 'soft tissue mass', 'pulmonary mass']"),
@@ -243,8 +264,17 @@ def test_vindr_readers_nodule_mass_and_layout(tmp_path: Path) -> None:
     assert same(labels(index, "Effusion"), [0, 1, 0])
     assert same(labels(index, "Nodule"), [NAN, 0, NAN]) and same(labels(index, "Mass"), [NAN, 0, NAN])
     assert same(labels(index, "Nodule/Mass"), [1, 0, 1]) and same(labels(index, "Rib fracture"), [0, 0, 1])
-    assert index.unlabelled() == ["Atelectasis", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Hernia",
-                                  "Infiltration", "Pleural_Thickening", "Pneumothorax"]
+    assert index.unlabelled() == [
+        "Atelectasis",
+        "Consolidation",
+        "Edema",
+        "Emphysema",
+        "Fibrosis",
+        "Hernia",
+        "Infiltration",
+        "Pleural_Thickening",
+        "Pneumothorax",
+    ]
     majority = read_dataset("vindr", tmp_path, readers="majority")
     assert same(labels(majority, "Cardiomegaly"), [1, 0, 0])
     assert same(labels(majority, "Nodule/Mass"), [0, 0, 1]) and same(labels(majority, "Effusion"), [0, 0, 0])

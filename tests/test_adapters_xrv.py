@@ -62,7 +62,12 @@ def test_padchest_labels_match_torchxrayvision_up_to_the_documented_terms(empty_
     table = padchest.read_labels(DATA / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz")
     assert len(table) == 160_861
     assert table["View Position"].value_counts().to_dict() == {
-        "PA": 91_728, "LATERAL": 49_579, "AP": 18_905, "COSTAL": 630, "EXCLUDE": 11, "UNK": 8,
+        "PA": 91_728,
+        "LATERAL": 49_579,
+        "AP": 18_905,
+        "COSTAL": 630,
+        "EXCLUDE": 11,
+        "UNK": 8,
     }
     # torchxrayvision also drops rows without labels, 21 broken files and patients under 10: take its rows
     ours = table.set_index("Image Index").loc[theirs.csv["ImageID"]]
@@ -89,7 +94,11 @@ def test_padchest_labels_match_torchxrayvision_up_to_the_documented_terms(empty_
             assert terms[row] & expected.get(name, set()), (name, sorted(terms[row]))
         fewer_positives[name] = int((their == 1).sum() - (mine == 1).sum())
     assert {k: v for k, v in fewer_positives.items() if v} == {
-        "Effusion": 4, "Emphysema": 167, "Infiltration": 1_221, "Mass": 78, "Nodule": 1_390,
+        "Effusion": 4,
+        "Emphysema": 167,
+        "Infiltration": 1_221,
+        "Mass": 78,
+        "Nodule": 1_390,
     }
     assert int((ours["Nodule"] == 1).sum()) == 2_545 and int((ours["Cardiomegaly"] == 1).sum()) == 9_795
 
@@ -99,11 +108,20 @@ def test_vinbigdata_labels_equal_torchxrayvision(empty_dir: str) -> None:
     ours = vindr.read_annotations(DATA / "vinbigdata-train.csv.gz").set_index("Image Index").loc[theirs.csv["image_id"]]
     assert len(ours) == 15_000
     same = {
-        "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
-        "Effusion": "Effusion", "Infiltration": "Infiltration", "Pleural_Thickening": "Pleural_Thickening",
-        "Pneumothorax": "Pneumothorax", "Fibrosis": "Pulmonary Fibrosis", "Nodule/Mass": "Nodule/Mass",
-        "Lung Opacity": "Lung Opacity", "ILD": "ILD", "Aortic enlargement": "Aortic enlargement",
-        "Calcification": "Calcification", "Other lesion": "Other Lesion",
+        "Atelectasis": "Atelectasis",
+        "Cardiomegaly": "Cardiomegaly",
+        "Consolidation": "Consolidation",
+        "Effusion": "Effusion",
+        "Infiltration": "Infiltration",
+        "Pleural_Thickening": "Pleural_Thickening",
+        "Pneumothorax": "Pneumothorax",
+        "Fibrosis": "Pulmonary Fibrosis",
+        "Nodule/Mass": "Nodule/Mass",
+        "Lung Opacity": "Lung Opacity",
+        "ILD": "ILD",
+        "Aortic enlargement": "Aortic enlargement",
+        "Calcification": "Calcification",
+        "Other lesion": "Other Lesion",
     }
     for mine, their in same.items():
         np.testing.assert_array_equal(ours[mine].to_numpy(np.float64), xrv_labels(theirs, their), err_msg=mine)
@@ -134,16 +152,19 @@ def test_rsna_labels_equal_torchxrayvision() -> None:
 
 def test_mimic_rule_matches_torchxrayvision_except_support_devices(tmp_path: Path) -> None:
     """torchxrayvision ships no MIMIC labels: both read the same small tables in the published format."""
-    header = ("subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Enlarged Cardiomediastinum,Fracture,"
-              "Lung Lesion,Lung Opacity,No Finding,Pleural Effusion,Pleural Other,Pneumonia,Pneumothorax,Support Devices\n")
+    header = (
+        "subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Enlarged Cardiomediastinum,Fracture,"
+        "Lung Lesion,Lung Opacity,No Finding,Pleural Effusion,Pleural Other,Pneumonia,Pneumothorax,Support Devices\n"
+    )
     (tmp_path / "chexpert.csv").write_text(
         header + "1,11,,,,,,,,,1.0,,,,,\n2,21,,-1.0,,1.0,,,,,,0.0,,,,1.0\n3,31,1.0,,0.0,,,,,,,,,-1.0,,\n"
     )
     (tmp_path / "metadata.csv").write_text(
         "dicom_id,subject_id,study_id,ViewPosition,StudyDate\na,1,11,PA,1\nb,2,21,AP,1\nc,3,31,PA,1\nd,3,31,LATERAL,1\n"
     )
-    theirs = xrv.datasets.MIMIC_Dataset(str(tmp_path), str(tmp_path / "chexpert.csv"), str(tmp_path / "metadata.csv"),
-                                        views=FRONTAL, unique_patients=False)
+    theirs = xrv.datasets.MIMIC_Dataset(
+        str(tmp_path), str(tmp_path / "chexpert.csv"), str(tmp_path / "metadata.csv"), views=FRONTAL, unique_patients=False
+    )
     ours = mimic.read_labels(tmp_path / "chexpert.csv", tmp_path / "metadata.csv")
     ours = ours[ours["View Position"].isin(FRONTAL)]
     for name in [*chexpert.TO_FINDING.values(), *chexpert.EXTRA_LABELS]:

@@ -15,8 +15,19 @@ import cxrdx
 PACKAGE = Path(cxrdx.__file__).parent
 ENGINE, CLI = "cxrdx.engine", "cxrdx.cli"
 # the prediction side: loads a checkpoint and predicts, explains or serves without the training loop
-INFERENCE_SIDE = ("cxrdx.data", "cxrdx.models", "cxrdx.losses", "cxrdx.metrics", "cxrdx.stats", "cxrdx.inference",
-                  "cxrdx.runtime", "cxrdx.predict", "cxrdx.export", "cxrdx.explain", "cxrdx.serve")
+INFERENCE_SIDE = (
+    "cxrdx.data",
+    "cxrdx.models",
+    "cxrdx.losses",
+    "cxrdx.metrics",
+    "cxrdx.stats",
+    "cxrdx.inference",
+    "cxrdx.runtime",
+    "cxrdx.predict",
+    "cxrdx.export",
+    "cxrdx.explain",
+    "cxrdx.serve",
+)
 
 
 def _module_name(path: Path) -> str:

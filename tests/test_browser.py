@@ -20,8 +20,12 @@ from cxrdx.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 SCREENSHOT = Path("/tmp/cxrdx_page.png")
 SAMPLE = "00000013_004.png"  # Effusion, Emphysema, Infiltration, Pneumothorax
@@ -140,7 +144,6 @@ def test_page_asks_for_the_api_key_and_sends_it(predictor: Predictor, xray: Path
         assert page.evaluate("sessionStorage.getItem('cxrdx-api-key')") == API_KEY
 
 
-
 def test_page_shows_the_input_guards_reason_instead_of_bars(predictor: Predictor, xray: Path, chromium, tmp_path: Path) -> None:
     import dataclasses
 
@@ -153,8 +156,17 @@ def test_page_shows_the_input_guards_reason_instead_of_bars(predictor: Predictor
     with torch.no_grad():
         features = logits_and_features(predictor.model, predictor.to_tensor(predictor.load(xray)[None]))[1][0].double().numpy()
     dim = len(features)
-    guard = OodGuard(features, np.eye(dim), np.eye(dim), threshold=1e-4 * (1 + np.linalg.norm(features)), percentile=99.0,
-                     val_acceptance=0.99, train_images=1, val_images=1, shrinkage=0.0)
+    guard = OodGuard(
+        features,
+        np.eye(dim),
+        np.eye(dim),
+        threshold=1e-4 * (1 + np.linalg.norm(features)),
+        percentile=99.0,
+        val_acceptance=0.99,
+        train_images=1,
+        val_images=1,
+        shrinkage=0.0,
+    )
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)).save(noise)
     guarded = Predictor(dataclasses.replace(predictor.checkpoint, guard=guard), device="cpu")

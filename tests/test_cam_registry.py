@@ -24,7 +24,9 @@ def test_registry_holds_groupcam_and_the_grad_cam_family():
 
 def test_method_names_are_checked_with_close_matches_and_the_parameter_named():
     check_methods(["groupcam", "hirescam"])
-    with pytest.raises(CxrdxError, match=r"^methods gradcm rise: unknown method; did you mean gradcam or xgradcam\? choose from groupcam, "):
+    with pytest.raises(
+        CxrdxError, match=r"^methods gradcm rise: unknown method; did you mean gradcam or xgradcam\? choose from groupcam, "
+    ):
         check_methods(["gradcm", "groupcam", "rise"], "methods")
 
 

@@ -14,10 +14,32 @@ from cxrdx import card, rundir
 from cxrdx.checkpoint import load_checkpoint
 from cxrdx.cli import main
 
-MITCHELL = ["Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data", "Quantitative analyses",
-            "Ethical considerations", "Caveats and recommendations"]
-MONAI_KEYS = ["name", "version", "description", "authors", "intended_use", "data_source", "data_type", "image_classes",
-              "label_classes", "pred_classes", "references", "task", "network_data_format"]
+MITCHELL = [
+    "Model details",
+    "Intended use",
+    "Factors",
+    "Metrics",
+    "Evaluation data",
+    "Training data",
+    "Quantitative analyses",
+    "Ethical considerations",
+    "Caveats and recommendations",
+]
+MONAI_KEYS = [
+    "name",
+    "version",
+    "description",
+    "authors",
+    "intended_use",
+    "data_source",
+    "data_type",
+    "image_classes",
+    "label_classes",
+    "pred_classes",
+    "references",
+    "task",
+    "network_data_format",
+]
 PHANTOMS = "trained on synthetic phantoms, not on radiographs of patients"
 NO_EXTERNAL = "no external validation (no evaluation on images from another hospital or dataset)"
 
@@ -32,8 +54,23 @@ def run(phantom_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert (run_dir / "card.json").is_file() and not (run_dir / "eval").exists()  # the first card, before any evaluation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["evaluate", "--checkpoint", str(rundir.best_checkpoint(run_dir)), "--out", str(run_dir / "eval"), "--quiet",
-                     "--workers", "0", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--checkpoint",
+                    str(rundir.best_checkpoint(run_dir)),
+                    "--out",
+                    str(run_dir / "eval"),
+                    "--quiet",
+                    "--workers",
+                    "0",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     return run_dir
 
 
@@ -84,7 +121,9 @@ def test_json_has_the_monai_bundle_keys_and_reads_back(run: Path):
 
 def test_only_an_external_evaluation_lifts_the_second_reason(run: Path, tmp_path: Path):
     internal = rundir.read_eval_metrics(run / "eval")
-    external = rundir.EvalMetrics.from_dict({**internal.to_dict(), "settings": {**internal.settings, "split": "all", "data": str(tmp_path)}})
+    external = rundir.EvalMetrics.from_dict(
+        {**internal.to_dict(), "settings": {**internal.settings, "split": "all", "data": str(tmp_path)}}
+    )
     same_cache = rundir.EvalMetrics.from_dict({**internal.to_dict(), "settings": {**internal.settings, "split": "all"}})
     best = rundir.best_checkpoint(run)
     assert card.build_card(best, [same_cache]).not_for_clinical_use == [PHANTOMS, NO_EXTERNAL]  # all images of the training cache
@@ -119,8 +158,8 @@ def test_the_report_embeds_the_card(run: Path, tmp_path: Path):
     from cxrdx.report import write_report
 
     html = write_report([run], tmp_path / "report", progress=False).read_text(encoding="utf-8")
-    section = html[html.index("<section id='model-card'>"):]
-    section = section[:section.index("</section>")]
+    section = html[html.index("<section id='model-card'>") :]
+    section = section[: section.index("</section>")]
     assert f"<p class='not-clinical'>Not for clinical use: {PHANTOMS}; {NO_EXTERNAL}.</p>" in section
     assert all(f"<h4>{title}</h4>" in section for title in MITCHELL)
     assert "<a href='#model-card'>Model card</a>" in html

@@ -45,8 +45,9 @@ class WritesFile:
 def tiny_checkpoint(**fields) -> Checkpoint:
     torch.manual_seed(0)
     model = create_model("test_resnet", pretrained="none", num_findings=len(FINDINGS))
-    return Checkpoint(model_name="test_resnet", state_dict=model.state_dict(), input_size=32, mean=[0.5], std=[0.25],
-                      cache_size=SIZE, **fields)
+    return Checkpoint(
+        model_name="test_resnet", state_dict=model.state_dict(), input_size=32, mean=[0.5], std=[0.25], cache_size=SIZE, **fields
+    )
 
 
 def save_pickle_checkpoint(path: Path, checkpoint: Checkpoint, **extra) -> Path:
@@ -66,10 +67,16 @@ def image(folder: Path) -> Path:
 def every_field() -> Checkpoint:
     """No field at its default, a tuple among the JSON values, an int64 buffer among the tensors."""
     return tiny_checkpoint(
-        model_kwargs={"drop_rate": 0.25}, findings=list(FINDINGS), thresholds=[0.1 * (i % 9) for i in range(14)],
-        temperature=[1.0 + i / 10 for i in range(14)], config={"data": {"cache": "cache/x", "mean": (0.5,)}, "seed": 3},
-        val_metrics={"loss": 0.25, "auroc": {"Mass": None, "Hernia": 0.75}, "auc": np.float64(0.5)}, epoch=7,
-        cxrdx_version="9.8.7", preprocess="xrv", provenance={"source": "chexnet", "sha256": "0" * 64},
+        model_kwargs={"drop_rate": 0.25},
+        findings=list(FINDINGS),
+        thresholds=[0.1 * (i % 9) for i in range(14)],
+        temperature=[1.0 + i / 10 for i in range(14)],
+        config={"data": {"cache": "cache/x", "mean": (0.5,)}, "seed": 3},
+        val_metrics={"loss": 0.25, "auroc": {"Mass": None, "Hernia": 0.75}, "auc": np.float64(0.5)},
+        epoch=7,
+        cxrdx_version="9.8.7",
+        preprocess="xrv",
+        provenance={"source": "chexnet", "sha256": "0" * 64},
         guard=fit_guard(np.random.default_rng(0).normal(size=(50, 96)), np.random.default_rng(1).normal(size=(20, 96))),
     )
 
@@ -81,9 +88,11 @@ def test_every_field_round_trips(tmp_path: Path):
     for f in dataclasses.fields(Checkpoint):
         if f.name != "state_dict":
             assert getattr(loaded, f.name) != f.default, f"{f.name} is at its default: the test would not see it lost"
-    expected = {**{f.name: getattr(original, f.name) for f in dataclasses.fields(Checkpoint)},
-                "config": {"data": {"cache": "cache/x", "mean": [0.5]}, "seed": 3},  # JSON: a tuple comes back a list
-                "val_metrics": {"loss": 0.25, "auroc": {"Mass": None, "Hernia": 0.75}, "auc": 0.5}}
+    expected = {
+        **{f.name: getattr(original, f.name) for f in dataclasses.fields(Checkpoint)},
+        "config": {"data": {"cache": "cache/x", "mean": [0.5]}, "seed": 3},  # JSON: a tuple comes back a list
+        "val_metrics": {"loss": 0.25, "auroc": {"Mass": None, "Hernia": 0.75}, "auc": 0.5},
+    }
     for name, value in expected.items():
         if name not in ("state_dict", "guard"):
             assert getattr(loaded, name) == value, name
@@ -121,8 +130,9 @@ def forged(tmp_path: Path) -> tuple[Path, Path]:
     marker = tmp_path / "MARKER"
     run = tmp_path / "run"
     for name in ("best.pt", "last.pt"):
-        save_pickle_checkpoint(run / "checkpoints" / name, tiny_checkpoint(config={"data": {"cache": str(tmp_path)}}),
-                               val_metrics={"loss": WritesFile(marker)})
+        save_pickle_checkpoint(
+            run / "checkpoints" / name, tiny_checkpoint(config={"data": {"cache": str(tmp_path)}}), val_metrics={"loss": WritesFile(marker)}
+        )
     save_config(load_config(None, [f"out={run}", "model.name=test_resnet", f"data.cache={tmp_path}"]), run / "config.yaml")
     return run, marker
 
@@ -153,8 +163,7 @@ def boxes(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, "train --resume"])
-def test_every_command_refuses_a_pickle_checkpoint(command: str, forged: tuple[Path, Path], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture):
+def test_every_command_refuses_a_pickle_checkpoint(command: str, forged: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture):
     run, marker = forged
     if command == "train --resume":
         argv = ["train", "--resume", str(run), "--quiet"]
@@ -197,11 +206,13 @@ def test_a_trusted_old_checkpoint_converts_and_predicts_identically(tmp_path: Pa
     assert converted.temperature == every_field().temperature and converted.epoch == 7
 
 
-def test_calibrate_rewrites_an_old_checkpoint_in_the_safe_format(phantom_cache: Path, phantom_split: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture):
+def test_calibrate_rewrites_an_old_checkpoint_in_the_safe_format(
+    phantom_cache: Path, phantom_split: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     run = tmp_path / "run"
-    old = save_pickle_checkpoint(run / "checkpoints" / "best.pt",
-                                 tiny_checkpoint(config={"data": {"cache": str(phantom_cache), "workers": 0}}))
+    old = save_pickle_checkpoint(
+        run / "checkpoints" / "best.pt", tiny_checkpoint(config={"data": {"cache": str(phantom_cache), "workers": 0}})
+    )
     shutil.copy(phantom_split, run / "split.csv")
     assert main(["calibrate", "--checkpoint", str(old), "--temperature", "--quiet", "--trust-pickle"]) == 0
     assert f"cxrdx calibrate: note: {old}: unpickling an old {PICKLE_FORMAT} checkpoint" in capsys.readouterr().err
@@ -212,8 +223,13 @@ def test_calibrate_rewrites_an_old_checkpoint_in_the_safe_format(phantom_cache: 
 def test_damaged_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture):
     path = save_checkpoint(tmp_path / "best.pt", tiny_checkpoint())
     data = path.read_bytes()
-    for cut, reason in ((len(data) - 100, "damaged checkpoint file"), (len(data) // 2, "damaged checkpoint file"),
-                        (100, "damaged checkpoint file"), (3, "not a cxrdx checkpoint"), (0, "not a cxrdx checkpoint")):
+    for cut, reason in (
+        (len(data) - 100, "damaged checkpoint file"),
+        (len(data) // 2, "damaged checkpoint file"),
+        (100, "damaged checkpoint file"),
+        (3, "not a cxrdx checkpoint"),
+        (0, "not a cxrdx checkpoint"),
+    ):
         path.write_bytes(data[:cut])
         with pytest.raises(CxrdxError, match=reason) as caught:
             load_checkpoint(path)
@@ -232,20 +248,23 @@ def _header(**changes) -> str:
     return json.dumps({k: v for k, v in values.items() if v is not ...})
 
 
-@pytest.mark.parametrize("metadata, message", [
-    ({"format": FORMAT, "checkpoint": _header(input_size="32")}, "'input_size' must be an integer, not \"32\""),
-    ({"format": FORMAT, "checkpoint": _header(input_size=True)}, "'input_size' must be an integer"),
-    ({"format": FORMAT, "checkpoint": _header(mean=0.5)}, "'mean' must be a list of numbers"),
-    ({"format": FORMAT, "checkpoint": _header(temperature=["1"] * 14)}, "'temperature' must be a list of numbers or null"),
-    ({"format": FORMAT, "checkpoint": _header(thresholds=[0.5] * 3)}, "'thresholds' has 3 values for 14 findings"),
-    ({"format": FORMAT, "checkpoint": _header(config=[])}, "'config' must be an object"),
-    ({"format": FORMAT, "checkpoint": _header(model_name=...)}, "incomplete cxrdx checkpoint \\(no model_name"),
-    ({"format": FORMAT, "checkpoint": "[1, 2]"}, "header is not a JSON object"),
-    ({"format": FORMAT, "checkpoint": "{not json"}, "header is not valid JSON"),
-    ({"format": FORMAT}, "header is not valid JSON"),
-    ({"format": "pt"}, "a safetensors file but not a cxrdx checkpoint"),
-    ({"format": "cxrdx-checkpoint/3", "checkpoint": _header()}, "expected 'cxrdx-checkpoint/2'"),
-])
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"format": FORMAT, "checkpoint": _header(input_size="32")}, "'input_size' must be an integer, not \"32\""),
+        ({"format": FORMAT, "checkpoint": _header(input_size=True)}, "'input_size' must be an integer"),
+        ({"format": FORMAT, "checkpoint": _header(mean=0.5)}, "'mean' must be a list of numbers"),
+        ({"format": FORMAT, "checkpoint": _header(temperature=["1"] * 14)}, "'temperature' must be a list of numbers or null"),
+        ({"format": FORMAT, "checkpoint": _header(thresholds=[0.5] * 3)}, "'thresholds' has 3 values for 14 findings"),
+        ({"format": FORMAT, "checkpoint": _header(config=[])}, "'config' must be an object"),
+        ({"format": FORMAT, "checkpoint": _header(model_name=...)}, "incomplete cxrdx checkpoint \\(no model_name"),
+        ({"format": FORMAT, "checkpoint": "[1, 2]"}, "header is not a JSON object"),
+        ({"format": FORMAT, "checkpoint": "{not json"}, "header is not valid JSON"),
+        ({"format": FORMAT}, "header is not valid JSON"),
+        ({"format": "pt"}, "a safetensors file but not a cxrdx checkpoint"),
+        ({"format": "cxrdx-checkpoint/3", "checkpoint": _header()}, "expected 'cxrdx-checkpoint/2'"),
+    ],
+)
 def test_a_wrong_header_is_refused_clearly(tmp_path: Path, metadata: dict[str, str], message: str):
     path = _with_header(tmp_path / "best.pt", metadata)
     with pytest.raises(CxrdxError, match=message) as caught:
@@ -285,8 +304,19 @@ def test_an_old_run_resumes_exactly_when_trusted(phantom_cache: Path, tmp_path: 
     from cxrdx.engine import train
 
     def config(out: Path):
-        return load_config(None, [f"data.cache={phantom_cache}", f"out={out}", "data.input_size=32", "data.workers=0",
-                                  "model.name=test_resnet", "optim.global_batch=32", "optim.epochs=2", "ema.decay=0.9"])
+        return load_config(
+            None,
+            [
+                f"data.cache={phantom_cache}",
+                f"out={out}",
+                "data.input_size=32",
+                "data.workers=0",
+                "model.name=test_resnet",
+                "optim.global_batch=32",
+                "optim.epochs=2",
+                "ema.decay=0.9",
+            ],
+        )
 
     new = train(config(tmp_path / "new"), stop_after_epoch=1, progress=False)
     old = tmp_path / "old"

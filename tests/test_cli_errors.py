@@ -42,8 +42,15 @@ def run_dir(phantom_cache: Path, phantom_split: Path, tmp_path_factory: pytest.T
     run = tmp_path_factory.mktemp("runs") / "tiny"
     run.mkdir()
     shutil.copy(phantom_split, run / "split.csv")
-    ckpt = Checkpoint(model_name="test_resnet", state_dict=model.state_dict(), input_size=32, mean=[0.5], std=[0.25],
-                      cache_size=64, config={"data": {"cache": str(phantom_cache), "workers": 0}})
+    ckpt = Checkpoint(
+        model_name="test_resnet",
+        state_dict=model.state_dict(),
+        input_size=32,
+        mean=[0.5],
+        std=[0.25],
+        cache_size=64,
+        config={"data": {"cache": str(phantom_cache), "workers": 0}},
+    )
     save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
     return run
 
@@ -141,25 +148,28 @@ def test_every_command_checks_its_output_before_work(tmp_path: Path, capsys: pyt
 # --- values --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("argv", "needle"), [
-    (["train", "--set", "optim.global_batch=0"], "optim.global_batch must be a positive number, got 0"),
-    (["train", "--set", "optim.lr=nan"], "optim.lr must be zero or more, got nan"),
-    (["train", "--set", "optim.epochs=-1"], "optim.epochs must be a positive number, got -1"),
-    (["train", "--set", "optim.epochs=0"], "optim.epochs must be a positive number, got 0"),
-    (["train", "--set", "optim.weight_decay=-0.1"], "optim.weight_decay must be zero or more"),
-    (["train", "--set", "ema.decay=1.5"], "ema.decay must lie in [0, 1]"),
-    (["train", "--set", "data.workers=-1"], "data.workers must be zero or more"),
-    (["train", "--set", "optim.pct_start=1"], "optim.pct_start must lie between 0 and 1"),
-    (["predict", "--checkpoint", "x.pt", "--batch-size", "0", "x.png"], "argument --batch-size: must be a positive number, got 0"),
-    (["evaluate", "--checkpoint", "x.pt", "--out", "e", "--batch-size", "-3"], "argument --batch-size: must be a positive"),
-    (["evaluate", "--checkpoint", "x.pt", "--out", "e", "--bootstrap", "many"], "expected a whole number, got 'many'"),
-    (["localize", "--checkpoint", "x.pt", "--threshold", "2"], "argument --threshold: must lie in [0, 1], got 2.0"),
-    (["localize", "--checkpoint", "x.pt", "--tolerance", "inf"], "argument --tolerance: must be zero or more, got inf"),
-    (["phantoms", "--out", "p", "--n", "0"], "argument --n: must be a positive number"),
-    (["split", "--metadata", "m.csv", "--out", "s.csv", "--seed", "-1"], "argument --seed: must be zero or more"),
-    (["explain", "--checkpoint", "x.pt", "--out", "o", "--limit", "0", "x.png"], "argument --limit"),
-    (["predict", "x.png"], "one of the arguments --checkpoint --onnx is required"),
-])
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--set", "optim.global_batch=0"], "optim.global_batch must be a positive number, got 0"),
+        (["train", "--set", "optim.lr=nan"], "optim.lr must be zero or more, got nan"),
+        (["train", "--set", "optim.epochs=-1"], "optim.epochs must be a positive number, got -1"),
+        (["train", "--set", "optim.epochs=0"], "optim.epochs must be a positive number, got 0"),
+        (["train", "--set", "optim.weight_decay=-0.1"], "optim.weight_decay must be zero or more"),
+        (["train", "--set", "ema.decay=1.5"], "ema.decay must lie in [0, 1]"),
+        (["train", "--set", "data.workers=-1"], "data.workers must be zero or more"),
+        (["train", "--set", "optim.pct_start=1"], "optim.pct_start must lie between 0 and 1"),
+        (["predict", "--checkpoint", "x.pt", "--batch-size", "0", "x.png"], "argument --batch-size: must be a positive number, got 0"),
+        (["evaluate", "--checkpoint", "x.pt", "--out", "e", "--batch-size", "-3"], "argument --batch-size: must be a positive"),
+        (["evaluate", "--checkpoint", "x.pt", "--out", "e", "--bootstrap", "many"], "expected a whole number, got 'many'"),
+        (["localize", "--checkpoint", "x.pt", "--threshold", "2"], "argument --threshold: must lie in [0, 1], got 2.0"),
+        (["localize", "--checkpoint", "x.pt", "--tolerance", "inf"], "argument --tolerance: must be zero or more, got inf"),
+        (["phantoms", "--out", "p", "--n", "0"], "argument --n: must be a positive number"),
+        (["split", "--metadata", "m.csv", "--out", "s.csv", "--seed", "-1"], "argument --seed: must be zero or more"),
+        (["explain", "--checkpoint", "x.pt", "--out", "o", "--limit", "0", "x.png"], "argument --limit"),
+        (["predict", "x.png"], "one of the arguments --checkpoint --onnx is required"),
+    ],
+)
 def test_bad_values_are_one_line_errors(argv: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, needle)
@@ -177,7 +187,8 @@ def test_config_file_values_are_checked_where_read(tmp_path: Path, capsys: pytes
 
 def onnx_with_metadata(path: Path, metadata: str) -> Path:
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["image"], ["logits"])], "g",
+        [onnx.helper.make_node("Identity", ["image"], ["logits"])],
+        "g",
         [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 14])],
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 14])],
     )
@@ -188,20 +199,31 @@ def onnx_with_metadata(path: Path, metadata: str) -> Path:
     return path
 
 
-GOOD_INFO = {"format": "cxrdx-onnx/1", "model_name": "m", "findings": list(FINDINGS), "thresholds": [0.5] * 14,
-             "input_size": 32, "mean": [0.5], "std": [0.25], "cache_size": 64}
+GOOD_INFO = {
+    "format": "cxrdx-onnx/1",
+    "model_name": "m",
+    "findings": list(FINDINGS),
+    "thresholds": [0.5] * 14,
+    "input_size": 32,
+    "mean": [0.5],
+    "std": [0.25],
+    "cache_size": 64,
+}
 
 
-@pytest.mark.parametrize(("change", "needle"), [
-    ({"extra": 1}, "unexpected cxrdx metadata (unexpected extra)"),
-    ({"mean": None}, "mean must be a list of numbers"),
-    ({"thresholds": [0.5] * 3}, "thresholds must be a list of 14 numbers"),
-    ({"thresholds": [1.5] * 14}, "thresholds[0] must lie in [0, 1], got 1.5"),
-    ({"input_size": "224"}, "input_size must be a positive whole number, got '224'"),
-    ({"std": [0]}, "std[0] must be a positive number, got 0"),
-    ({"temperature": [-1.0] * 14}, "temperature[0] must be a positive number"),
-    ({"findings": "Effusion"}, "findings must be a list of names"),
-])
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"extra": 1}, "unexpected cxrdx metadata (unexpected extra)"),
+        ({"mean": None}, "mean must be a list of numbers"),
+        ({"thresholds": [0.5] * 3}, "thresholds must be a list of 14 numbers"),
+        ({"thresholds": [1.5] * 14}, "thresholds[0] must lie in [0, 1], got 1.5"),
+        ({"input_size": "224"}, "input_size must be a positive whole number, got '224'"),
+        ({"std": [0]}, "std[0] must be a positive number, got 0"),
+        ({"temperature": [-1.0] * 14}, "temperature[0] must be a positive number"),
+        ({"findings": "Effusion"}, "findings must be a list of names"),
+    ],
+)
 def test_onnx_metadata_is_checked(change: dict, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     info = {**GOOD_INFO, **change}
     path = onnx_with_metadata(tmp_path / "m.onnx", json.dumps(info))
@@ -243,14 +265,28 @@ def test_train_stops_on_a_split_the_cache_lacks_and_leaves_no_folder(
     phantom_cache: Path, ghost_split: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "run"
-    code, _, err = run_cli(["train", "--set", f"data.cache={phantom_cache}", "--set", f"data.split_file={ghost_split}",
-                            "--set", f"out={out}", "--set", "model.name=test_resnet", "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--set",
+            f"data.cache={phantom_cache}",
+            "--set",
+            f"data.split_file={ghost_split}",
+            "--set",
+            f"out={out}",
+            "--set",
+            "model.name=test_resnet",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "3 of the", "'train' split are not in the cache", "data.allow_missing=true")
     assert not out.exists()
 
 
-def test_evaluate_names_images_missing_from_the_cache(run_dir: Path, ghost_split: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_names_images_missing_from_the_cache(
+    run_dir: Path, ghost_split: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     argv = ["evaluate", "--checkpoint", run_dir / "checkpoints" / "best.pt", "--split-file", ghost_split, "--quiet"]
     code, _, err = run_cli([*argv, "--out", tmp_path / "strict"], capsys)
     assert_one_line_error(code, err, "2 of the", "'test' split are not in the cache", "ghost_3.png, ghost_4.png")
@@ -265,8 +301,7 @@ def test_evaluate_names_images_missing_from_the_cache(run_dir: Path, ghost_split
 # --- failed runs and stale temporary files -------------------------------------------------------------------
 
 
-def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(monkeypatch, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture) -> None:
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(monkeypatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import cxrdx.engine
 
     def fails_early(config, **kwargs):
@@ -280,8 +315,7 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(monkeypatch,
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_failing_later_is_marked_failed_and_cleared_by_success(monkeypatch, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+def test_a_run_failing_later_is_marked_failed_and_cleared_by_success(monkeypatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import cxrdx.engine
     import cxrdx.rundir
 
@@ -333,8 +367,9 @@ def test_predict_lists_every_skipped_file(run_dir: Path, tmp_path: Path, capsys:
     (folder / "sub").mkdir()
     Image.fromarray(pixels).save(folder / "sub" / "c.png")
     out = tmp_path / "p.csv"
-    code, _, err = run_cli(["predict", "--checkpoint", run_dir / "checkpoints" / "best.pt", "--device", "cpu",
-                            "--format", "csv", "--out", out, folder], capsys)
+    code, _, err = run_cli(
+        ["predict", "--checkpoint", run_dir / "checkpoints" / "best.pt", "--device", "cpu", "--format", "csv", "--out", out, folder], capsys
+    )
     assert code == 0
     assert "cxrdx predict: skipped notes.gif: not an image extension" in err
     assert "cxrdx predict: skipped gone.png: broken link" in err
@@ -392,13 +427,13 @@ def test_calibrate_without_options_does_both(run_dir: Path, tmp_path: Path, caps
     assert ckpt.val_metrics["calibration"] == {"split": "val", "thresholds": "youden", "temperature": True}
 
 
-def test_calibrate_warns_of_temperatures_at_their_bounds(run_dir: Path, tmp_path: Path, monkeypatch,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_calibrate_warns_of_temperatures_at_their_bounds(run_dir: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture) -> None:
     from cxrdx import metrics
 
     monkeypatch.setattr(metrics, "fit_temperature", lambda y, p: np.array([20.0] + [1.0] * 12 + [0.05]))
-    code, _, err = run_cli(["calibrate", "--checkpoint", run_dir / "checkpoints" / "best.pt", "--temperature",
-                            "--out", tmp_path / "c.pt", "--quiet"], capsys)
+    code, _, err = run_cli(
+        ["calibrate", "--checkpoint", run_dir / "checkpoints" / "best.pt", "--temperature", "--out", tmp_path / "c.pt", "--quiet"], capsys
+    )
     assert code == 0
     assert "temperature at the limit of [0.05, 20] for Atelectasis (20), Pneumothorax (0.05)" in err
 
@@ -408,25 +443,55 @@ def test_calibrate_warns_of_temperatures_at_their_bounds(run_dir: Path, tmp_path
 
 def test_finding_names_in_any_case_checked_before_loading(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert resolve_finding("pleural thickening") == "Pleural_Thickening" and resolve_finding("EFFUSION") == "Effusion"
-    code, _, err = run_cli(["explain", "--checkpoint", tmp_path / "missing.pt", "--finding", "efusion", "--out", tmp_path / "o",
-                            "x.png"], capsys)
+    code, _, err = run_cli(
+        ["explain", "--checkpoint", tmp_path / "missing.pt", "--finding", "efusion", "--out", tmp_path / "o", "x.png"], capsys
+    )
     assert_one_line_error(code, err, "unknown finding 'efusion'; did you mean Effusion?")
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(image)
-    code, _, err = run_cli(["explain", "--checkpoint", run_dir / "checkpoints" / "best.pt", "--finding", "effusion", "--method",
-                            "gradcam", "--device", "cpu", "--quiet", "--out", tmp_path / "maps", image], capsys)
+    code, _, err = run_cli(
+        [
+            "explain",
+            "--checkpoint",
+            run_dir / "checkpoints" / "best.pt",
+            "--finding",
+            "effusion",
+            "--method",
+            "gradcam",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            tmp_path / "maps",
+            image,
+        ],
+        capsys,
+    )
     assert code == 0 and err == ""  # --quiet: no progress bar
     assert (tmp_path / "maps" / "Effusion" / "x.gradcam.png").is_file()
 
 
-def test_localize_says_where_the_boxed_images_are(run_dir: Path, phantom_dir: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_localize_says_where_the_boxed_images_are(run_dir: Path, phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     split = read_split(run_dir / "split.csv")
     train = list(split.index[split.to_numpy() == "train"][:4])
     boxes = tmp_path / "boxes.csv"
     pd.DataFrame({"Image Index": train, "Finding Label": "Mass", "x": 1, "y": 1, "w": 8, "h": 8}).to_csv(boxes, index=False)
-    code, _, err = run_cli(["localize", "--checkpoint", run_dir / "checkpoints" / "best.pt", "--data-dir", phantom_dir,
-                            "--boxes", boxes, "--split", "test", "--device", "cpu"], capsys)
+    code, _, err = run_cli(
+        [
+            "localize",
+            "--checkpoint",
+            run_dir / "checkpoints" / "best.pt",
+            "--data-dir",
+            phantom_dir,
+            "--boxes",
+            boxes,
+            "--split",
+            "test",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "none of the 4 boxed image(s) is in the 'test' split", "(4 in train)")
 
 
@@ -468,7 +533,9 @@ def test_a_system_error_midway_is_one_line(monkeypatch, tmp_path: Path, capsys: 
 
 
 def test_library_parameters_are_named_as_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_cli(["explain", "--checkpoint", tmp_path / "missing.pt", "--method", "gradcm", "--out", tmp_path / "o", "x.png"], capsys)
+    code, _, err = run_cli(
+        ["explain", "--checkpoint", tmp_path / "missing.pt", "--method", "gradcm", "--out", tmp_path / "o", "x.png"], capsys
+    )
     assert_one_line_error(code, err, "cxrdx explain: error: --method gradcm: unknown method; did you mean gradcam or xgradcam?")
     code, _, err = run_cli(["localize", "--checkpoint", tmp_path / "missing.pt", "--methods", "groupcam", "layer-cam"], capsys)
     assert_one_line_error(code, err, "--methods layer-cam: unknown method; did you mean layercam")

@@ -55,10 +55,21 @@ def test_paper_presets_are_the_released_code_on_its_4_gpus(name):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_recommended_presets_differ_only_where_the_readme_says(name):
     paper, recommended = load_config(f"paper/{name}").to_dict(), load_config(f"recommended/{name}.yaml").to_dict()
-    changed = {(section, key) for section, values in paper.items() if isinstance(values, dict)
-               for key in values if values[key] != recommended[section][key]}
-    expected = {("data", "cache"), ("data", "workers"), ("data", "mean"), ("data", "std"), ("data", "augment_before_resize"),
-                ("selection", "weights")}
+    changed = {
+        (section, key)
+        for section, values in paper.items()
+        if isinstance(values, dict)
+        for key in values
+        if values[key] != recommended[section][key]
+    }
+    expected = {
+        ("data", "cache"),
+        ("data", "workers"),
+        ("data", "mean"),
+        ("data", "std"),
+        ("data", "augment_before_resize"),
+        ("selection", "weights"),
+    }
     if PRESETS[name][4] == "new":
         expected.add(("model", "first_conv"))
     assert changed == expected
@@ -85,7 +96,9 @@ def test_batch_keys(tmp_path):
     plan = plan_run(config, 4, 78_484)
     assert (plan.global_batch, plan.steps_per_epoch, plan.total_steps) == (600, 130, 13_000)
     assert plan.ema_horizon_epochs == pytest.approx(3333.33 / 130, rel=1e-4) and not plan.warnings
-    with pytest.raises(CxrdxError, match="set exactly one .both are set.; e.g. --set optim.batch_per_process=150 --set optim.global_batch=null"):
+    with pytest.raises(
+        CxrdxError, match="set exactly one .both are set.; e.g. --set optim.batch_per_process=150 --set optim.global_batch=null"
+    ):
         load_config(None, ["optim.batch_per_process=150"])
     with pytest.raises(CxrdxError, match="optim.batch_size was ambiguous and is replaced: use optim.global_batch"):
         load_config(None, ["optim.batch_size=150"])
@@ -98,8 +111,17 @@ def test_batch_keys(tmp_path):
 def test_overrides_are_parsed_and_typed():
     config = load_config(
         "paper/coatnet0_ours",
-        ["optim.lr=1e-3", "optim.epochs=3", "data.mean=[0.5]", "data.std=[0.25]", "optim.grad_clip=1",
-         "loss.hyper.gamma_neg=2", "selection.patience=null", "data.split_file=x.csv", "runtime.amp=off"],
+        [
+            "optim.lr=1e-3",
+            "optim.epochs=3",
+            "data.mean=[0.5]",
+            "data.std=[0.25]",
+            "optim.grad_clip=1",
+            "loss.hyper.gamma_neg=2",
+            "selection.patience=null",
+            "data.split_file=x.csv",
+            "runtime.amp=off",
+        ],
     )
     assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)
     assert config.optim.epochs == 3 and config.optim.grad_clip == 1.0 and isinstance(config.optim.grad_clip, float)
@@ -152,12 +174,16 @@ def test_cli_reports_a_bad_override_without_traceback(capsys):
     assert "cxrdx train: error: unknown config key 'optim.lrr'" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize(("override", "needles"), [
-    ("model.name=resnet5O", ("model.name: unknown model 'resnet5O'", "did you mean resnet50")),
-    ("loss.name=wce", ("loss.name: unknown loss 'wce'", "did you mean wbce")),
-])
-def test_model_and_loss_names_are_checked_when_the_config_is_read(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                  override: str, needles: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("model.name=resnet5O", ("model.name: unknown model 'resnet5O'", "did you mean resnet50")),
+        ("loss.name=wce", ("loss.name: unknown loss 'wce'", "did you mean wbce")),
+    ],
+)
+def test_model_and_loss_names_are_checked_when_the_config_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, override: str, needles: tuple[str, ...]
+) -> None:
     with pytest.raises(CxrdxError) as info:
         load_config("demo", [override])
     assert all(needle in str(info.value) for needle in needles)

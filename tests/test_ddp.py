@@ -30,12 +30,26 @@ def _free_port() -> int:
 
 
 def _config(cache: Path, out: Path):
-    return load_config(None, [
-        f"data.cache={cache}", f"out={out}", "data.input_size=32", "data.workers=0", "model.name=test_convnext",
-        "model.drop_rate=0", "data.autoaugment=false", "data.hflip=false", "data.random_erasing=0",
-        "optim.global_batch=32", "optim.epochs=1", "optim.lr=1e-3", "ema.decay=0.9", "loss.name=wbce",
-        "runtime.channels_last=false",
-    ])
+    return load_config(
+        None,
+        [
+            f"data.cache={cache}",
+            f"out={out}",
+            "data.input_size=32",
+            "data.workers=0",
+            "model.name=test_convnext",
+            "model.drop_rate=0",
+            "data.autoaugment=false",
+            "data.hflip=false",
+            "data.random_erasing=0",
+            "optim.global_batch=32",
+            "optim.epochs=1",
+            "optim.lr=1e-3",
+            "ema.decay=0.9",
+            "loss.name=wbce",
+            "runtime.channels_last=false",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +57,21 @@ def two_process_run(phantom_cache: Path, tmp_path_factory: pytest.TempPathFactor
     folder = tmp_path_factory.mktemp("ddp")
     save_config(_config(phantom_cache, folder / "two"), folder / "two.yaml")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "cxrdx", "train", "--config", str(folder / "two.yaml"), "--quiet",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "cxrdx",
+        "train",
+        "--config",
+        str(folder / "two.yaml"),
+        "--quiet",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -83,11 +110,37 @@ def test_paper_preset_on_four_processes(phantom_cache: Path, tmp_path: Path):
 
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "cxrdx", "train", "--config", "paper/resnet50_ours", "--quiet",
-        "--set", f"data.cache={phantom_cache}", "--set", "data.input_size=32", "--set", "data.workers=0",
-        "--set", "model.pretrained=none", "--set", "optim.epochs=1", "--set", "optim.global_batch=30",
-        "--set", "runtime.threads=1", "--set", f"out={out}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "4",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "cxrdx",
+        "train",
+        "--config",
+        "paper/resnet50_ours",
+        "--quiet",
+        "--set",
+        f"data.cache={phantom_cache}",
+        "--set",
+        "data.input_size=32",
+        "--set",
+        "data.workers=0",
+        "--set",
+        "model.pretrained=none",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "optim.global_batch=30",
+        "--set",
+        "runtime.threads=1",
+        "--set",
+        f"out={out}",
     ]
     import os
 

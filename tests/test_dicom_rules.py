@@ -58,8 +58,10 @@ def test_chest_radiographs_are_accepted() -> None:
         ({"Modality": None}, "modality is absent; expected a radiograph (CR, DX)"),
         ({"BodyPartExamined": "HAND"}, "body part HAND is not the chest"),
         ({"NumberOfFrames": 3}, "multi-frame object (3 frames); expected one radiograph"),
-        ({"SOPClassUID": DigitalXRayImageStorageForProcessing},
-         "SOP class Digital X-Ray Image Storage - For Processing holds raw detector data, not an image for presentation"),
+        (
+            {"SOPClassUID": DigitalXRayImageStorageForProcessing},
+            "SOP class Digital X-Ray Image Storage - For Processing holds raw detector data, not an image for presentation",
+        ),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.33"}, "SOP class Comprehensive SR Storage is not a radiograph image"),
     ],
 )

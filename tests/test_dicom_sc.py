@@ -35,12 +35,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, str
     checkpoint = make_checkpoint(tmp / "best.pt", thresholds=[1.0] * 13 + [0.0])  # only Pneumothorax positive
     folder = tmp / "in"
     folder.mkdir()
-    pixels = (chest_like(80)[:, :64].astype(np.uint16) * 16)
+    pixels = chest_like(80)[:, :64].astype(np.uint16) * 16
     dx_dataset(pixels, 12).save_as(folder / "a.dcm", enforce_file_format=True)
     dx_dataset(pixels, 12, PatientOrientation=None).save_as(folder / "b.dcm", enforce_file_format=True)
     out = tmp / "out"
-    code = main(["predict", "--checkpoint", str(checkpoint), str(folder), "--dicom-out", str(out), "--heatmaps",
-                 "--device", "cpu"])
+    code = main(["predict", "--checkpoint", str(checkpoint), str(folder), "--dicom-out", str(out), "--heatmaps", "--device", "cpu"])
     assert code == 0
     return folder, out, checkpoint, pydicom.dcmread(folder / "a.dcm").SOPInstanceUID
 

@@ -43,8 +43,23 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str,
     shutil.copy(CORPUS / "CT_small.dcm", folder / "c.dcm")
     Image.fromarray(chest_like(64)).save(folder / "d.png")
     out, predictions = tmp / "sr", tmp / "pred.json"
-    code = main(["predict", "--checkpoint", str(checkpoint), str(folder), "--format", "json", "--out", str(predictions),
-                 "--dicom-out", str(out), "--allow-ood", "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            str(folder),
+            "--format",
+            "json",
+            "--out",
+            str(predictions),
+            "--dicom-out",
+            str(out),
+            "--allow-ood",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     return folder, out, {p["name"]: p for p in json.loads(predictions.read_text())}
 
@@ -63,15 +78,26 @@ def test_sr_holds_the_prediction_in_the_source_study(run: tuple[Path, Path, dict
         name = next(n for n in ("a.dcm", "b.dcm") if pydicom.dcmread(folder / n).SOPInstanceUID in path.name)
         source, prediction = pydicom.dcmread(folder / name), predictions[name]
         assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.Modality == "SR"  # Comprehensive SR
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
-                        "StudyDate", "AccessionNumber"):
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyInstanceUID",
+            "StudyID",
+            "StudyDate",
+            "AccessionNumber",
+        ):
             assert sr.get(keyword) == source.get(keyword), keyword
         assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.SOPInstanceUID != source.SOPInstanceUID
         [study] = sr.CurrentRequestedProcedureEvidenceSequence
         [series] = study.ReferencedSeriesSequence
         [instance] = series.ReferencedSOPSequence
         assert (study.StudyInstanceUID, series.SeriesInstanceUID, instance.ReferencedSOPInstanceUID) == (
-            source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID)
+            source.StudyInstanceUID,
+            source.SeriesInstanceUID,
+            source.SOPInstanceUID,
+        )
         assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
 
         root = items(sr)

@@ -39,8 +39,15 @@ def test_run_directory_contract(one_epoch_run: Path, phantom_cache: Path):
     from cxrdx.rundir import read_config
 
     run = one_epoch_run
-    for name in ("config.yaml", "split.csv", "metrics.jsonl", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt",
-                 "checkpoints/train_state.pt"):
+    for name in (
+        "config.yaml",
+        "split.csv",
+        "metrics.jsonl",
+        "curves.png",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "checkpoints/train_state.pt",
+    ):
         assert (run / name).is_file(), name
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.rglob("*.tmp"))
@@ -139,8 +146,20 @@ def test_early_stopping(phantom_cache: Path, tmp_path: Path):
     from cxrdx.engine import train
 
     # lr 0 and no batch norm: the model never changes, so validation never improves after the first epoch
-    run = train(tiny_config(phantom_cache, tmp_path / "run", "model.name=test_convnext", "optim.lr=0", "optim.epochs=5", "selection.patience=1",
-                            "selection.monitor=mean_auroc", "ema.enabled=false", "selection.weights=raw"), progress=False)
+    run = train(
+        tiny_config(
+            phantom_cache,
+            tmp_path / "run",
+            "model.name=test_convnext",
+            "optim.lr=0",
+            "optim.epochs=5",
+            "selection.patience=1",
+            "selection.monitor=mean_auroc",
+            "ema.enabled=false",
+            "selection.weights=raw",
+        ),
+        progress=False,
+    )
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and json.loads(rows[0])["best"] and not json.loads(rows[1])["best"]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
@@ -167,8 +186,7 @@ def test_user_errors(phantom_cache: Path, phantom_split: Path, one_epoch_run: Pa
     split.loc[split["Image Index"].isin(hernia), "split"] = "test"
     split.to_csv(tmp_path / "no_hernia.csv", index=False)
     with pytest.raises(CxrdxError, match=r"no_hernia.csv, loss 'wbce': no positive training image for Hernia"):
-        train(tiny_config(phantom_cache, tmp_path / "d", f"data.split_file={tmp_path / 'no_hernia.csv'}",
-                          "loss.name=wbce"), progress=False)
+        train(tiny_config(phantom_cache, tmp_path / "d", f"data.split_file={tmp_path / 'no_hernia.csv'}", "loss.name=wbce"), progress=False)
 
 
 def test_out_of_memory_names_the_settings(phantom_cache: Path, tmp_path: Path, monkeypatch):
@@ -215,8 +233,13 @@ def test_uneven_shares_average_to_the_global_batch(reduction, sum_over):
     targets = (torch.rand(130, len(FINDINGS), generator=generator) < 0.2).float()
     criterion = create_loss("bce", np.full(14, 20), np.full(14, 100), reduction=reduction)
     parts = np.cumsum((0, *plan.per_process))
-    averaged = sum(_loss_scale(criterion, plan, rank, sum_over) * criterion(logits[a:b], targets[a:b])
-                   for rank, (a, b) in enumerate(zip(parts[:-1], parts[1:]))) / plan.processes
+    averaged = (
+        sum(
+            _loss_scale(criterion, plan, rank, sum_over) * criterion(logits[a:b], targets[a:b])
+            for rank, (a, b) in enumerate(zip(parts[:-1], parts[1:]))
+        )
+        / plan.processes
+    )
     whole = criterion(logits, targets)
     expected = whole * sum_over / 130 if sum_over else whole
     torch.testing.assert_close(averaged, expected)

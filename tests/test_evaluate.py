@@ -31,7 +31,12 @@ def run_dir(phantom_cache: Path, phantom_split: Path, tmp_path_factory: pytest.T
     run = tmp_path_factory.mktemp("run")
     shutil.copy(phantom_split, run / "split.csv")
     ckpt = Checkpoint(
-        model_name="test_resnet", state_dict=model.state_dict(), input_size=32, mean=[0.5], std=[0.25], cache_size=64,
+        model_name="test_resnet",
+        state_dict=model.state_dict(),
+        input_size=32,
+        mean=[0.5],
+        std=[0.25],
+        cache_size=64,
         config={"data": {"cache": str(phantom_cache), "workers": 0}},
     )
     save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
@@ -43,8 +48,10 @@ def evaluated(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "tiny"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--out", str(out),
-                     "--quiet", "--bootstrap", "20"]) == 0
+        assert (
+            main(["evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--out", str(out), "--quiet", "--bootstrap", "20"])
+            == 0
+        )
     return out
 
 
@@ -161,8 +168,13 @@ def test_compare_cli_on_prediction_files(tmp_path: Path, capsys: pytest.CaptureF
     table3 = pd.read_csv(out / "table3.csv").set_index("Finding")
     assert table3.loc["Effusion", "model_a"] == pytest.approx(roc_auc_score(y[:, 4], pd.read_csv(a / "predictions.csv")["Effusion"]))
     labels_from_entry = tmp_path / "Data_Entry_2017.csv"
-    pd.DataFrame({"Image Index": names, "Finding Labels": ["|".join(f for f, v in zip(FINDINGS, row) if v) or "No Finding" for row in y],
-                  "Patient ID": range(300)}).to_csv(labels_from_entry, index=False)
+    pd.DataFrame(
+        {
+            "Image Index": names,
+            "Finding Labels": ["|".join(f for f, v in zip(FINDINGS, row) if v) or "No Finding" for row in y],
+            "Patient ID": range(300),
+        }
+    ).to_csv(labels_from_entry, index=False)
     cmp, _ = evaluation.compare_runs([a, b], labels=labels_from_entry)
     assert cmp.auc[0, 4] == pytest.approx(table3.loc["Effusion", "model_a"])
     aligned = evaluation.load_runs([a, b], labels=labels_from_entry)

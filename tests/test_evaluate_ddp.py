@@ -22,8 +22,15 @@ from cxrdx.cli import main
 from cxrdx.findings import FINDINGS
 
 TEST_IMAGES = 25
-FILES = {"predictions.csv", "labels.csv", "metrics.json", "report.md", "roc.png", "reliability.png",
-         *(f"{table}.{fmt}" for table in ("subgroups", "subgroup_gaps") for fmt in ("md", "csv", "json"))}  # phantoms have sex, age, view
+FILES = {
+    "predictions.csv",
+    "labels.csv",
+    "metrics.json",
+    "report.md",
+    "roc.png",
+    "reliability.png",
+    *(f"{table}.{fmt}" for table in ("subgroups", "subgroup_gaps") for fmt in ("md", "csv", "json")),
+}  # phantoms have sex, age, view
 
 
 def _free_port() -> int:
@@ -48,7 +55,12 @@ def checkpoint(phantom_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
     torch.manual_seed(0)
     model = create_model("test_resnet", pretrained="none", num_findings=len(FINDINGS))
     ckpt = Checkpoint(
-        model_name="test_resnet", state_dict=model.state_dict(), input_size=32, mean=[0.5], std=[0.25], cache_size=64,
+        model_name="test_resnet",
+        state_dict=model.state_dict(),
+        input_size=32,
+        mean=[0.5],
+        std=[0.25],
+        cache_size=64,
         config={"data": {"cache": str(phantom_cache), "workers": 0}},
     )
     save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
@@ -63,8 +75,22 @@ def test_two_processes_write_what_one_writes(checkpoint: Path, tmp_path: Path, c
         assert main([*args, "--out", str(one)]) == 0
     printed = capsys.readouterr().out.splitlines()
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "cxrdx", *args, "--out", str(two)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "cxrdx",
+        *args,
+        "--out",
+        str(two),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.splitlines() == [printed[0], printed[1].replace(str(one), str(two))]  # rank 0 alone prints

@@ -31,8 +31,22 @@ def test_a_corrupt_file_is_reported_and_the_rest_explained(tmp_path, capsys):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     out = tmp_path / "maps"
 
-    code = main(["explain", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--finding", "Effusion", "--method", "gradcam",
-                 "--device", "cpu", "--out", str(out), *map(str, [good[0], bad, good[1]])])
+    code = main(
+        [
+            "explain",
+            "--checkpoint",
+            str(tiny_checkpoint(tmp_path)),
+            "--finding",
+            "Effusion",
+            "--method",
+            "gradcam",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *map(str, [good[0], bad, good[1]]),
+        ]
+    )
 
     assert code == 1
     captured = capsys.readouterr()
@@ -55,8 +69,25 @@ def test_all_good_files_exit_zero_with_an_empty_error_column(tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).save(image)
     out = tmp_path / "maps"
-    assert main(["explain", "--checkpoint", str(tiny_checkpoint(tmp_path)), "--finding", "Mass", "--method", "gradcam",
-                 "--device", "cpu", "--out", str(out), str(image)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--checkpoint",
+                str(tiny_checkpoint(tmp_path)),
+                "--finding",
+                "Mass",
+                "--method",
+                "gradcam",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                str(image),
+            ]
+        )
+        == 0
+    )
     assert "could not be read" not in capsys.readouterr().err
     table = pd.read_csv(out / "explanations.csv", keep_default_na=False)
     assert table["error"].tolist() == [""]

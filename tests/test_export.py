@@ -27,7 +27,9 @@ TOLERANCE = 1e-4
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("export")
     ckpt = make_checkpoint(
-        folder / "best.pt", temperature=[1.5] * len(FINDINGS), thresholds=[0.4] * len(FINDINGS),
+        folder / "best.pt",
+        temperature=[1.5] * len(FINDINGS),
+        thresholds=[0.4] * len(FINDINGS),
         val_metrics={"auc": np.float64(0.75), "per_finding": np.array([0.5, 0.6])},
     )
     result = export_onnx(ckpt, folder / "model.onnx")
@@ -86,7 +88,8 @@ def test_unusable_onnx_files(tmp_path: Path) -> None:
     with pytest.raises(CxrdxError, match="not a readable ONNX model"):
         OnnxPredictor.from_file(tmp_path / "junk.onnx")
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
     )

@@ -85,7 +85,12 @@ def checkpoint(phantom_cache: Path, phantom_split: Path, tmp_path_factory: pytes
     run = tmp_path_factory.mktemp("run")
     shutil.copy(phantom_split, run / "split.csv")
     ckpt = Checkpoint(
-        model_name="test_resnet", state_dict=model.state_dict(), input_size=32, mean=[0.5], std=[0.25], cache_size=64,
+        model_name="test_resnet",
+        state_dict=model.state_dict(),
+        input_size=32,
+        mean=[0.5],
+        std=[0.25],
+        cache_size=64,
         config={"data": {"cache": str(phantom_cache), "workers": 0}},
     )
     save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
@@ -117,12 +122,33 @@ def test_prepare_chexpert_keeps_unlabelled_findings_nan(chexpert_dir: Path, tmp_
     assert index["View Position"].tolist() == ["AP", "PA", "PA"] and index["Patient Age"].tolist() == [68, 45, 83]
     assert json.loads((out / "meta.json").read_text())["dataset"] == "chexpert"
     every = tmp_path / "every"  # --views all keeps the lateral image; an unknown option is named
-    assert main(["prepare", "--dataset", "chexpert", "--data-dir", str(chexpert_dir), "--out", str(every), "--size", "16",
-                 "--quiet", "--views", "all", "--uncertain", "positive"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "chexpert",
+                "--data-dir",
+                str(chexpert_dir),
+                "--out",
+                str(every),
+                "--size",
+                "16",
+                "--quiet",
+                "--views",
+                "all",
+                "--uncertain",
+                "positive",
+            ]
+        )
+        == 0
+    )
     every_cache = open_cache(every)
     assert len(every_cache) == 4 and every_cache.labels[2, FINDINGS.index("Cardiomegaly")] == 1
-    assert main(["prepare", "--dataset", "chexpert", "--data-dir", str(chexpert_dir), "--out", str(tmp_path / "x"),
-                 "--option", "colour=red"]) == 2
+    assert (
+        main(["prepare", "--dataset", "chexpert", "--data-dir", str(chexpert_dir), "--out", str(tmp_path / "x"), "--option", "colour=red"])
+        == 2
+    )
     assert "colour" in capsys.readouterr().err
 
 
@@ -152,8 +178,9 @@ def test_patient_split_counts_only_positives() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, (60, 14)).astype(float)
     labels[rng.random((60, 14)) < 0.3] = np.nan
-    table = pd.DataFrame(labels, columns=list(FINDINGS)).assign(**{"Image Index": [f"{i}.png" for i in range(60)],
-                                                                   "Patient ID": np.arange(60) // 3})
+    table = pd.DataFrame(labels, columns=list(FINDINGS)).assign(
+        **{"Image Index": [f"{i}.png" for i in range(60)], "Patient ID": np.arange(60) // 3}
+    )
     zeros = table.fillna(0)  # a NaN label is no positive, as a 0 is not
     assert make_split(table, "patient", seed=1).equals(make_split(zeros, "patient", seed=1))
 
@@ -189,8 +216,9 @@ def test_evaluate_on_an_external_cache_and_the_generalisation_table(
     assert np.allclose(a.to_numpy(), b.to_numpy(), atol=1e-6)
 
     capsys.readouterr()
-    assert main(["compare", str(internal), "--external", str(outside), "--names", "phantoms", "hospital",
-                 "--out", str(tmp_path / "cmp")]) == 0
+    assert (
+        main(["compare", str(internal), "--external", str(outside), "--names", "phantoms", "hospital", "--out", str(tmp_path / "cmp")]) == 0
+    )
     printed = capsys.readouterr().out
     assert "### Generalisation" in printed and "n/a (not labelled)" in printed
     table = pd.read_csv(tmp_path / "cmp" / "generalisation.csv").set_index("finding")
@@ -246,13 +274,15 @@ def test_subgroups_on_the_phantom_cache(phantom_cache: Path) -> None:
         ("sex", "M"): (cache.index["Patient Gender"] == "M").to_numpy(),
         ("view", "PA"): (cache.index["View Position"] == "PA").to_numpy(),
         ("view", "AP"): (cache.index["View Position"] == "AP").to_numpy(),
-        ("age", "<40"): age < 40, ("age", "40–59"): (age >= 40) & (age < 60),
-        ("age", "60–79"): (age >= 60) & (age < 80), ("age", "≥80"): age >= 80,
+        ("age", "<40"): age < 40,
+        ("age", "40–59"): (age >= 40) & (age < 60),
+        ("age", "60–79"): (age >= 60) & (age < 80),
+        ("age", "≥80"): age >= 80,
     }
     k = FINDINGS.index("Effusion")
     for (attribute, group), mask in expected.items():
         if not mask.any():
-            assert (("Effusion", attribute, group) not in table.index)
+            assert ("Effusion", attribute, group) not in table.index
             continue
         row = table.loc[("Effusion", attribute, group)]
         assert row["images"] == mask.sum() and row["positives"] == y[mask, k].sum()
@@ -272,8 +302,14 @@ def test_subgroups_on_the_phantom_cache(phantom_cache: Path) -> None:
 
 
 def test_subgroup_groups_of_bands_and_datasets() -> None:
-    meta = pd.DataFrame({"Patient Gender": ["F", "M", "", "f"], "Patient Age": [39.9, 40, np.nan, 80],
-                         "View Position": ["AP", "LATERAL", "PA", ""], "dataset": ["a", "a", "b", "b"]})
+    meta = pd.DataFrame(
+        {
+            "Patient Gender": ["F", "M", "", "f"],
+            "Patient Age": [39.9, 40, np.nan, 80],
+            "View Position": ["AP", "LATERAL", "PA", ""],
+            "dataset": ["a", "a", "b", "b"],
+        }
+    )
     groups = subgroups.groups_of(meta)
     assert groups["sex"].tolist() == ["F", "M", "", "F"] and groups["age"].tolist() == ["<40", "40–59", "", "≥80"]
     assert groups["view"].tolist() == ["AP", "", "PA", ""] and groups["dataset"].tolist() == ["a", "a", "b", "b"]
@@ -315,17 +351,29 @@ def test_training_on_two_caches_as_one(phantom_cache: Path, csv_cache: Path, tmp
     both = open_caches([phantom_cache, csv_cache])
     n = len(nih)
     assert len(both) == n + 24 and both.images.shape == (n + 24, 64, 64)
-    assert np.array_equal(both.images[n + 3], hospital.images[3]) and np.array_equal(both.images[[2, n + 5]], np.stack([nih.images[2], hospital.images[5]]))
+    assert np.array_equal(both.images[n + 3], hospital.images[3]) and np.array_equal(
+        both.images[[2, n + 5]], np.stack([nih.images[2], hospital.images[5]])
+    )
     assert np.isnan(both.labels[n:, FINDINGS.index("Nodule")]).all() and not np.isnan(both.labels[:n]).any()
     assert both.index["Patient ID"].iloc[n] == "generic:P0" and both.index["Patient ID"].iloc[0].startswith("nih:")
     mean, _ = pixel_stats(both)
     assert mean == pytest.approx((pixel_stats(nih)[0] * n + pixel_stats(hospital)[0] * 24) / (n + 24))
     assert len(pickle.loads(pickle.dumps(both))) == n + 24  # DataLoader workers reopen both caches
 
-    config = load_config(None, [
-        f"data.caches=[{phantom_cache}, {csv_cache}]", f"out={tmp_path / 'run'}", "data.input_size=32", "data.workers=0",
-        "model.name=test_resnet", "optim.global_batch=32", "optim.epochs=1", "optim.lr=1e-3", "loss.name=wbce",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.caches=[{phantom_cache}, {csv_cache}]",
+            f"out={tmp_path / 'run'}",
+            "data.input_size=32",
+            "data.workers=0",
+            "model.name=test_resnet",
+            "optim.global_batch=32",
+            "optim.epochs=1",
+            "optim.lr=1e-3",
+            "loss.name=wbce",
+        ],
+    )
     run = train(config, progress=False)
     split = read_split(run / "split.csv")
     assert len(split) == n + 24 and split.index.isin(hospital.index["Image Index"]).sum() == 24

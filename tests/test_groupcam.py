@@ -19,7 +19,9 @@ from cxrdx.explain.groupcam import blur_parameters, denoise, expected_forwards
 SIZE, FINDING, GROUPS, LAYER = 224, 1, 32, "layer3"  # 224 px: the published blur (kernel 51, sigma 50)
 
 
-def published(model: nn.Module, x: torch.Tensor, target: int, layer: str, groups: int, probability: str) -> tuple[np.ndarray | None, list[float | None]]:
+def published(
+    model: nn.Module, x: torch.Tensor, target: int, layer: str, groups: int, probability: str
+) -> tuple[np.ndarray | None, list[float | None]]:
     """The authors' Group-CAM written out plainly; `probability` "softmax" is theirs, "sigmoid" our score.
 
     Returns the saliency (None where they return None) and each group's score (None: group skipped).

@@ -148,7 +148,7 @@ def test_dicom_without_voi_is_scaled_min_max(tmp_path, photometric):
 
 
 def test_dicom_signed_with_rescale():
-    signed = (STORED.astype(np.int16) - 2000)
+    signed = STORED.astype(np.int16) - 2000
     ds = make_dicom(signed, bits_stored=16, RescaleSlope=2, RescaleIntercept=-1024)
     np.testing.assert_array_equal(read_image(dicom_bytes(ds)), expected_minmax(signed * 2.0 - 1024))
 

@@ -73,10 +73,13 @@ def cli_predict(checkpoint: Path, files: list[Path], out: Path) -> pd.DataFrame:
     return pd.read_csv(out)
 
 
-@pytest.mark.parametrize(("tag", "save", "size", "n"), [
-    ("densenet121-res224-nih", xrv_densenet, 224, 8),
-    ("resnet50-res512-all", xrv_resnet, 512, 3),
-])
+@pytest.mark.parametrize(
+    ("tag", "save", "size", "n"),
+    [
+        ("densenet121-res224-nih", xrv_densenet, 224, 8),
+        ("resnet50-res512-all", xrv_resnet, 512, 3),
+    ],
+)
 def test_cxrdx_predict_equals_torchxrayvision_on_real_xrays(tmp_path, nih_sample, tag, save, size, n) -> None:
     upstream = save(tmp_path / "upstream.pt")
     checkpoint = tmp_path / "imported.pt"
@@ -152,8 +155,7 @@ def chexnet_file(path: Path) -> torch.nn.Module:
     wrapper = torch.nn.Module()
     wrapper.densenet121 = net
     state = OrderedDict(
-        (("module." + k).replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."), v)
-        for k, v in wrapper.state_dict().items()
+        (("module." + k).replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."), v) for k, v in wrapper.state_dict().items()
     )
     torch.save({"epoch": 3, "best_loss": 0.15, "state_dict": state}, path)
     return net.eval()

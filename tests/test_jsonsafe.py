@@ -12,8 +12,14 @@ from cxrdx.jsonsafe import to_json_safe
 
 
 def test_numpy_and_torch_values_become_plain_json():
-    value = {"a": np.float32(0.5), "b": np.int64(3), "c": np.arange(3), "d": torch.tensor([1.5, 2.5]), "e": (np.bool_(True), "x"),
-             1: [np.float64(2.0)]}
+    value = {
+        "a": np.float32(0.5),
+        "b": np.int64(3),
+        "c": np.arange(3),
+        "d": torch.tensor([1.5, 2.5]),
+        "e": (np.bool_(True), "x"),
+        1: [np.float64(2.0)],
+    }
     safe = to_json_safe(value)
     assert safe == {"a": 0.5, "b": 3, "c": [0, 1, 2], "d": [1.5, 2.5], "e": [True, "x"], "1": [2.0]}
     assert type(safe["b"]) is int and type(safe["a"]) is float and type(safe["e"][0]) is bool

@@ -73,7 +73,7 @@ def store(port: int, paths: list[Path], calling: str = "MODALITY") -> list[int |
         if not assoc.is_established:
             return statuses + [None] * (len(paths) - len(statuses))
         try:
-            for i, ds in enumerate(datasets[len(statuses):], len(statuses) + 1):
+            for i, ds in enumerate(datasets[len(statuses) :], len(statuses) + 1):
                 status = assoc.send_c_store(ds, msg_id=i)
                 if "Status" not in status:
                     break
@@ -139,8 +139,11 @@ def results(out: Path) -> dict[str, dict]:
 
 def test_echo_and_store_write_json_and_sr(node: Node, predictor: Predictor, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    files = [radiograph(tmp_path / "dx.dcm"), radiograph(tmp_path / "cr.dcm", 1, Modality="CR", SOPClassUID=STORAGE_CLASSES[0]),
-             radiograph(tmp_path / "head.dcm", 2, BodyPartExamined="HEAD")]
+    files = [
+        radiograph(tmp_path / "dx.dcm"),
+        radiograph(tmp_path / "cr.dcm", 1, Modality="CR", SOPClassUID=STORAGE_CLASSES[0]),
+        radiograph(tmp_path / "head.dcm", 2, BodyPartExamined="HEAD"),
+    ]
     out = node.settings.out
     assert echo(node.port) == 0
     assert store(node.port, files) == [0, 0, 0]
@@ -155,7 +158,10 @@ def test_echo_and_store_write_json_and_sr(node: Node, predictor: Predictor, tmp_
         assert result["outputs"] == [f"{uid}.sr.dcm"]
         sr = pydicom.dcmread(out / f"{uid}.sr.dcm")
         assert sr.Modality == "SR" and sr.PatientName == PATIENT  # identity copied from the source, as it must be
-        assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+        assert (
+            sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == uid
+        )
     refused = found[uids[2]]
     assert not refused["prediction"]["accepted"] and refused["prediction"]["reason"] == "body part HEAD is not the chest"
     assert refused["prediction"]["probabilities"] == {} and refused["outputs"] == []
@@ -270,8 +276,15 @@ def test_calling_ae_allow_list(predictor: Predictor, tmp_path: Path) -> None:
 
 def test_forward_keeps_what_could_not_be_sent_and_retries(predictor: Predictor, tmp_path: Path) -> None:
     port = free_port()
-    settings = NodeSettings(out=tmp_path / "out", port=0, forward=Peer("PACS", "127.0.0.1", port), heatmaps=True,
-                            send_attempts=2, retry_delay_s=0.05, outbox_retry_s=0.2)
+    settings = NodeSettings(
+        out=tmp_path / "out",
+        port=0,
+        forward=Peer("PACS", "127.0.0.1", port),
+        heatmaps=True,
+        send_attempts=2,
+        retry_delay_s=0.05,
+        outbox_retry_s=0.2,
+    )
     files = [radiograph(tmp_path / f"{i}.dcm", i) for i in range(2)]
     uids = [pydicom.dcmread(p).SOPInstanceUID for p in files]
     expected = sorted([f"{u}.sr.dcm" for u in uids] + [f"{u}.heatmap.dcm" for u in uids])
@@ -286,8 +299,10 @@ def test_forward_keeps_what_could_not_be_sent_and_retries(predictor: Predictor, 
             pacs.stop()
     assert sorted(ds.SOPClassUID for ds in pacs.received) == sorted(RESULT_CLASSES * 2)
     srs = [ds for ds in pacs.received if ds.Modality == "SR"]
-    assert sorted(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-                  .ReferencedSOPInstanceUID for ds in srs) == sorted(uids)
+    assert sorted(
+        ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for ds in srs
+    ) == sorted(uids)
     for name in expected:  # the results themselves stay in OUT
         assert (settings.out / name).is_file()
 
@@ -315,8 +330,7 @@ def test_images_received_before_a_stop_are_processed_at_the_next_start(predictor
         (["--queue-size", "0"], "--queue-size"),
     ],
 )
-def test_cli_checks_options_before_loading_the_model(argv: list[str], message: str, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_cli_checks_options_before_loading_the_model(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["listen", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out"), *argv])
     assert code == 2 and message in capsys.readouterr().err
 
@@ -332,8 +346,21 @@ def test_cli_warns_about_a_public_address_and_names_a_busy_port(checkpoint: Path
         busy.bind(("0.0.0.0", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code = main(["listen", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(tmp_path / "out"),
-                     "--host", "0.0.0.0", "--port", str(port)])
+        code = main(
+            [
+                "listen",
+                "--checkpoint",
+                str(checkpoint),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "out"),
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(port),
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 2 and "warning: listening on 0.0.0.0, reachable from other machines" in err and "--allow-ae" in err
     assert f"cannot listen on 0.0.0.0:{port}" in err
@@ -367,22 +394,54 @@ def test_dcmtk_storescu_to_listen_to_storescp(checkpoint: Path, tmp_path: Path) 
     pacs_port, node_port = free_port(), free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
-    pacs = subprocess.Popen(["storescp", "--aetitle", "PACS", "--output-directory", str(pacs_dir), "-v", str(pacs_port)],
-                            stdout=(logs / "storescp.out").open("w"), stderr=subprocess.STDOUT)
+    pacs = subprocess.Popen(
+        ["storescp", "--aetitle", "PACS", "--output-directory", str(pacs_dir), "-v", str(pacs_port)],
+        stdout=(logs / "storescp.out").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     node = subprocess.Popen(
-        [sys.executable, "-m", "cxrdx", "listen", "--checkpoint", str(checkpoint), "--device", "cpu", "--port", str(node_port),
-         "--out", str(out), "--forward", f"PACS@127.0.0.1:{pacs_port}", "--allow-ae", "MODALITY"],
-        stdout=(logs / "listen.out").open("w"), stderr=(logs / "listen.err").open("w"),
+        [
+            sys.executable,
+            "-m",
+            "cxrdx",
+            "listen",
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--port",
+            str(node_port),
+            "--out",
+            str(out),
+            "--forward",
+            f"PACS@127.0.0.1:{pacs_port}",
+            "--allow-ae",
+            "MODALITY",
+        ],
+        stdout=(logs / "listen.out").open("w"),
+        stderr=(logs / "listen.err").open("w"),
     )
     try:
+
         def answers() -> bool:
-            return subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", "CXRDX", "-to", "5", "127.0.0.1", str(node_port)],
-                                  check=False, capture_output=True).returncode == 0
+            return (
+                subprocess.run(
+                    ["echoscu", "-aet", "MODALITY", "-aec", "CXRDX", "-to", "5", "127.0.0.1", str(node_port)],
+                    check=False,
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
 
         wait_for(answers, "cxrdx listen to answer C-ECHO", timeout=120)
         for path, proposal in zip(sources, ([], ["-xs"])):  # -xs: propose JPEG Lossless SV1 too, for the compressed file
-            sent = subprocess.run(["storescu", *proposal, "-aet", "MODALITY", "-aec", "CXRDX", "-to", "30", "127.0.0.1",
-                                   str(node_port), str(path)], check=False, capture_output=True, text=True, timeout=60)
+            sent = subprocess.run(
+                ["storescu", *proposal, "-aet", "MODALITY", "-aec", "CXRDX", "-to", "30", "127.0.0.1", str(node_port), str(path)],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert sent.returncode == 0 and not sent.stderr.strip(), sent.stderr
         wait_for(lambda: len(list(pacs_dir.iterdir())) == len(sources), "one SR per image at the PACS")
     finally:
@@ -393,8 +452,10 @@ def test_dcmtk_storescu_to_listen_to_storescp(checkpoint: Path, tmp_path: Path) 
     assert code == 0
     delivered = [pydicom.dcmread(p) for p in pacs_dir.iterdir()]
     assert all(ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" for ds in delivered)
-    references = sorted(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-                        .ReferencedSOPInstanceUID for ds in delivered)
+    references = sorted(
+        ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for ds in delivered
+    )
     assert references == uids
     assert not list((out / "outbox").iterdir())
     log = (logs / "listen.out").read_text() + (logs / "listen.err").read_text()

@@ -52,8 +52,11 @@ def test_read_boxes_nih_layout_and_spelling(tmp_path):
 
 @pytest.mark.parametrize(
     ("row", "message"),
-    [("a.png,Tumour,1,2,3,4", "line 2: unknown finding 'Tumour'"), ("a.png,Mass,1,2,-3,4", "line 2: box w = '-3'"),
-     ("a.png,Mass,1,x,3,4", "line 2: box y = 'x'")],
+    [
+        ("a.png,Tumour,1,2,3,4", "line 2: unknown finding 'Tumour'"),
+        ("a.png,Mass,1,2,-3,4", "line 2: box w = '-3'"),
+        ("a.png,Mass,1,x,3,4", "line 2: box y = 'x'"),
+    ],
 )
 def test_read_boxes_names_the_bad_line(tmp_path, row, message):
     with pytest.raises(CxrdxError, match=message):
@@ -63,12 +66,30 @@ def test_read_boxes_names_the_bad_line(tmp_path, row, message):
 def test_read_the_official_nih_boxes(shared_data):
     boxes = read_boxes(shared_data / "chestxray14" / "BBox_List_2017.csv.gz")
     assert len(boxes) == 984 and boxes["Image Index"].nunique() == 880
-    assert set(boxes["Finding"]) == {"Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax"}
+    assert set(boxes["Finding"]) == {
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+    }
     assert boxes[["x", "y"]].to_numpy().max() < 1024
 
 
 def test_scale_boxes_from_original_pixels_to_the_input():
-    boxes = pd.DataFrame({"Image Index": ["a", "b"], "Finding": ["Mass", "Mass"], "x": [512.0, 100.0], "y": [256.0, 100.0], "w": [100.0, 50.0], "h": [50.0, 20.0]})
+    boxes = pd.DataFrame(
+        {
+            "Image Index": ["a", "b"],
+            "Finding": ["Mass", "Mass"],
+            "x": [512.0, 100.0],
+            "y": [256.0, 100.0],
+            "w": [100.0, 50.0],
+            "h": [50.0, 20.0],
+        }
+    )
     nih = scale_boxes(boxes, (1024, 1024), (256, 256))
     assert nih[["x", "y", "w", "h"]].to_numpy().tolist() == [[128, 64, 25, 12.5], [25, 25, 12.5, 5]]
     per_image = scale_boxes(boxes, {"a": (1024, 1024), "b": (200, 400)}, (100, 100))
@@ -115,9 +136,14 @@ def test_iou_hand_cases():
 
 def test_summary_per_method_and_finding():
     records = pd.DataFrame(
-        {"Image Index": ["a", "b", "c", "a", "b", "c"], "Finding": ["Mass", "Mass", "Effusion"] * 2,
-         "method": ["groupcam"] * 3 + ["gradcam"] * 3, "hit": [True, False, True, False, False, True],
-         "iou": [0.5, 0.1, 0.3, 0.0, 0.2, 0.4], "flat": [False, False, False, True, False, False]}
+        {
+            "Image Index": ["a", "b", "c", "a", "b", "c"],
+            "Finding": ["Mass", "Mass", "Effusion"] * 2,
+            "method": ["groupcam"] * 3 + ["gradcam"] * 3,
+            "hit": [True, False, True, False, False, True],
+            "iou": [0.5, 0.1, 0.3, 0.0, 0.2, 0.4],
+            "flat": [False, False, False, True, False, False],
+        }
     )
     summary = summarize(records).set_index(["method", "Finding"])
     assert summary.loc[("groupcam", "Mass"), "pointing_game"] == 0.5
@@ -167,9 +193,28 @@ def test_localize_scales_boxes_to_the_input(tiny_checkpoint, phantom_dir, phanto
 
 def test_localize_command(tiny_checkpoint, phantom_dir, phantom_split, tmp_path, capsys):
     out = tmp_path / "loc"
-    code = main(["localize", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(phantom_dir), "--methods", "gradcam",
-                 "eigencam", "--split", "test", "--split-file", str(phantom_split), "--limit", "3", "--device", "cpu",
-                 "--out", str(out)])
+    code = main(
+        [
+            "localize",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--data-dir",
+            str(phantom_dir),
+            "--methods",
+            "gradcam",
+            "eigencam",
+            "--split",
+            "test",
+            "--split-file",
+            str(phantom_split),
+            "--limit",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "### gradcam" in printed and "### eigencam" in printed and "| all |" in printed
@@ -194,8 +239,26 @@ def test_explain_command_files_and_cache_split(tiny_checkpoint, phantom_dir, pha
     assert len(pd.read_csv(out / "explanations.csv")) == 2
 
     batch = tmp_path / "batch"
-    assert main([*argv, "--method", "gradcam", "--cache", str(phantom_cache), "--split", "test", "--split-file",
-                 str(phantom_split), "--limit", "3", "--out", str(batch)]) == 0
+    assert (
+        main(
+            [
+                *argv,
+                "--method",
+                "gradcam",
+                "--cache",
+                str(phantom_cache),
+                "--split",
+                "test",
+                "--split-file",
+                str(phantom_split),
+                "--limit",
+                "3",
+                "--out",
+                str(batch),
+            ]
+        )
+        == 0
+    )
     assert len(list((batch / "Effusion").glob("*.gradcam.png"))) == 3
     assert main([*argv, "--out", str(out)]) == 2  # neither files nor --split
     assert "give IMAGE files" in capsys.readouterr().err

@@ -209,7 +209,9 @@ def _nan_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("name", sorted(LOSSES))
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_masked_loss_equals_unmasked_loss_on_fully_labelled_targets(name, reduction):
-    loss = create_loss(name, POSITIVES, NEGATIVES, reduction=reduction) if name in ("wbce", "ours") else create_loss(name, reduction=reduction)
+    loss = (
+        create_loss(name, POSITIVES, NEGATIVES, reduction=reduction) if name in ("wbce", "ours") else create_loss(name, reduction=reduction)
+    )
     logits, targets, _ = _nan_batch()
     per_element = loss.elementwise(logits, targets)
     unmasked = per_element.sum() if reduction == "sum" else per_element.mean()
@@ -219,7 +221,9 @@ def test_masked_loss_equals_unmasked_loss_on_fully_labelled_targets(name, reduct
 @pytest.mark.parametrize("name", sorted(LOSSES))
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_nan_targets_are_ignored_exactly(name, reduction):
-    loss = create_loss(name, POSITIVES, NEGATIVES, reduction=reduction) if name in ("wbce", "ours") else create_loss(name, reduction=reduction)
+    loss = (
+        create_loss(name, POSITIVES, NEGATIVES, reduction=reduction) if name in ("wbce", "ours") else create_loss(name, reduction=reduction)
+    )
     logits, targets, labelled = _nan_batch()
     with_nan = torch.where(labelled, targets, torch.full_like(targets, float("nan")))
     z = logits.clone().requires_grad_(True)

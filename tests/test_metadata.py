@@ -72,7 +72,10 @@ def test_minimal_table_takes_the_patient_from_the_name(tmp_path: Path) -> None:
         ("Image Index,Finding Labels\n00000001_000.png,Mass\n00000001_001.png,Mass|Tumour\n", r"line 3: unknown finding 'Tumour'"),
         ("Image Index,Finding Labels\n00000001_000.png,\n", r"line 2: empty Finding Labels"),
         ("Image Index,Labels\n00000001_000.png,Mass\n", r"missing column\(s\) 'Finding Labels'; found 'Image Index', 'Labels'"),
-        ("Image Index,Finding Labels\n00000001_000.png,Mass\n00000001_000.png,Nodule\n", r"line 3: Image Index '00000001_000.png' repeats line 2"),
+        (
+            "Image Index,Finding Labels\n00000001_000.png,Mass\n00000001_000.png,Nodule\n",
+            r"line 3: Image Index '00000001_000.png' repeats line 2",
+        ),
         ("Image Index,Finding Labels\n", r"the table has no rows"),
     ],
 )

@@ -46,10 +46,25 @@ def test_overall_summary():
     assert overall.macro_f1.mean == pytest.approx(evaluation.per_finding["macro_f1"].mean())
     assert overall.images == 600 and evaluation.notes == [] and overall.auroc_bootstrap is None
     written = evaluation.to_dict()["overall"]  # metrics.json's keys, in order
-    assert list(written) == ["images", "auroc", "exact_match_accuracy", "accuracy", "macro_precision", "macro_recall", "macro_f1",
-                             "ece", "left_out_of_auroc_mean", "level"]
-    assert written["auroc"] == {"mean": overall.auroc.mean, "se": overall.auroc.se, "low": overall.auroc.low,
-                                "high": overall.auroc.high, "n": 14}
+    assert list(written) == [
+        "images",
+        "auroc",
+        "exact_match_accuracy",
+        "accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "ece",
+        "left_out_of_auroc_mean",
+        "level",
+    ]
+    assert written["auroc"] == {
+        "mean": overall.auroc.mean,
+        "se": overall.auroc.se,
+        "low": overall.auroc.low,
+        "high": overall.auroc.high,
+        "n": 14,
+    }
     booted = metrics.evaluate(y, probs, n_bootstrap=5).to_dict()["overall"]["auroc_bootstrap"]
     assert list(booted) == ["low", "high", "replicates", "unit"] and booted["replicates"] == 5 and booted["unit"] == "image"
 
@@ -78,6 +93,7 @@ def test_youden_and_f1_thresholds_are_optimal():
         j = [(probs[pos, k] >= t).mean() - (probs[neg, k] >= t).mean() for t in candidates]
         chosen = (probs[pos, k] >= youden[k]).mean() - (probs[neg, k] >= youden[k]).mean()
         assert chosen == pytest.approx(max(j))
+
         def f1_at(t: float, k: int = k) -> float:
             pred = probs[:, k] >= t
             tp = (pred & (y[:, k] == 1)).sum()
@@ -229,8 +245,12 @@ def test_exact_match_and_calibration_skip_unlabelled_entries():
     probs = np.array([[0.9, 0.9], [0.2, 0.1], [0.9, 0.9], [0.4, 0.1]])
     # row 0: labelled finding right; row 1: second wrong; row 2: no labels, left out; row 3: first wrong
     assert metrics.exact_match_accuracy(y, probs, 0.5) == pytest.approx(1 / 3)
-    np.testing.assert_allclose(metrics.expected_calibration_error(y, probs, 10), [(0.1 + 0.2 + 0.6) / 3, abs(0.9 - 0.1) / 2])  # one bin: gaps cancel
-    assert metrics.expected_calibration_error(np.full((2, 1), np.nan), np.full((2, 1), 0.5)).tolist() == [pytest.approx(np.nan, nan_ok=True)]
+    np.testing.assert_allclose(
+        metrics.expected_calibration_error(y, probs, 10), [(0.1 + 0.2 + 0.6) / 3, abs(0.9 - 0.1) / 2]
+    )  # one bin: gaps cancel
+    assert metrics.expected_calibration_error(np.full((2, 1), np.nan), np.full((2, 1), 0.5)).tolist() == [
+        pytest.approx(np.nan, nan_ok=True)
+    ]
     assert metrics.reliability(y[:, 0], probs[:, 0])["count"].sum() == 3
     tp = metrics.confusion(y, probs, 0.5)
     assert [tp[k].tolist() for k in ("tp", "fp", "tn", "fn")] == [[1, 0], [0, 0], [1, 1], [1, 1]]
@@ -250,8 +270,9 @@ def test_thresholds_temperatures_and_comparison_with_unlabelled_findings():
         assert temperatures[k] == pytest.approx(metrics.fit_temperature(y[rows][:, [k]], probs[rows][:, [k]], names=["Effusion"])[0])
     assert chosen[7] == 0.5 and temperatures[7] == 1.0
     with pytest.warns(metrics.MetricWarning, match="Hernia: no labelled images"):
-        cmp = metrics.compare_models(y, {"a": probs, "b": np.clip(probs + 0.05 * np.sin(np.arange(600))[:, None], 0, 1)},
-                                     groups=np.arange(600) // 3, n_bootstrap=30)
+        cmp = metrics.compare_models(
+            y, {"a": probs, "b": np.clip(probs + 0.05 * np.sin(np.arange(600))[:, None], 0, 1)}, groups=np.arange(600) // 3, n_bootstrap=30
+        )
     assert np.isnan(cmp.auc[:, 7]).all() and np.isfinite(np.delete(cmp.auc, 7, axis=1)).all()
     assert np.isnan(cmp.positive_ratio[7]) and cmp.positive_ratio[k] == pytest.approx(np.nanmean(y[:, k]))
     assert np.isnan(cmp.findings_p["a"][7]).all() and np.isnan(cmp.delong_p[7]).all()

@@ -165,7 +165,7 @@ def test_first_conv_new_reinitialises_the_stem(tmp_path):
     new = create_model("resnet18", pretrained=str(path), first_conv="new")
     torch.testing.assert_close(summed.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
     assert new.conv1.weight.shape == (64, 1, 7, 7) and not torch.allclose(new.conv1.weight, summed.conv1.weight)
-    bound = 1 / (49 ** 0.5)  # PyTorch's default init of a new nn.Conv2d(1, 64, 7): uniform within 1/sqrt(fan_in)
+    bound = 1 / (49**0.5)  # PyTorch's default init of a new nn.Conv2d(1, 64, 7): uniform within 1/sqrt(fan_in)
     assert new.conv1.weight.abs().max() <= bound
     torch.testing.assert_close(new.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
     torch.testing.assert_close(new.bn1.running_var, state["bn1.running_var"])  # ResNet keeps its stem batch norm
@@ -258,8 +258,13 @@ def test_cam_target_layers_generic():
     assert cam_target_layers(byob, input_size=SIZE) == [byob.final_conv]
 
     plain = nn.Sequential(  # no timm metadata: the last module with an N*C*H*W output, H*W > 1
-        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 14),
+        nn.Conv2d(1, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 14),
     )
     assert cam_target_layers(plain, input_size=16) == [plain[3]]
     with pytest.raises(CxrdxError, match="reshape transform"):

@@ -106,7 +106,9 @@ def test_a_damaged_guard_or_a_clashing_weight_name_is_refused(tmp_path: Path) ->
 
     plain = load_checkpoint(make_checkpoint(tmp_path / "plain.pt"))
     dim = create_model("test_resnet").num_features
-    guarded = save_checkpoint(tmp_path / "guarded.pt", dataclasses.replace(plain, guard=ood.fit_guard(gaussian(50, dim, 0), gaussian(20, dim, 1))))
+    guarded = save_checkpoint(
+        tmp_path / "guarded.pt", dataclasses.replace(plain, guard=ood.fit_guard(gaussian(50, dim, 0), gaussian(20, dim, 1)))
+    )
     from safetensors import safe_open
 
     with safe_open(guarded, "pt") as handle:
@@ -140,8 +142,9 @@ def guarded(phantom_cache: Path, phantom_split: Path) -> tuple[Predictor, np.nda
     torch.manual_seed(0)
     model = create_model("test_resnet").eval()
     guard = ood.fit_on_cache(model, cache, rows["train"], rows["val"], SIZE, [0.5], [0.25])
-    ckpt = Checkpoint(model_name="test_resnet", state_dict=model.state_dict(), input_size=SIZE, mean=[0.5], std=[0.25],
-                      cache_size=SIZE, guard=guard)
+    ckpt = Checkpoint(
+        model_name="test_resnet", state_dict=model.state_dict(), input_size=SIZE, mean=[0.5], std=[0.25], cache_size=SIZE, guard=guard
+    )
     return Predictor(ckpt, device="cpu"), np.asarray(cache.images[rows["test"]])
 
 
@@ -211,8 +214,7 @@ def test_the_service_answers_a_refused_upload_with_422(guarded: tuple[Predictor,
 # --- train and calibrate --------------------------------------------------------------------------------
 
 
-def test_calibrate_ood_refits_the_guard(phantom_cache: Path, phantom_split: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_calibrate_ood_refits_the_guard(phantom_cache: Path, phantom_split: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "split.csv").write_bytes(phantom_split.read_bytes())

@@ -34,7 +34,13 @@ def test_layout_columns_and_images(phantom_dir: Path) -> None:
     entries = _rows(phantom_dir / "Data_Entry_2017.csv")
     assert ",".join(entries[0]) == DATA_ENTRY_HEADER
     assert entries[0][:7] == [
-        "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender", "View Position",
+        "Image Index",
+        "Finding Labels",
+        "Follow-up #",
+        "Patient ID",
+        "Patient Age",
+        "Patient Gender",
+        "View Position",
     ]
     rows = entries[1:]
     assert len(rows) == 240 and all(len(row) == 11 for row in rows)

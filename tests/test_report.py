@@ -39,12 +39,7 @@ def test_markdown_renderer():
     data = pd.DataFrame({"a": [1.0, np.nan]}, index=pd.Index(["x|y", "z"], name="Finding"))
     table = report.Table("t", "Title", data, data.map(report.format_value), ["a note"])
     assert report.markdown(table) == (
-        "### Title\n\n"
-        "| Finding | a     |\n"
-        "| ------- | ----- |\n"
-        "| x\\|y    | 1.000 |\n"
-        "| z       | –     |\n"
-        "\n- a note\n"
+        "### Title\n\n| Finding | a     |\n| ------- | ----- |\n| x\\|y    | 1.000 |\n| z       | –     |\n\n- a note\n"
     )
 
 

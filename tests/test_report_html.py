@@ -21,8 +21,12 @@ from cxrdx.report import sections
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 SCREENSHOT = Path("/tmp/cxrdx_report.png")
 TABLE2_ROW = {"model": "resnet18", "params": 11177422, "macs": 35412992, "flops": 70825984, "resolution": "1*32*32", "note": ""}
@@ -58,15 +62,24 @@ def make_run(
     cache, split, index = dataset
     run = root / name
     run.mkdir(parents=True)
-    config = {"name": name, "seed": seed, "data": {"cache": str(cache), "input_size": 32},
-              "model": {"name": "resnet18"}, "loss": {"name": name}, "optim": {"epochs": 3, "global_batch": 8, "lr": 1e-3},
-              "ema": {"enabled": False}, "selection": {"weights": "raw"}}
+    config = {
+        "name": name,
+        "seed": seed,
+        "data": {"cache": str(cache), "input_size": 32},
+        "model": {"name": "resnet18"},
+        "loss": {"name": name},
+        "optim": {"epochs": 3, "global_batch": 8, "lr": 1e-3},
+        "ema": {"enabled": False},
+        "selection": {"weights": "raw"},
+    }
     if "config" not in skip:
         rundir.write_config(run, config_from_dict(config))
     if "split" not in skip:
         write_split(split, rundir.split_path(run))
     if "metrics" not in skip:
-        rows = [rundir.EpochRow(e, train_loss=1 / e, val_loss=1.1 / e, val_mean_auroc=0.5 + 0.1 * e, best=True, seconds=2.0) for e in (1, 2, 3)]
+        rows = [
+            rundir.EpochRow(e, train_loss=1 / e, val_loss=1.1 / e, val_mean_auroc=0.5 + 0.1 * e, best=True, seconds=2.0) for e in (1, 2, 3)
+        ]
         rundir.write_epochs(run, rows)
     if "curves" not in skip:
         rundir.curves_path(run).write_bytes(png_bytes(seed=seed))
@@ -97,9 +110,11 @@ def make_run(
             rows.append({"Image Index": image, "Finding": FINDINGS[k], "probability": p[k], "flat": False, "png": str(png), "npy": ""})
         rundir.write_explanations(run / rundir.EXPLAIN, pd.DataFrame(rows))
     if "localize" not in skip:
-        summary = [{"method": m, "Finding": f, "n": n, "pointing_game": hit, "iou": iou, "flat": 0}
-                   for m, hit in (("groupcam", 0.75), ("gradcam", 0.5))
-                   for f, n, iou in (("Effusion", 4, 0.31), ("Mass", 2, 0.12), ("all", 6, 0.25))]
+        summary = [
+            {"method": m, "Finding": f, "n": n, "pointing_game": hit, "iou": iou, "flat": 0}
+            for m, hit in (("groupcam", 0.75), ("gradcam", 0.5))
+            for f, n, iou in (("Effusion", 4, 0.31), ("Mass", 2, 0.12), ("all", 6, 0.25))
+        ]
         settings = {"split": "test", "threshold": 0.5, "threshold_mode": "relative", "tolerance": 0, "images": 5}
         rundir.write_localization(run / rundir.LOCALIZE, pd.DataFrame(summary), settings)
     return run
@@ -141,11 +156,36 @@ def test_html_renderer_aligns_numbers_merges_labels_and_escapes():
 
 def test_page_has_every_section_and_numbers(page: tuple[Path, str], runs: list[Path]):
     path, text = page
-    for anchor in ("overview", "dataset", "models", "training", "performance", "significance", "roc", "calibration",
-                   "explanations", "localization", "external", "settings"):
+    for anchor in (
+        "overview",
+        "dataset",
+        "models",
+        "training",
+        "performance",
+        "significance",
+        "roc",
+        "calibration",
+        "explanations",
+        "localization",
+        "external",
+        "settings",
+    ):
         assert f"<section id='{anchor}'>" in text and f"href='#{anchor}'" in text
-    for table in ("table1", "table2", "table3", "table4", "delong", "anova", "table5_ours", "table5_wbce", "ece", "localization",
-                  "generalisation", "subgroups", "subgroup_gaps"):
+    for table in (
+        "table1",
+        "table2",
+        "table3",
+        "table4",
+        "delong",
+        "anova",
+        "table5_ours",
+        "table5_wbce",
+        "ece",
+        "localization",
+        "generalisation",
+        "subgroups",
+        "subgroup_gaps",
+    ):
         assert f"id='table-{table}'" in text
     assert "id='demo-extra'" in text and text.index("Demo timings") < text.index("<section id='dataset'>")
     summary = json.loads((path.parent / report.SUMMARY).read_text())
@@ -173,8 +213,15 @@ def test_missing_parts_become_notes(tmp_path: Path, dataset, runs: list[Path]):
     bare = make_run(tmp_path, "bare", dataset, 0.3, 3, skip=("config", "split", "metrics", "curves", "eval", "explain", "localize"))
     path = report.write_report([bare], tmp_path / "out", progress=False)
     text = path.read_text()
-    for phrase in ("no split.csv", "No config.yaml names a model", "No training curves", "No evaluation: run",
-                   "No explanations: run", "no localization: run", "No config.yaml in"):
+    for phrase in (
+        "no split.csv",
+        "No config.yaml names a model",
+        "No training curves",
+        "No evaluation: run",
+        "No explanations: run",
+        "no localization: run",
+        "No config.yaml in",
+    ):
         assert phrase in text
     assert "No evaluated model" in text
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["best_model"] is None
@@ -219,8 +266,11 @@ def test_template_and_style_are_package_data_and_can_be_replaced(tmp_path: Path,
     assert "<style>\nbody{color:#123456}\n</style>" in text and "--accent" not in text and "<section id='results'" not in text
     assert "id='table-table3'" in text
     (mine / "report.html.j2").write_text(
-        "<html lang='de'><title>{{ title }}</title>{% for s in sections %}<h2>{{ s.title }}</h2>{{ s.body }}{% endfor %}</html>")
-    assert main(["report", str(runs[0]), "--out", str(tmp_path / "out"), "--template-dir", str(mine), "--title", "Befund <1>", "--quiet"]) == 0
+        "<html lang='de'><title>{{ title }}</title>{% for s in sections %}<h2>{{ s.title }}</h2>{{ s.body }}{% endfor %}</html>"
+    )
+    assert (
+        main(["report", str(runs[0]), "--out", str(tmp_path / "out"), "--template-dir", str(mine), "--title", "Befund <1>", "--quiet"]) == 0
+    )
     text = path.read_text()
     assert text.startswith("<html lang='de'><title>Befund &lt;1&gt;</title>") and "id='table-table3'" in text
     assert main(["report", str(runs[0]), "--template-dir", str(tmp_path / "nowhere")]) == 2
@@ -246,8 +296,9 @@ def test_bootstrap_and_expert_label_results_are_shown(tmp_path: Path, runs: list
     truth = read_labels(run / "eval" / "labels.csv").loc[probs.index]
     names = list(probs.index)
     yes = lambda flags: np.where(flags, "YES", "NO")  # noqa: E731
-    expert = pd.DataFrame({"Image Index": names, "Pneumothorax": yes(truth["Pneumothorax"] == 1),
-                           "Nodule or mass": yes(np.arange(len(names)) % 2 == 0)})
+    expert = pd.DataFrame(
+        {"Image Index": names, "Pneumothorax": yes(truth["Pneumothorax"] == 1), "Nodule or mass": yes(np.arange(len(names)) % 2 == 0)}
+    )
     expert.to_csv(tmp_path / "expert.csv", index=False)
     preds = SplitPredictions(names, probs.to_numpy(), truth[list(FINDINGS)].to_numpy(np.uint8), truth["Patient ID"].to_numpy())
     with pytest.warns(Warning):  # tiny test split: some findings lack positives
@@ -261,15 +312,19 @@ def test_bootstrap_and_expert_label_results_are_shown(tmp_path: Path, runs: list
     boot = result["overall"]["auroc_bootstrap"]
     assert "patient-level bootstrap CIs: boot" in performance and "30 resamples of the test patients" in performance
     mean = result["overall"]["auroc"]
-    assert (f"<th scope='row'>Overall (mean over findings)</th><td class='num'>{f(mean['mean'])}</td><td class='num'>{f(mean['low'])}–"
-            f"{f(mean['high'])}</td><td class='num'>{f(boot['low'])}–{f(boot['high'])}</td>") in performance
+    assert (
+        f"<th scope='row'>Overall (mean over findings)</th><td class='num'>{f(mean['mean'])}</td><td class='num'>{f(mean['low'])}–"
+        f"{f(mean['high'])}</td><td class='num'>{f(boot['low'])}–{f(boot['high'])}</td>"
+    ) in performance
     ci = lambda low, high: f"{f(low)}–{f(high)}" if report.DASH not in (f(low), f(high)) else report.DASH  # noqa: E731
     for k, row in result["per_finding"].items():
         if row["auroc_boot_low"] is None:
             assert f"<th scope='row'>{k}</th><td class='num'>–</td><td class='num'>–</td><td class='num'>–</td>" in performance
         else:  # a DeLong CI can be undefined (e.g. a single test positive) where the bootstrap has one
-            assert (f"<th scope='row'>{k}</th><td class='num'>{f(row['auroc'])}</td><td class='num'>{ci(row['auroc_low'], row['auroc_high'])}"
-                    f"</td><td class='num'>{f(row['auroc_boot_low'])}–{f(row['auroc_boot_high'])}</td>") in performance
+            assert (
+                f"<th scope='row'>{k}</th><td class='num'>{f(row['auroc'])}</td><td class='num'>{ci(row['auroc_low'], row['auroc_high'])}"
+                f"</td><td class='num'>{f(row['auroc_boot_low'])}–{f(row['auroc_boot_high'])}</td>"
+            ) in performance
     assert any(row["auroc_boot_low"] is not None for row in result["per_finding"].values())
     for finding, row in result["expert_labels"].items():
         assert f"<th scope='row'>{finding}</th><td class='num'>{row['images']}</td>" in performance
@@ -279,9 +334,16 @@ def test_bootstrap_and_expert_label_results_are_shown(tmp_path: Path, runs: list
 
 @pytest.mark.parametrize(
     "result",
-    [{}, {"overall": None}, {"overall": {"auroc": {"mean": 0.7}}, "per_finding": {"Mass": {"threshold": 0.5}}},
-     {"overall": {"auroc_bootstrap": {"low": 0.6}}, "per_finding": []}, {"expert_labels": [1, 2]},
-     {"expert_labels": {"Pneumothorax": {"images": 3}}}, {"expert_labels": {"Pneumothorax": 1}}, {"expert_labels": {}}],
+    [
+        {},
+        {"overall": None},
+        {"overall": {"auroc": {"mean": 0.7}}, "per_finding": {"Mass": {"threshold": 0.5}}},
+        {"overall": {"auroc_bootstrap": {"low": 0.6}}, "per_finding": []},
+        {"expert_labels": [1, 2]},
+        {"expert_labels": {"Pneumothorax": {"images": 3}}},
+        {"expert_labels": {"Pneumothorax": 1}},
+        {"expert_labels": {}},
+    ],
 )
 def test_missing_or_damaged_extras_show_nothing(result: dict):
     metrics = rundir.EvalMetrics.from_dict(result)

@@ -31,10 +31,26 @@ def test_config_round_trip_and_errors(tmp_path: Path):
 
 def test_epoch_rows_keep_unknown_columns(tmp_path: Path):
     assert rundir.read_epochs(tmp_path) == []
-    written = {"epoch": 1, "step": 5, "lr": 1e-3, "train_loss": 0.7, "weights": "raw", "val_loss": 0.6, "val_mean_auroc": 0.55,
-               "val_auroc": {"Mass": 0.5}, "raw_val_loss": 0.6, "raw_val_mean_auroc": 0.55, "raw_val_auroc": {"Mass": 0.5},
-               "ema_val_loss": None, "ema_val_mean_auroc": None, "ema_val_auroc": None, "best": True, "images_per_s": 80.0,
-               "seconds": 2.5, "grad_norm": 1.25}  # the last: a column a newer version writes
+    written = {
+        "epoch": 1,
+        "step": 5,
+        "lr": 1e-3,
+        "train_loss": 0.7,
+        "weights": "raw",
+        "val_loss": 0.6,
+        "val_mean_auroc": 0.55,
+        "val_auroc": {"Mass": 0.5},
+        "raw_val_loss": 0.6,
+        "raw_val_mean_auroc": 0.55,
+        "raw_val_auroc": {"Mass": 0.5},
+        "ema_val_loss": None,
+        "ema_val_mean_auroc": None,
+        "ema_val_auroc": None,
+        "best": True,
+        "images_per_s": 80.0,
+        "seconds": 2.5,
+        "grad_norm": 1.25,
+    }  # the last: a column a newer version writes
     # the second row as earlier versions wrote it: no `weights`, val_* of the raw weights, selection on EMA
     rows = [rundir.EpochRow.from_dict(written), rundir.EpochRow(2, val_mean_auroc=0.6, ema_val_mean_auroc=0.65)]
     rundir.write_epochs(tmp_path, rows)
@@ -52,8 +68,9 @@ def test_eval_metrics_round_trip_and_thresholds(tmp_path: Path):
     assert rundir.read_eval_metrics(tmp_path) == rundir.EvalMetrics()  # none: empty, no thresholds
     assert rundir.read_eval_metrics(tmp_path).thresholds is None
     per = {f: {"auroc": 0.7, "threshold": 0.1 + 0.05 * k} for k, f in enumerate(FINDINGS)}
-    result = rundir.EvalMetrics(settings={"split": "test"}, overall={"auroc": {"mean": 0.7}}, per_finding=per, notes=["n"],
-                                extra={"future": 1})
+    result = rundir.EvalMetrics(
+        settings={"split": "test"}, overall={"auroc": {"mean": 0.7}}, per_finding=per, notes=["n"], extra={"future": 1}
+    )
     rundir.write_eval_metrics(tmp_path, result)
     assert rundir.read_eval_metrics(tmp_path) == result
     np.testing.assert_allclose(result.thresholds, [0.1 + 0.05 * k for k in range(len(FINDINGS))])
@@ -86,8 +103,16 @@ def test_explanations_and_localization(tmp_path: Path):
     rundir.write_explanations(tmp_path, table)
     assert rundir.read_explanations(tmp_path)["probability"].tolist() == [0.8]
 
-    summary = pd.DataFrame({"method": ["groupcam", "groupcam"], "Finding": ["Mass", "all"], "n": [2, 2],
-                            "pointing_game": [0.5, 0.5], "iou": [0.2, 0.2], "flat": [0, 0]})
+    summary = pd.DataFrame(
+        {
+            "method": ["groupcam", "groupcam"],
+            "Finding": ["Mass", "all"],
+            "n": [2, 2],
+            "pointing_game": [0.5, 0.5],
+            "iou": [0.2, 0.2],
+            "flat": [0, 0],
+        }
+    )
     rundir.write_localization(tmp_path, summary, {"split": "test", "threshold": 0.4, "tolerance": 2, "images": 2, "boxes": "b.csv"})
     result = rundir.read_localization(tmp_path)
     assert (result.threshold, result.threshold_mode, result.tolerance, result.images, result.split) == (0.4, "relative", 2, 2, "test")

@@ -79,7 +79,9 @@ def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
 
 @pytest.fixture(scope="module")
 def client(predictor: Predictor):
-    with TestClient(create_app(predictor, max_upload_bytes=LIMIT, queue_size=4), raise_server_exceptions=False, base_url="http://localhost") as c:
+    with TestClient(
+        create_app(predictor, max_upload_bytes=LIMIT, queue_size=4), raise_server_exceptions=False, base_url="http://localhost"
+    ) as c:
         yield c
 
 

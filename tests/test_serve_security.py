@@ -71,7 +71,12 @@ def test_api_key_is_required_on_the_api_and_compared_exactly(predictor: Predicto
         good = {"Authorization": f"Bearer {KEY}"}
         assert c.get("/v1/model", headers=good).status_code == 200
         assert post_png(c, good).status_code == 200
-        assert c.post("/v1/explain", params={"finding": "Mass"}, files={"file": ("x.png", png_bytes(chest_like(64)))}, headers=good).status_code == 200
+        assert (
+            c.post(
+                "/v1/explain", params={"finding": "Mass"}, files={"file": ("x.png", png_bytes(chest_like(64)))}, headers=good
+            ).status_code
+            == 200
+        )
         assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200  # no data behind these
 
 
@@ -90,7 +95,16 @@ def test_foreign_host_names_are_refused(predictor: Predictor) -> None:
             response = c.get("/healthz", headers={"Host": host})
             assert response.status_code == 400, host
             assert "--allowed-host" in response.json()["detail"]
-        for host in ("localhost", "localhost:8000", "LOCALHOST:1", "127.0.0.1", "127.0.0.1:8000", "[::1]", "[::1]:8000", "xray.example.org:443"):
+        for host in (
+            "localhost",
+            "localhost:8000",
+            "LOCALHOST:1",
+            "127.0.0.1",
+            "127.0.0.1:8000",
+            "[::1]",
+            "[::1]:8000",
+            "xray.example.org:443",
+        ):
             assert c.get("/healthz", headers={"Host": host}).status_code == 200, host
     with TestClient(create_app(predictor, allowed_hosts=("*",)), base_url="http://anything.example") as c:
         assert c.get("/healthz").status_code == 200
@@ -98,7 +112,11 @@ def test_foreign_host_names_are_refused(predictor: Predictor) -> None:
 
 def test_host_names_are_normalised() -> None:
     assert [host_name(h) for h in ("LocalHost:80", "[::1]:8000", "::1", "10.0.0.5", "x.org:")] == [
-        "localhost", "[::1]", "[::1]", "10.0.0.5", "x.org",
+        "localhost",
+        "[::1]",
+        "[::1]",
+        "10.0.0.5",
+        "x.org",
     ]
 
 
@@ -203,7 +221,17 @@ def test_public_address_with_insecure_or_a_key_starts_with_a_warning(
 
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
-    argv = ["serve", "--checkpoint", str(checkpoint), "--host", "192.0.2.7", "--api-key-file", str(key_file), "--allowed-host", "xray.example.org"]
+    argv = [
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--host",
+        "192.0.2.7",
+        "--api-key-file",
+        str(key_file),
+        "--allowed-host",
+        "xray.example.org",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "warning: listening on 192.0.2.7" in err and "without an API key" not in err
@@ -297,8 +325,24 @@ def test_memory_stays_bounded_under_many_large_concurrent_uploads(checkpoint: Pa
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("CXRDX_API_KEY", None)
-    command = [sys.executable, "-m", "cxrdx", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-               "--max-upload-mb", "16", "--max-inflight-mb", str(BUDGET_MIB), "--queue-size", str(UPLOADS), "--rate-limit", "off"]
+    command = [
+        sys.executable,
+        "-m",
+        "cxrdx",
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--max-upload-mb",
+        "16",
+        "--max-inflight-mb",
+        str(BUDGET_MIB),
+        "--queue-size",
+        str(UPLOADS),
+        "--rate-limit",
+        "off",
+    ]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -340,9 +384,11 @@ def test_memory_stays_bounded_under_many_large_concurrent_uploads(checkpoint: Pa
         server.wait(30)
     growth_mib = (peak - baseline) / 1024
     with capsys.disabled():
-        print(f"\nserver RSS: baseline {baseline / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB (+{growth_mib:.0f} MiB) with "
-              f"{UPLOADS} concurrent uploads of 8-16 MiB ({sum(sizes) / 2**20:.0f} MiB), budget {BUDGET_MIB} MiB; "
-              f"answers: {sorted(statuses, key=str)}")
+        print(
+            f"\nserver RSS: baseline {baseline / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB (+{growth_mib:.0f} MiB) with "
+            f"{UPLOADS} concurrent uploads of 8-16 MiB ({sum(sizes) / 2**20:.0f} MiB), budget {BUDGET_MIB} MiB; "
+            f"answers: {sorted(statuses, key=str)}"
+        )
     assert len(statuses) == UPLOADS and set(statuses) <= {422, 503, "WriteError", "RemoteProtocolError", "ReadError"}
     assert 422 in statuses  # some were admitted and decoded, the rest refused
     assert queue["admitted"] == 0 and queue["bytes_in_flight"] == 0

@@ -27,8 +27,12 @@ PAPER_TABLE3 = {
 }
 # Its "Overall" row: mean ± SE (95% CI).
 PAPER_OVERALL = [
-    (0.826, 0.018, 0.786, 0.866), (0.842, 0.017, 0.805, 0.879), (0.822, 0.018, 0.784, 0.860),
-    (0.831, 0.016, 0.796, 0.866), (0.811, 0.018, 0.772, 0.850), (0.807, 0.017, 0.770, 0.844),
+    (0.826, 0.018, 0.786, 0.866),
+    (0.842, 0.017, 0.805, 0.879),
+    (0.822, 0.018, 0.784, 0.860),
+    (0.831, 0.016, 0.796, 0.866),
+    (0.811, 0.018, 0.772, 0.850),
+    (0.807, 0.017, 0.770, 0.844),
 ]
 
 
@@ -47,8 +51,16 @@ def test_delong_matches_proc_fixture():
         test = stats.delong_test(y, a, b)
         _, cov = stats.delong_covariance(y[:, None], np.stack([a, b])[..., None])
         ours = {
-            "auc_a": auc_a, "low_a": low_a, "high_a": high_a, "var_a": cov[0, 0, 0],
-            "auc_b": auc_b, "low_b": low_b, "high_b": high_b, "var_b": cov[0, 1, 1], "z": test.z, "p": test.p,
+            "auc_a": auc_a,
+            "low_a": low_a,
+            "high_a": high_a,
+            "var_a": cov[0, 0, 0],
+            "auc_b": auc_b,
+            "low_b": low_b,
+            "high_b": high_b,
+            "var_b": cov[0, 1, 1],
+            "z": test.z,
+            "p": test.p,
         }
         for key, expected in case["proc"].items():
             assert ours[key] == pytest.approx(expected, abs=1e-6), f"{name}: {key}"

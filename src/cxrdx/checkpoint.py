@@ -111,8 +111,10 @@ _HEADER: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cxrdx_version": (lambda v: isinstance(v, str), "a string"),
     "preprocess": (lambda v: v in PREPROCESS, f"one of {', '.join(PREPROCESS)}"),
     "provenance": (lambda v: isinstance(v, dict), "an object"),
-    "guard": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(v.get(k)) for k in _GUARD_NUMBERS)),
-              f"null or an object with the numbers {', '.join(_GUARD_NUMBERS)}"),
+    "guard": (
+        lambda v: v is None or (isinstance(v, dict) and all(_is_number(v.get(k)) for k in _GUARD_NUMBERS)),
+        f"null or an object with the numbers {', '.join(_GUARD_NUMBERS)}",
+    ),
 }
 _REQUIRED = ("model_name", "input_size", "mean", "std")
 
@@ -193,8 +195,9 @@ def _from_safetensors(path: Path, device: str | torch.device) -> Checkpoint:
         with safe_open(path, framework="pt", device=str(device)) as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != FORMAT:
-                raise CxrdxError(f"{path}: a safetensors file but not a cxrdx checkpoint (format {metadata.get('format')!r}, "
-                                 f"expected {FORMAT!r})")
+                raise CxrdxError(
+                    f"{path}: a safetensors file but not a cxrdx checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})"
+                )
             try:
                 header = json.loads(metadata.get("checkpoint", ""))
             except json.JSONDecodeError as exc:
@@ -236,8 +239,12 @@ def _unpickle(path: Path, trust_pickle: bool) -> dict[str, Any]:
             f"refused. If you trust its source, convert it once with 'cxrdx convert {path} --out NEW.pt --trust-pickle' "
             "(or pass --trust-pickle to this command)"
         )
-    warnings.warn(f"{path}: unpickling an old {PICKLE_FORMAT} checkpoint because it is trusted; it can run code. "
-                  "Convert it once with 'cxrdx convert'", PickleCheckpointWarning, stacklevel=3)
+    warnings.warn(
+        f"{path}: unpickling an old {PICKLE_FORMAT} checkpoint because it is trusted; it can run code. "
+        "Convert it once with 'cxrdx convert'",
+        PickleCheckpointWarning,
+        stacklevel=3,
+    )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file

@@ -21,8 +21,10 @@ if TYPE_CHECKING:  # the commands import what they use when they run: `cxrdx --h
 
 Handler = Callable[[argparse.Namespace], int]
 FAILED = "FAILED"  # written into a run folder whose training stopped with an error: the error
-DESCRIPTION = ("Multi-label chest X-ray diagnosis on ChestX-ray14: prepare the data, train, evaluate, compare, "
-               "explain and serve models. 'cxrdx COMMAND --help' describes each command.")
+DESCRIPTION = (
+    "Multi-label chest X-ray diagnosis on ChestX-ray14: prepare the data, train, evaluate, compare, "
+    "explain and serve models. 'cxrdx COMMAND --help' describes each command."
+)
 
 
 # --- argument values: checked while parsing, one line per mistake ----------------------------------
@@ -90,8 +92,9 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _metadata_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metadata", help="Data_Entry table, plain or .gz (default: the one in --data-dir, "
-                        "else NIH's table shipped with cxrdx)")
+    parser.add_argument(
+        "--metadata", help="Data_Entry table, plain or .gz (default: the one in --data-dir, else NIH's table shipped with cxrdx)"
+    )
     parser.add_argument("--data-dir", help="dataset folder holding a Data_Entry table")
 
 
@@ -103,17 +106,31 @@ def _metadata_path(args: argparse.Namespace) -> str:
 
 def _split_args(parser: argparse.ArgumentParser) -> None:
     _metadata_args(parser)
-    parser.add_argument("--strategy", choices=("random", "patient", "official"),
-                        help="patient (default): no patient in two splits; random: image-level as the paper; "
-                        "official: NIH's train_val/test lists, val carved out by patient")
-    parser.add_argument("--ratios", nargs=3, type=float, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
-                        help="image fractions (default: 0.7 0.1 0.2); official keeps NIH's test list and uses TRAIN:VAL")
+    parser.add_argument(
+        "--strategy",
+        choices=("random", "patient", "official"),
+        help="patient (default): no patient in two splits; random: image-level as the paper; "
+        "official: NIH's train_val/test lists, val carved out by patient",
+    )
+    parser.add_argument(
+        "--ratios",
+        nargs=3,
+        type=float,
+        default=(0.7, 0.1, 0.2),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="image fractions (default: 0.7 0.1 0.2); official keeps NIH's test list and uses TRAIN:VAL",
+    )
     parser.add_argument("--seed", type=_COUNT, default=0, help="random seed; the same seed gives the same split")
-    parser.add_argument("--lists", help="folder with train_val_list.txt and test_list.txt, plain or .gz "
-                        "(default: NIH's lists shipped with cxrdx)")
-    parser.add_argument("--from", dest="from_file", metavar="FILE",
-                        help="import a split: 'paper' (the paper's exact split, shipped with cxrdx), a split CSV, "
-                        "or the paper's YAML lists (their folder or one file)")
+    parser.add_argument(
+        "--lists", help="folder with train_val_list.txt and test_list.txt, plain or .gz (default: NIH's lists shipped with cxrdx)"
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="import a split: 'paper' (the paper's exact split, shipped with cxrdx), a split CSV, "
+        "or the paper's YAML lists (their folder or one file)",
+    )
     parser.add_argument("--out", required=True, help="split file to write (CSV Image Index,split)")
 
 
@@ -139,22 +156,33 @@ def _split(args: argparse.Namespace) -> int:
     if len(split) < len(index):
         print(f"  {len(index) - len(split):,} images of {metadata} are in no split")
     leak = leakage_report(index, split)
-    print(f"leakage: {leak['val_images_with_train_patient']:,} val and {leak['test_images_with_train_patient']:,} "
-          "test images belong to a patient who also has images in train")
+    print(
+        f"leakage: {leak['val_images_with_train_patient']:,} val and {leak['test_images_with_train_patient']:,} "
+        "test images belong to a patient who also has images in train"
+    )
     return 0
 
 
 def _stats_args(parser: argparse.ArgumentParser) -> None:
     _metadata_args(parser)
-    parser.add_argument("--split-file", help="split file (CSV Image Index,split, or the paper's YAML lists), "
-                        "or 'paper' for the paper's split shipped with cxrdx")
+    parser.add_argument(
+        "--split-file",
+        help="split file (CSV Image Index,split, or the paper's YAML lists), or 'paper' for the paper's split shipped with cxrdx",
+    )
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format")
     parser.add_argument("--pixels", action="store_true", help="print the pixel mean/std of a prepared cache instead")
     parser.add_argument("--cache", help="with --pixels: the cache folder made by 'cxrdx prepare'")
-    parser.add_argument("--split", choices=("train", "val", "test"), default="train",
-                        help="with --pixels and --split-file: the split to measure (default: train)")
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="with --pixels: measure the split's images that are in the cache, naming the others, instead of stopping")
+    parser.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        default="train",
+        help="with --pixels and --split-file: the split to measure (default: train)",
+    )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="with --pixels: measure the split's images that are in the cache, naming the others, instead of stopping",
+    )
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -192,26 +220,44 @@ def _pixel_stats(args: argparse.Namespace) -> int:
         print(f"mean {mean:.4f}  std {std:.4f}  ({images:,} images, {which} of {args.cache})")
     return 0
 
+
 # --- images: prepare (cxrdx.data.cache) --------------------------------------------------------
 def _prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, help="folder with the images (flat, images/ or images_0XX/images/)")
     parser.add_argument("--metadata", help="Data_Entry table (default: found in --data-dir)")
     parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="side of the cached square images (default: 256)")
     parser.add_argument("--out", required=True, help="cache folder to create or to continue")
-    parser.add_argument("--workers", type=_COUNT, default=0,
-                        help="decoding processes (default: 0: in this process; about one per core for the full dataset)")
+    parser.add_argument(
+        "--workers",
+        type=_COUNT,
+        default=0,
+        help="decoding processes (default: 0: in this process; about one per core for the full dataset)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _dataset_args(parser)
 
 
 def _dataset_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="nih", help="layout of --data-dir: nih (default), chexpert, mimic, padchest, "
-                        "vindr, rsna or csv (your own labels.csv); labels harmonised to the 14 findings, docs/datasets.md")
+    parser.add_argument(
+        "--dataset",
+        default="nih",
+        help="layout of --data-dir: nih (default), chexpert, mimic, padchest, "
+        "vindr, rsna or csv (your own labels.csv); labels harmonised to the 14 findings, docs/datasets.md",
+    )
     parser.add_argument("--views", nargs="+", default=["PA", "AP"], help="view positions kept (default PA AP; 'all' keeps every view)")
-    parser.add_argument("--uncertain", choices=("ignore", "positive", "negative"),
-                        help="uncertain (-1) labels of chexpert, mimic and csv: ignore (not labelled, the default), positive or negative")
-    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                        help="another option of the dataset's reader, e.g. readers=majority (vindr), labeller=negbio (mimic)")
+    parser.add_argument(
+        "--uncertain",
+        choices=("ignore", "positive", "negative"),
+        help="uncertain (-1) labels of chexpert, mimic and csv: ignore (not labelled, the default), positive or negative",
+    )
+    parser.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another option of the dataset's reader, e.g. readers=majority (vindr), labeller=negbio (mimic)",
+    )
 
 
 def _dataset_kwargs(args: argparse.Namespace) -> dict:
@@ -232,7 +278,12 @@ def _prepare(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     try:
         result = prepare_cache(
-            args.data_dir, args.out, size=args.size, metadata=args.metadata, workers=args.workers, progress=not args.quiet,
+            args.data_dir,
+            args.out,
+            size=args.size,
+            metadata=args.metadata,
+            workers=args.workers,
+            progress=not args.quiet,
             **_dataset_kwargs(args),
         )
     except KeyboardInterrupt:
@@ -243,11 +294,11 @@ def _prepare(args: argparse.Namespace) -> int:
         summary += f" (views left out: {', '.join(f'{v} {n}' for v, n in sorted(result.excluded_views.items()))})"
     if result.failed:
         name, reason = result.failed[0]
-        print(f"{summary}; {len(result.failed)} failed (first: {name}: {reason}), all listed in {args.out}/failed.csv",
-              file=sys.stderr)
+        print(f"{summary}; {len(result.failed)} failed (first: {name}: {reason}), all listed in {args.out}/failed.csv", file=sys.stderr)
         return 1
     print(summary)
     return 0
+
 
 # --- phantoms (cxrdx.data.phantoms) ------------------------------------------------------------
 def _phantoms_args(parser: argparse.ArgumentParser) -> None:
@@ -256,11 +307,18 @@ def _phantoms_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_POSITIVE_INT, default=256, help="image side in pixels (default: 256)")
     parser.add_argument("--seed", type=_COUNT, default=0, help="random seed; the same seed gives the same files")
     parser.add_argument(
-        "--tail-floor", type=_FRACTION, default=0.0,
+        "--tail-floor",
+        type=_FRACTION,
+        default=0.0,
         help="raise every finding's prevalence to at least this fraction (default: 0: the paper's long tail)",
     )
-    parser.add_argument("--site", type=int, choices=(1, 2), default=1,
-                        help="2: other patients through another scanner, in the csv layout (labels.csv), an external test set")
+    parser.add_argument(
+        "--site",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: other patients through another scanner, in the csv layout (labels.csv), an external test set",
+    )
 
 
 def _phantoms(args: argparse.Namespace) -> int:
@@ -275,6 +333,7 @@ def _phantoms(args: argparse.Namespace) -> int:
     boxes = sum(1 for _ in open(out / "BBox_List_2017.csv", encoding="utf-8")) - 1
     print(f"wrote {args.n} phantom images ({args.size}x{args.size}) and {boxes} boxes to {out}")
     return 0
+
 
 # --- models (cxrdx.models) ---------------------------------------------------------------------
 def _models_args(parser: argparse.ArgumentParser) -> None:
@@ -300,8 +359,10 @@ def _models(args: argparse.Namespace) -> int:
         return "n/a" if value is None else f"{value / 1e6:.0f} M"
 
     header = ["Model", "Params", "MACs", "FLOPs (2 per MAC)", "Resolution (C*H*W)", "ImageNet weights (paper presets)", "First layer"]
-    table = [[r["model"], f"{r['params'] / 1e6:.1f} M", mega(r["macs"]), mega(r["flops"]), r["resolution"], r["weights"],
-              r["first_conv"]] for r in rows]
+    table = [
+        [r["model"], f"{r['params'] / 1e6:.1f} M", mega(r["macs"]), mega(r["flops"]), r["resolution"], r["weights"], r["first_conv"]]
+        for r in rows
+    ]
     if args.format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([*header, "note"])
@@ -311,19 +372,25 @@ def _models(args: argparse.Namespace) -> int:
         print("|" + "---|" * len(header))
         for line in table:
             print("| " + " | ".join(line) + " |")
-        print("\nMACs = multiply-accumulates (the unit of the paper's \"FLOPs\" column); "
-              "counted by torch.utils.flop_counter (convolutions, matrix products, attention). First layer: "
-              "new = a freshly initialised 1-channel convolution (the released code), summed = RGB kernels summed.")
+        print(
+            '\nMACs = multiply-accumulates (the unit of the paper\'s "FLOPs" column); '
+            "counted by torch.utils.flop_counter (convolutions, matrix products, attention). First layer: "
+            "new = a freshly initialised 1-channel convolution (the released code), summed = RGB kernels summed."
+        )
         for r in rows:
             if r["note"]:
                 print(f"{r['model']}: {r['note']}", file=sys.stderr)
     return 0
 
+
 # --- checkpoints (cxrdx.checkpoint) -------------------------------------------------------------
 def _trust_pickle_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="also load an old pickle checkpoint (cxrdx-checkpoint/1); unpickling can run code hidden in "
-                        "the file: only for files you trust")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also load an old pickle checkpoint (cxrdx-checkpoint/1); unpickling can run code hidden in "
+        "the file: only for files you trust",
+    )
 
 
 def _convert_args(parser: argparse.ArgumentParser) -> None:
@@ -346,8 +413,11 @@ def _import_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("source", metavar="SOURCE", help="the pretrained model: " + ", ".join(SOURCES))
     parser.add_argument("--out", required=True, help="the checkpoint to write (cxrdx-checkpoint/2: safetensors weights, JSON header)")
-    parser.add_argument("--weights", metavar="FILE", help="a local copy of the upstream weights file (required for chexnet; "
-                        "without it torchxrayvision's loader downloads its file)")
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="a local copy of the upstream weights file (required for chexnet; without it torchxrayvision's loader downloads its file)",
+    )
     _trust_pickle_arg(parser)
 
 
@@ -358,26 +428,42 @@ def _import(args: argparse.Namespace) -> int:
     result = import_model(args.source, args.weights, trust_pickle=args.trust_pickle)
     save_checkpoint(args.out, result.checkpoint)
     provenance = result.checkpoint.provenance
-    print(f"wrote {args.out} ({FORMAT}): {result.checkpoint.model_name}, {len(result.checkpoint.findings)} findings, "
-          f"{result.checkpoint.preprocess} preprocessing, weights sha256 {provenance['sha256']} (no published hash to verify)")
+    print(
+        f"wrote {args.out} ({FORMAT}): {result.checkpoint.model_name}, {len(result.checkpoint.findings)} findings, "
+        f"{result.checkpoint.preprocess} preprocessing, weights sha256 {provenance['sha256']} (no published hash to verify)"
+    )
     if result.missing:
         print(f"not predicted by this model (n/a): {', '.join(result.missing)}")
     return 0
+
 
 # --- train (cxrdx.engine) ----------------------------------------------------------------------
 def _train_args(parser: argparse.ArgumentParser) -> None:
     from cxrdx.config import preset_names
 
-    parser.add_argument("--config", metavar="PRESET|FILE",
-                        help="a built-in preset or a YAML file. Built-in: " + ", ".join(preset_names()) + ". paper/* train "
-                        "as the paper's released code did; recommended/* with cxrdx's changes (README: deviations). "
-                        "Default: the built-in defaults, the released hyper-parameters on a randomly initialised "
-                        "resnet50 (model.pretrained=none)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.global_batch=64 --set data.cache=cache/x (repeatable)")
+    parser.add_argument(
+        "--config",
+        metavar="PRESET|FILE",
+        help="a built-in preset or a YAML file. Built-in: " + ", ".join(preset_names()) + ". paper/* train "
+        "as the paper's released code did; recommended/* with cxrdx's changes (README: deviations). "
+        "Default: the built-in defaults, the released hyper-parameters on a randomly initialised "
+        "resnet50 (model.pretrained=none)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.global_batch=64 --set data.cache=cache/x (repeatable)",
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
-    parser.add_argument("--stop-after-epoch", type=_POSITIVE_INT, metavar="N",
-                        help="stop once N epochs are done (the schedule still spans optim.epochs; continue with --resume)")
+    parser.add_argument(
+        "--stop-after-epoch",
+        type=_POSITIVE_INT,
+        metavar="N",
+        help="stop once N epochs are done (the schedule still spans optim.epochs; continue with --resume)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _trust_pickle_arg(parser)
 
@@ -399,12 +485,18 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
     check_output_dir(config.out, "out")
     with _failed_run_cleanup(Path(config.out), main=int(os.environ.get("RANK", "0")) == 0):
-        run_dir = train(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet,
-                        trust_pickle=args.trust_pickle)
+        run_dir = train(
+            config,
+            resume=bool(args.resume),
+            stop_after_epoch=args.stop_after_epoch,
+            progress=not args.quiet,
+            trust_pickle=args.trust_pickle,
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         print(run_dir)
     leave_torchrun_worker()
     return 0
+
 
 @contextlib.contextmanager
 def _failed_run_cleanup(run_dir: Path, main: bool) -> Iterator[None]:
@@ -439,16 +531,23 @@ def _inference_args(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--batch-size", type=_POSITIVE_INT, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=_COUNT, help="data loader processes (default: the checkpoint's data.workers)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="predict the split's images that are there and name the others, instead of stopping")
+    parser.add_argument(
+        "--allow-missing", action="store_true", help="predict the split's images that are there and name the others, instead of stopping"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _trust_pickle_arg(parser)
 
 
 def _inference_kwargs(args: argparse.Namespace) -> dict:
     return {
-        "cache": args.cache, "split_file": args.split_file, "data_dir": args.data_dir, "hflip": args.tta_hflip,
-        "batch_size": args.batch_size, "workers": args.workers, "device": args.device, "progress": not args.quiet,
+        "cache": args.cache,
+        "split_file": args.split_file,
+        "data_dir": args.data_dir,
+        "hflip": args.tta_hflip,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": args.device,
+        "progress": not args.quiet,
         "allow_missing": args.allow_missing,
         "trust_pickle": args.trust_pickle,
     }
@@ -463,12 +562,22 @@ def _report_notes(command: str, caught: list) -> None:
 def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     _inference_args(parser, "test")
     parser.add_argument("--out", required=True, help="folder for predictions.csv, labels.csv, metrics.json, report.md, roc.png")
-    parser.add_argument("--thresholds", default="0.5",
-                        help="decision thresholds: a number (default: 0.5, the paper), checkpoint (stored by calibrate), "
-                        "or youden / f1 chosen per finding on the val split")
-    parser.add_argument("--bootstrap", type=_COUNT, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates (default: 0: none)")
-    parser.add_argument("--expert-labels", metavar="CSV", nargs="?", const="",
-                        help="AUROC against Google's 2019 adjudicated labels (no CSV: the copy shipped with cxrdx)")
+    parser.add_argument(
+        "--thresholds",
+        default="0.5",
+        help="decision thresholds: a number (default: 0.5, the paper), checkpoint (stored by calibrate), "
+        "or youden / f1 chosen per finding on the val split",
+    )
+    parser.add_argument(
+        "--bootstrap", type=_COUNT, default=0, metavar="N", help="add patient-level bootstrap CIs with N replicates (default: 0: none)"
+    )
+    parser.add_argument(
+        "--expert-labels",
+        metavar="CSV",
+        nargs="?",
+        const="",
+        help="AUROC against Google's 2019 adjudicated labels (no CSV: the copy shipped with cxrdx)",
+    )
     parser.add_argument("--name", help="model name in the tables (default: run folder and model)")
     parser.add_argument("--dataset", help="with --data-dir: its layout (chexpert, mimic, padchest, vindr, rsna, csv; default nih)")
     parser.set_defaults(split=None)  # external images (--dataset, another --cache) have no split of the run: all
@@ -488,13 +597,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     split = args.split or default_split(args.checkpoint, args.cache, dataset, args.trust_pickle)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate_checkpoint(args.checkpoint, args.out, split, args.thresholds, args.bootstrap,
-                                     expert, args.name, dataset=dataset, **_inference_kwargs(args))
+        result = evaluate_checkpoint(
+            args.checkpoint, args.out, split, args.thresholds, args.bootstrap, expert, args.name, dataset=dataset, **_inference_kwargs(args)
+        )
     if result is not None:  # under torchrun: rank 0 alone
         _report_notes("evaluate", caught)
         overall = result["overall"]
-        print(f"{result['settings']['images']} images; mean AUROC {format_mean_ci(overall['auroc'])}; "
-              f"exact-match accuracy {overall['exact_match_accuracy']:.3f}")
+        print(
+            f"{result['settings']['images']} images; mean AUROC {format_mean_ci(overall['auroc'])}; "
+            f"exact-match accuracy {overall['exact_match_accuracy']:.3f}"
+        )
         print(f"wrote {args.out}/ (predictions.csv, labels.csv, metrics.json, report.md, roc.png, reliability.png)")
     leave_torchrun_worker()
     return 0
@@ -504,15 +616,27 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="evaluation folders (or predictions.csv files) of the same images")
     parser.add_argument("--names", nargs="+", help="model names, one per RUN (default: the names evaluate recorded, else run folder names)")
     parser.add_argument("--labels", help="labels: evaluate's labels.csv or a Data_Entry table (default: labels.csv beside the first RUN)")
-    parser.add_argument("--threshold", type=_FRACTION,
-                        help="one decision threshold for Table 4, for every model (default: each run's own thresholds "
-                        "from the metrics.json beside its predictions, else 0.5)")
+    parser.add_argument(
+        "--threshold",
+        type=_FRACTION,
+        help="one decision threshold for Table 4, for every model (default: each run's own thresholds "
+        "from the metrics.json beside its predictions, else 0.5)",
+    )
     parser.add_argument("--out", help="folder for the tables and roc.png")
-    parser.add_argument("--format", nargs="+", choices=["md", "csv", "json"], default=["md", "csv", "json"],
-                        help="table formats written to --out (default: all three); Markdown is always printed")
-    parser.add_argument("--external", nargs="+", metavar="EVAL",
-                        help="evaluation folders of the same model on other datasets: print the generalisation table "
-                        "against RUN, its internal test split (--names: RUN's name first, then one per EVAL)")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=["md", "csv", "json"],
+        default=["md", "csv", "json"],
+        help="table formats written to --out (default: all three); Markdown is always printed",
+    )
+    parser.add_argument(
+        "--external",
+        nargs="+",
+        metavar="EVAL",
+        help="evaluation folders of the same model on other datasets: print the generalisation table "
+        "against RUN, its internal test split (--names: RUN's name first, then one per EVAL)",
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -550,11 +674,17 @@ def _compare_external(args: argparse.Namespace) -> int:
 
 def _calibrate_args(parser: argparse.ArgumentParser) -> None:
     _inference_args(parser, "val")
-    parser.add_argument("--thresholds", choices=["youden", "f1"],
-                        help="choose per-finding thresholds on the split (default, without any option: youden, --temperature and --ood)")
+    parser.add_argument(
+        "--thresholds",
+        choices=["youden", "f1"],
+        help="choose per-finding thresholds on the split (default, without any option: youden, --temperature and --ood)",
+    )
     parser.add_argument("--temperature", action="store_true", help="fit per-finding temperature scaling on the split")
-    parser.add_argument("--ood", action="store_true",
-                        help="refit the input guard's content check: features of the training split, threshold keeping 99%% of the split")
+    parser.add_argument(
+        "--ood",
+        action="store_true",
+        help="refit the input guard's content check: features of the training split, threshold keeping 99%% of the split",
+    )
     parser.add_argument("--out", help="write the calibrated checkpoint here (default: replace --checkpoint)")
 
 
@@ -569,8 +699,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     thresholds, temperature, ood = ("youden", True, args.data_dir is None) if every else (args.thresholds, args.temperature, args.ood)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ckpt, summary = calibrate_checkpoint(args.checkpoint, args.out, thresholds, temperature, args.split, ood,
-                                             **_inference_kwargs(args))
+        ckpt, summary = calibrate_checkpoint(args.checkpoint, args.out, thresholds, temperature, args.split, ood, **_inference_kwargs(args))
     _report_notes("calibrate", caught)
     if len(summary.columns):
         print(summary.round(4).to_string())
@@ -578,6 +707,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"input guard {ckpt.guard.describe()}")
     print(f"wrote {args.out or args.checkpoint}")
     return 0
+
 
 # --- explain, localize (cxrdx.explain) ---------------------------------------------------------
 def _method_names() -> str:
@@ -589,7 +719,9 @@ def _method_names() -> str:
 def _cam_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a cxrdx checkpoint, e.g. RUN/checkpoints/best.pt")
     parser.add_argument("--groups", type=_POSITIVE_INT, default=32, help="Group-CAM channel groups (default: 32)")
-    parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass of Group-CAM / Score-CAM (default: 32)")
+    parser.add_argument(
+        "--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass of Group-CAM / Score-CAM (default: 32)"
+    )
     parser.add_argument("--target-layer", help="module name to explain, e.g. layer4 (default: chosen for the model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -609,7 +741,9 @@ def _explain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG, JPEG, TIFF, BMP or DICOM files, or folders of them")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--finding", action="append", help="explain this finding, in any case, e.g. effusion (repeatable)")
-    which.add_argument("--predicted", action="store_true", help="the findings at or above the threshold (default; the most probable one when none is)")
+    which.add_argument(
+        "--predicted", action="store_true", help="the findings at or above the threshold (default; the most probable one when none is)"
+    )
     which.add_argument("--all", action="store_true", help="all findings")
     parser.add_argument("--method", default="groupcam", help=_method_names())
     parser.add_argument("--cache", help="batch mode: a prepared cache (default: the run's training cache)")
@@ -634,7 +768,14 @@ def _explain(args: argparse.Namespace) -> int:
     count, items = explain_inputs(predictor, args.checkpoint, args.images, args.split, args.split_file, args.cache, args.limit)
     how = findings or ("all" if args.all else "predicted")
     table = write_explanations(
-        predictor, items, args.out, how=how, method=args.method, target_layers=layers, total=count, progress=not args.quiet,
+        predictor,
+        items,
+        args.out,
+        how=how,
+        method=args.method,
+        target_layers=layers,
+        total=count,
+        progress=not args.quiet,
         **options,
     )
     failed = table[table["error"] != ""]
@@ -642,7 +783,10 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"cxrdx explain: {name}: {reason}", file=sys.stderr)
     maps = table[table["error"] == ""]
     flat = int(maps["flat"].sum())
-    print(f"{len(maps)} map(s) of {count - len(failed)} image(s) written to {args.out}" + (f"; {flat} flat (nothing highlighted)" if flat else ""))
+    print(
+        f"{len(maps)} map(s) of {count - len(failed)} image(s) written to {args.out}"
+        + (f"; {flat} flat (nothing highlighted)" if flat else "")
+    )
     if len(failed):
         print(f"cxrdx explain: {len(failed)} of {count} images could not be read", file=sys.stderr)
     return 1 if len(failed) else 0
@@ -656,11 +800,24 @@ def _localize_args(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--cache", help="a prepared cache holding the boxed images (default: the run's training cache)")
     parser.add_argument("--split", help="only the boxed images of this split (train, val or test)")
     parser.add_argument("--split-file", help="split file for --split (default: RUN/split.csv beside the checkpoint)")
-    parser.add_argument("--box-size", type=_POSITIVE_INT, help="pixel size of the images the boxes refer to (default: the original files' size, else 1024)")
-    parser.add_argument("--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default: groupcam gradcam): {_method_names()}")
-    parser.add_argument("--threshold", type=_FRACTION, default=0.5, help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default: 0.5)")
-    parser.add_argument("--threshold-mode", choices=("relative", "top"), default="relative",
-                        help="relative: pixels above the threshold times the map's max; top: that fraction of the hottest pixels")
+    parser.add_argument(
+        "--box-size", type=_POSITIVE_INT, help="pixel size of the images the boxes refer to (default: the original files' size, else 1024)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=["groupcam", "gradcam"], help=f"methods to score (default: groupcam gradcam): {_method_names()}"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_FRACTION,
+        default=0.5,
+        help="IoU mask: this fraction of the map's max, or of the pixels with --threshold-mode top (default: 0.5)",
+    )
+    parser.add_argument(
+        "--threshold-mode",
+        choices=("relative", "top"),
+        default="relative",
+        help="relative: pixels above the threshold times the map's max; top: that fraction of the hottest pixels",
+    )
     parser.add_argument("--tolerance", type=_NONNEGATIVE, default=0.0, help="pointing game: pixels of slack around each box (default: 0)")
     parser.add_argument("--limit", type=_POSITIVE_INT, help="at most this many boxed images")
     parser.add_argument("--out", help="folder for localization.md, localization.json and the per-map records")
@@ -677,9 +834,23 @@ def _localize(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
     predictor, layers, options = _cam_setup(args)
     result = localize_checkpoint(
-        predictor, args.checkpoint, boxes_path, args.methods, layers, split=args.split, split_file=args.split_file,
-        data_dir=args.data_dir, cache=args.cache, box_size=args.box_size, limit=args.limit, threshold=args.threshold,
-        mode=args.threshold_mode, tolerance=args.tolerance, out=args.out, progress=not args.quiet, **options,
+        predictor,
+        args.checkpoint,
+        boxes_path,
+        args.methods,
+        layers,
+        split=args.split,
+        split_file=args.split_file,
+        data_dir=args.data_dir,
+        cache=args.cache,
+        box_size=args.box_size,
+        limit=args.limit,
+        threshold=args.threshold,
+        mode=args.threshold_mode,
+        tolerance=args.tolerance,
+        out=args.out,
+        progress=not args.quiet,
+        **options,
     )
     if result.missing:
         print(f"cxrdx localize: {len(result.missing)} boxed image(s) not found, e.g. {', '.join(result.missing[:3])}", file=sys.stderr)
@@ -687,6 +858,7 @@ def _localize(args: argparse.Namespace) -> int:
     if args.out:
         print(f"written to {args.out}/localization.md, localization.json, localization_records.csv")
     return 0
+
 
 # --- predict, serve, export (cxrdx.predict / serve / export) -----------------------------------
 def _model_source_args(parser: argparse.ArgumentParser) -> None:
@@ -713,14 +885,21 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default: table)")
     parser.add_argument("--out", help="write the output to this file instead of standard output")
     parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="images per forward pass")
-    parser.add_argument("--allow-ood", action="store_true",
-                        help="also predict images the input guard refuses (DICOM header rules: not a chest radiograph; "
-                             "content check: out of distribution); they stay marked refused")
-    parser.add_argument("--dicom-out", metavar="DIR",
-                        help="also write a DICOM Structured Report of each accepted DICOM image's findings into DIR")
-    parser.add_argument("--heatmaps", action="store_true",
-                        help="with --dicom-out and --checkpoint: also a Secondary Capture of the Group-CAM map of each "
-                             "accepted DICOM image's most probable positive finding")
+    parser.add_argument(
+        "--allow-ood",
+        action="store_true",
+        help="also predict images the input guard refuses (DICOM header rules: not a chest radiograph; "
+        "content check: out of distribution); they stay marked refused",
+    )
+    parser.add_argument(
+        "--dicom-out", metavar="DIR", help="also write a DICOM Structured Report of each accepted DICOM image's findings into DIR"
+    )
+    parser.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="with --dicom-out and --checkpoint: also a Secondary Capture of the Group-CAM map of each "
+        "accepted DICOM image's most probable positive finding",
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -737,7 +916,8 @@ def _predict(args: argparse.Namespace) -> int:
     for name, reason in scan.skipped:
         print(f"cxrdx predict: skipped {printable(name)}: {reason}", file=sys.stderr)
     folders = f"{len(scan.subfolders)} sub-folder(s) ({', '.join(map(printable, scan.subfolders[:3]))}" + (
-        ", ...)" if len(scan.subfolders) > 3 else ")")
+        ", ...)" if len(scan.subfolders) > 3 else ")"
+    )
     if not scan.files:
         hint = f"; add --recursive to look in its {folders}" if scan.subfolders else ""
         raise CxrdxError(f"no image files in {', '.join(args.paths)}{hint}")
@@ -748,8 +928,7 @@ def _predict(args: argparse.Namespace) -> int:
     if predictor.guard is None:
         print(f"cxrdx predict: note: input guard content check {predictor.guard_status}", file=sys.stderr)
     paths, names = zip(*files)
-    predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1,
-                                    allow_ood=args.allow_ood)
+    predictions = predictor.predict(list(paths), names=list(names), errors="report", progress=len(files) > 1, allow_ood=args.allow_ood)
     text = format_predictions(predictions, args.format)
     if args.out:
         write_text(args.out, text)
@@ -769,8 +948,11 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"cxrdx predict: no heatmap for {name}: {why}", file=sys.stderr)
     refused = [p for p in predictions if not p.accepted]
     if refused:
-        print(f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the input guard"
-              + ("" if args.allow_ood else " (predict them anyway with --allow-ood)"), file=sys.stderr)
+        print(
+            f"cxrdx predict: {len(refused)} of {len(predictions)} images refused by the input guard"
+            + ("" if args.allow_ood else " (predict them anyway with --allow-ood)"),
+            file=sys.stderr,
+        )
     failed = [p for p in predictions if p.error]
     if failed:
         print(f"cxrdx predict: {len(failed)} of {len(predictions)} images could not be read", file=sys.stderr)
@@ -787,17 +969,37 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model (default: 1)")
     parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20, help="larger uploads get 413 (default: 32)")
     parser.add_argument("--queue-size", type=int, default=d.queue_size, help="requests admitted per worker before 503 (default: 16)")
-    parser.add_argument("--max-inflight-mb", type=float, default=d.max_inflight_bytes / 2**20,
-                        help="upload bytes held at once per worker; more gets 503 before the body is read (default: 256)")
-    parser.add_argument("--max-decoded-mb", type=float, default=d.max_decoded_bytes / 2**20,
-                        help="images whose header announces more decoded pixel bytes get 422 (default: 128)")
-    parser.add_argument("--api-key-file", help="file holding the API key that /v1/ requests must send as 'Authorization: Bearer KEY' "
-                        "(default: the CXRDX_API_KEY environment variable; no key when neither is set)")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                        help=f"also answer requests whose Host header names NAME (repeatable; '*' for any); always: {', '.join(LOOPBACK_HOSTS)}")
+    parser.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=d.max_inflight_bytes / 2**20,
+        help="upload bytes held at once per worker; more gets 503 before the body is read (default: 256)",
+    )
+    parser.add_argument(
+        "--max-decoded-mb",
+        type=float,
+        default=d.max_decoded_bytes / 2**20,
+        help="images whose header announces more decoded pixel bytes get 422 (default: 128)",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        help="file holding the API key that /v1/ requests must send as 'Authorization: Bearer KEY' "
+        "(default: the CXRDX_API_KEY environment variable; no key when neither is set)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"also answer requests whose Host header names NAME (repeatable; '*' for any); always: {', '.join(LOOPBACK_HOSTS)}",
+    )
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    parser.add_argument("--rate-limit", default="120/min", help="requests per client address to /v1/, e.g. 120/min, 5/s, or off (default: 120/min)")
-    parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s, help="seconds to receive an upload before 408 (default: 60)")
+    parser.add_argument(
+        "--rate-limit", default="120/min", help="requests per client address to /v1/, e.g. 120/min, 5/s, or off (default: 120/min)"
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=d.body_timeout_s, help="seconds to receive an upload before 408 (default: 60)"
+    )
     parser.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open (default: 5)")
 
 
@@ -883,11 +1085,19 @@ def _listen_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=11112, help="TCP port, 1-65535")
     parser.add_argument("--ae-title", default="CXRDX", help="this node's AE title (1-16 characters)")
-    parser.add_argument("--allow-ae", action="append", default=[], metavar="AE",
-                        help="accept associations only from this calling AE title (repeatable; default: any)")
+    parser.add_argument(
+        "--allow-ae",
+        action="append",
+        default=[],
+        metavar="AE",
+        help="accept associations only from this calling AE title (repeatable; default: any)",
+    )
     parser.add_argument("--forward", metavar="AE@HOST:PORT", help="send each SR (and heatmap) to this DICOM node, e.g. a PACS")
-    parser.add_argument("--heatmaps", action="store_true",
-                        help="with --checkpoint: also a Secondary Capture of the Group-CAM map of the most probable positive finding")
+    parser.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="with --checkpoint: also a Secondary Capture of the Group-CAM map of the most probable positive finding",
+    )
     parser.add_argument("--queue-size", type=int, default=16, help="images waiting for the model; more are refused (0xA700)")
     parser.add_argument("--retry-interval", type=_POSITIVE, default=60.0, help="seconds between tries to send what waits in DIR/outbox")
 
@@ -908,14 +1118,25 @@ def _listen(args: argparse.Namespace) -> int:
         raise CxrdxError(f"--queue-size must be at least 1, got {args.queue_size}")
     if args.heatmaps and not args.checkpoint:
         raise CxrdxError("--heatmaps needs --checkpoint (Group-CAM runs on the PyTorch model)")
-    settings = NodeSettings(out=check_output_dir(args.out, "--out"), host=args.host, port=args.port, ae_title=args.ae_title,
-                            allow_ae=tuple(args.allow_ae), forward=Peer.parse(args.forward) if args.forward else None,
-                            heatmaps=args.heatmaps, queue_size=args.queue_size, outbox_retry_s=args.retry_interval)
+    settings = NodeSettings(
+        out=check_output_dir(args.out, "--out"),
+        host=args.host,
+        port=args.port,
+        ae_title=args.ae_title,
+        allow_ae=tuple(args.allow_ae),
+        forward=Peer.parse(args.forward) if args.forward else None,
+        heatmaps=args.heatmaps,
+        queue_size=args.queue_size,
+        outbox_retry_s=args.retry_interval,
+    )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s cxrdx listen: %(message)s", stream=sys.stderr)
     logging.getLogger("cxrdx.listen").setLevel(logging.INFO)  # ours only: pynetdicom's and highdicom's INFO lines are noise here
     if not is_loopback(args.host):
-        print(f"cxrdx listen: warning: listening on {args.host}, reachable from other machines; DICOM travels unencrypted"
-              + ("" if args.allow_ae else "; restrict callers with --allow-ae"), file=sys.stderr)
+        print(
+            f"cxrdx listen: warning: listening on {args.host}, reachable from other machines; DICOM travels unencrypted"
+            + ("" if args.allow_ae else "; restrict callers with --allow-ae"),
+            file=sys.stderr,
+        )
 
     def stop(signum: int, frame: object) -> None:  # a service manager's stop (SIGTERM) ends as cleanly as Ctrl-C
         raise KeyboardInterrupt
@@ -952,15 +1173,22 @@ def _export(args: argparse.Namespace) -> int:
     )
     return 0
 
+
 # --- report, demo (cxrdx.report / cxrdx.demo) --------------------------------------------------
 def _report_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run folders made by train, with what evaluate, explain and localize wrote into them (eval/, explain/, localize/)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders made by train, with what evaluate, explain and localize wrote into them (eval/, explain/, localize/)",
+    )
     parser.add_argument("--names", nargs="+", help="model names, one per RUN_DIR (default: folder names)")
     parser.add_argument("--out", help="output folder for report.html (default: RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--title", default="Chest X-ray diagnosis: report", help="page title")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--template-dir", help="folder with report.html.j2 and/or report.css replacing the packaged ones (rebrand, translate)")
+    parser.add_argument(
+        "--template-dir", help="folder with report.html.j2 and/or report.css replacing the packaged ones (rebrand, translate)"
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -984,7 +1212,9 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
     parser.add_argument("--n", type=_POSITIVE_INT, default=d.n, help=f"phantom images (default: {d.n})")
     parser.add_argument("--size", type=_POSITIVE_INT, default=d.size, help=f"phantom and cache side in pixels (default: {d.size})")
-    parser.add_argument("--input-size", type=_POSITIVE_INT, default=d.input_size, help=f"model input side in pixels (default: {d.input_size})")
+    parser.add_argument(
+        "--input-size", type=_POSITIVE_INT, default=d.input_size, help=f"model input side in pixels (default: {d.input_size})"
+    )
     parser.add_argument("--epochs", type=_POSITIVE_INT, default=d.epochs, help=f"training epochs per loss (default: {d.epochs})")
     parser.add_argument("--seed", type=_COUNT, default=d.seed, help="random seed; the same seed gives the same results")
 
@@ -1000,8 +1230,13 @@ def _demo(args: argparse.Namespace) -> int:
 # --- card (cxrdx.card) -------------------------------------------------------------------------
 def _card_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="the model, e.g. RUN/checkpoints/best.pt")
-    parser.add_argument("--eval", nargs="+", default=None, metavar="DIR",
-                        help="evaluation folders of `cxrdx evaluate` (default: those of the run's card and RUN/eval)")
+    parser.add_argument(
+        "--eval",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="evaluation folders of `cxrdx evaluate` (default: those of the run's card and RUN/eval)",
+    )
     parser.add_argument("--out", required=True, help="card.md (card.json is written beside it), or a folder for card.md and card.json")
 
 
@@ -1031,7 +1266,12 @@ def _commands() -> list[tuple[str, str, Callable[[argparse.ArgumentParser], None
         ("models", "print the paper's Table 2 (parameters, FLOPs, input size)", _models_args, _models),
         ("train", "train a model (single process or torchrun DDP)", _train_args, _train),
         ("evaluate", "predict a split and write predictions, metrics and ROC curves", _evaluate_args, _evaluate),
-        ("calibrate", "choose per-finding thresholds and temperatures on validation; store them in the checkpoint", _calibrate_args, _calibrate),
+        (
+            "calibrate",
+            "choose per-finding thresholds and temperatures on validation; store them in the checkpoint",
+            _calibrate_args,
+            _calibrate,
+        ),
         ("compare", "Tables 3-5: models side by side with DeLong, ANOVA, Bonferroni", _compare_args, _compare),
         ("explain", "Group-CAM and Grad-CAM-family heatmaps for images", _explain_args, _explain),
         ("localize", "pointing game and IoU of heatmaps against boxes", _localize_args, _localize),

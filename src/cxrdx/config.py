@@ -309,11 +309,20 @@ def save_config(config: TrainConfig, path: str | Path, plan: dict[str, Any] | No
 
 
 # --- value checks: counts positive, rates finite and in range ------------------------------------
-_POSITIVE = ("data.input_size", "optim.global_batch", "optim.batch_per_process", "loss.sum_over_images", "optim.epochs", "optim.div_factor",
-             "optim.final_div_factor", "optim.grad_clip", "runtime.threads", "selection.patience")
+_POSITIVE = (
+    "data.input_size",
+    "optim.global_batch",
+    "optim.batch_per_process",
+    "loss.sum_over_images",
+    "optim.epochs",
+    "optim.div_factor",
+    "optim.final_div_factor",
+    "optim.grad_clip",
+    "runtime.threads",
+    "selection.patience",
+)
 _NONNEGATIVE = ("seed", "data.workers", "optim.lr", "optim.weight_decay")  # lr 0 keeps the weights fixed
-_RANGES = {"data.random_erasing": (0.0, 1.0), "model.drop_rate": (0.0, 1.0), "optim.pct_start": (0.0, 1.0),
-           "ema.decay": (0.0, 1.0)}
+_RANGES = {"data.random_erasing": (0.0, 1.0), "model.drop_rate": (0.0, 1.0), "optim.pct_start": (0.0, 1.0), "ema.decay": (0.0, 1.0)}
 
 
 def validate(config: TrainConfig) -> TrainConfig:

@@ -63,51 +63,137 @@ def steps(s: DemoSettings) -> list[Step]:
     metadata = data / "Data_Entry_2017.csv"
     runs = {loss: s.out / "runs" / loss for loss in LOSSES}
     found = [
-        Step("synthetic dataset", ["phantoms", "--out", data, "--n", s.n, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03],
-             lambda: _phantoms(s, data)),
-        Step("preprocessing cache", ["prepare", "--data-dir", data, "--out", cache, "--size", s.size], lambda: _prepare(data, cache, s.size)),
-        Step("patient-wise split", ["split", "--metadata", metadata, "--strategy", "patient", "--seed", s.seed, "--out", split],
-             lambda: _split(metadata, split, s.seed)),
+        Step(
+            "synthetic dataset",
+            ["phantoms", "--out", data, "--n", s.n, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03],
+            lambda: _phantoms(s, data),
+        ),
+        Step(
+            "preprocessing cache", ["prepare", "--data-dir", data, "--out", cache, "--size", s.size], lambda: _prepare(data, cache, s.size)
+        ),
+        Step(
+            "patient-wise split",
+            ["split", "--metadata", metadata, "--strategy", "patient", "--seed", s.seed, "--out", split],
+            lambda: _split(metadata, split, s.seed),
+        ),
         Step("Table 1", ["stats", "--metadata", metadata, "--split-file", split], lambda: _table1(metadata, split)),
     ]
     for loss, run in runs.items():
-        overrides = [f"out={run}", f"name={loss}", f"loss.name={loss}", f"data.cache={cache}", f"data.split_file={split}",
-                     f"optim.epochs={s.epochs}", f"seed={s.seed}", f"data.input_size={s.input_size}"]
-        found.append(Step(f"train with L_{loss}", ["train", "--config", preset_path(), *[a for o in overrides for a in ("--set", o)]],
-                          partial(_train, overrides)))
+        overrides = [
+            f"out={run}",
+            f"name={loss}",
+            f"loss.name={loss}",
+            f"data.cache={cache}",
+            f"data.split_file={split}",
+            f"optim.epochs={s.epochs}",
+            f"seed={s.seed}",
+            f"data.input_size={s.input_size}",
+        ]
+        found.append(
+            Step(
+                f"train with L_{loss}",
+                ["train", "--config", preset_path(), *[a for o in overrides for a in ("--set", o)]],
+                partial(_train, overrides),
+            )
+        )
     for loss, run in runs.items():
         best, out = rundir.best_checkpoint(run), run / rundir.EVAL
-        found.append(Step(f"evaluate L_{loss} on the test split", ["evaluate", "--checkpoint", best, "--split", "test", "--out", out],
-                          partial(_evaluate, best, out)))
+        found.append(
+            Step(
+                f"evaluate L_{loss} on the test split",
+                ["evaluate", "--checkpoint", best, "--split", "test", "--out", out],
+                partial(_evaluate, best, out),
+            )
+        )
     evaluations = [run / rundir.EVAL for run in runs.values()]
-    found.append(Step("compare the losses (Tables 3-5)", ["compare", *evaluations, "--names", *LOSSES, "--out", s.out / "compare"],
-                      lambda: _compare(evaluations, s.out / "compare")))
+    found.append(
+        Step(
+            "compare the losses (Tables 3-5)",
+            ["compare", *evaluations, "--names", *LOSSES, "--out", s.out / "compare"],
+            lambda: _compare(evaluations, s.out / "compare"),
+        )
+    )
     site2, cache2 = s.out / "site2", s.out / "cache-site2"
     found += [
-        Step("second site: other patients, another scanner (csv layout)",
-             ["phantoms", "--site", 2, "--out", site2, "--n", s.n_site2, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03],
-             lambda: _site2(s, site2)),
-        Step("second site cache", ["prepare", "--dataset", "csv", "--data-dir", site2, "--out", cache2, "--size", s.size],
-             lambda: _prepare(site2, cache2, s.size, dataset="generic")),
+        Step(
+            "second site: other patients, another scanner (csv layout)",
+            ["phantoms", "--site", 2, "--out", site2, "--n", s.n_site2, "--size", s.size, "--seed", s.seed, "--tail-floor", 0.03],
+            lambda: _site2(s, site2),
+        ),
+        Step(
+            "second site cache",
+            ["prepare", "--dataset", "csv", "--data-dir", site2, "--out", cache2, "--size", s.size],
+            lambda: _prepare(site2, cache2, s.size, dataset="generic"),
+        ),
     ]
     for loss, run in runs.items():
         best, external = rundir.best_checkpoint(run), rundir.external_eval_dir(run, SITE2)
-        found.append(Step(f"evaluate L_{loss} on the second site", ["evaluate", "--checkpoint", best, "--cache", cache2, "--out", external],
-                          partial(_evaluate, best, external, split="all", cache=cache2)))
-        found.append(Step(f"generalisation table (L_{loss})", ["compare", run / rundir.EVAL, "--external", external, "--names", "site1", SITE2,
-                                                             "--out", run / GENERALISATION],
-                          partial(_generalisation, run / rundir.EVAL, external, run / GENERALISATION)))
+        found.append(
+            Step(
+                f"evaluate L_{loss} on the second site",
+                ["evaluate", "--checkpoint", best, "--cache", cache2, "--out", external],
+                partial(_evaluate, best, external, split="all", cache=cache2),
+            )
+        )
+        found.append(
+            Step(
+                f"generalisation table (L_{loss})",
+                ["compare", run / rundir.EVAL, "--external", external, "--names", "site1", SITE2, "--out", run / GENERALISATION],
+                partial(_generalisation, run / rundir.EVAL, external, run / GENERALISATION),
+            )
+        )
     for loss, run in runs.items():
         best = rundir.best_checkpoint(run)
-        found.append(Step(f"Group-CAM heatmaps (L_{loss})", ["explain", "--checkpoint", best, "--split", "test", "--limit", s.explain_images,
-                                                           "--predicted", "--target-layer", s.cam_layer, "--out", run / rundir.EXPLAIN],
-                          partial(_explain, s, best, run / rundir.EXPLAIN)))
-        found.append(Step(f"localization vs boxes (L_{loss})", ["localize", "--checkpoint", best, "--boxes", data / "BBox_List_2017.csv", "--split",
-                                                              "test", "--limit", s.localize_images, "--methods", *LOCALIZE_METHODS,
-                                                              "--target-layer", s.cam_layer, "--out", run / rundir.LOCALIZE],
-                          partial(_localize, s, best, data / "BBox_List_2017.csv", run / rundir.LOCALIZE)))
-    found.append(Step("HTML report", ["report", *runs.values(), "--names", *LOSSES, "--out", s.out / "report"],
-                      lambda: _report(list(runs.values()), s.out / "report")))
+        found.append(
+            Step(
+                f"Group-CAM heatmaps (L_{loss})",
+                [
+                    "explain",
+                    "--checkpoint",
+                    best,
+                    "--split",
+                    "test",
+                    "--limit",
+                    s.explain_images,
+                    "--predicted",
+                    "--target-layer",
+                    s.cam_layer,
+                    "--out",
+                    run / rundir.EXPLAIN,
+                ],
+                partial(_explain, s, best, run / rundir.EXPLAIN),
+            )
+        )
+        found.append(
+            Step(
+                f"localization vs boxes (L_{loss})",
+                [
+                    "localize",
+                    "--checkpoint",
+                    best,
+                    "--boxes",
+                    data / "BBox_List_2017.csv",
+                    "--split",
+                    "test",
+                    "--limit",
+                    s.localize_images,
+                    "--methods",
+                    *LOCALIZE_METHODS,
+                    "--target-layer",
+                    s.cam_layer,
+                    "--out",
+                    run / rundir.LOCALIZE,
+                ],
+                partial(_localize, s, best, data / "BBox_List_2017.csv", run / rundir.LOCALIZE),
+            )
+        )
+    found.append(
+        Step(
+            "HTML report",
+            ["report", *runs.values(), "--names", *LOSSES, "--out", s.out / "report"],
+            lambda: _report(list(runs.values()), s.out / "report"),
+        )
+    )
     return [Step(step.title, [str(a) for a in step.args], step.run) for step in found]
 
 

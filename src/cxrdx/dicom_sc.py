@@ -77,9 +77,7 @@ class HeatmapFiles:
     skipped: list[tuple[str, str]]  # (image name, why it has no heatmap)
 
 
-def write_heatmaps(
-    predictor: Predictor, sources: Sequence[str | Path], predictions: Sequence[Prediction], out: str | Path
-) -> HeatmapFiles:
+def write_heatmaps(predictor: Predictor, sources: Sequence[str | Path], predictions: Sequence[Prediction], out: str | Path) -> HeatmapFiles:
     """For each accepted DICOM prediction with a positive finding: the Group-CAM map of its most probable
     positive finding as `<source SOP Instance UID>.heatmap.dcm` in folder `out` (atomic writes)."""
     import pydicom

@@ -58,27 +58,31 @@ def build_sr(source, prediction: Prediction, info: ModelInfo):
     for finding, probability in prediction.probabilities.items():
         present = finding in prediction.positives
         item = hd.sr.ContainerContentItem(name=finding_code(finding), relationship_type=rel)
-        item.ContentSequence = hd.sr.ContentSequence([
-            hd.sr.NumContentItem(codes.DCM.Probability, probability, no_units, relationship_type=rel),
-            hd.sr.NumContentItem(threshold, prediction.thresholds[finding], no_units, relationship_type=rel),
-            hd.sr.CodeContentItem(codes.DCM.Finding, codes.SCT.Present if present else codes.SCT.Absent, relationship_type=rel),
-        ])
+        item.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.NumContentItem(codes.DCM.Probability, probability, no_units, relationship_type=rel),
+                hd.sr.NumContentItem(threshold, prediction.thresholds[finding], no_units, relationship_type=rel),
+                hd.sr.CodeContentItem(codes.DCM.Finding, codes.SCT.Present if present else codes.SCT.Absent, relationship_type=rel),
+            ]
+        )
         per_finding.append(item)
     findings = hd.sr.ContainerContentItem(name=codes.DCM.Findings, relationship_type=rel)
     findings.ContentSequence = hd.sr.ContentSequence(per_finding)
     conclusions = hd.sr.ContainerContentItem(name=codes.DCM.Conclusions, relationship_type=rel)
-    conclusions.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.CodeContentItem(codes.DCM.Finding, finding_code(f), relationship_type=rel) for f in prediction.positives
-    ])
+    conclusions.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.CodeContentItem(codes.DCM.Finding, finding_code(f), relationship_type=rel) for f in prediction.positives]
+    )
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
-    root.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(codes.DCM.AlgorithmName, f"cxrdx {info.model_name}", relationship_type=rel),
-        hd.sr.TextContentItem(codes.DCM.AlgorithmVersion, info.cxrdx_version, relationship_type=rel),
-        hd.sr.ImageContentItem(codes.DCM.SourceImage, source.SOPClassUID, source.SOPInstanceUID, relationship_type=rel),
-        findings,
-        conclusions,
-        hd.sr.TextContentItem(hd.sr.CodedConcept("DISCLAIMER", SCHEME, "Disclaimer"), DISCLAIMER, relationship_type=rel),
-    ])
+    root.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(codes.DCM.AlgorithmName, f"cxrdx {info.model_name}", relationship_type=rel),
+            hd.sr.TextContentItem(codes.DCM.AlgorithmVersion, info.cxrdx_version, relationship_type=rel),
+            hd.sr.ImageContentItem(codes.DCM.SourceImage, source.SOPClassUID, source.SOPInstanceUID, relationship_type=rel),
+            findings,
+            conclusions,
+            hd.sr.TextContentItem(hd.sr.CodedConcept("DISCLAIMER", SCHEME, "Disclaimer"), DISCLAIMER, relationship_type=rel),
+        ]
+    )
     if prediction.ood_score is not None:  # the input guard's content check, when the model has one
         ood = hd.sr.CodedConcept("OODSCORE", SCHEME, "Out-of-distribution score")
         root.ContentSequence.append(hd.sr.NumContentItem(ood, prediction.ood_score, no_units, relationship_type=rel))

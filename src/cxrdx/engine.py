@@ -88,10 +88,15 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         horizon = self.ema_horizon_epochs
         return {
-            "processes": self.processes, "batch_per_process": list(self.per_process), "global_batch": self.global_batch,
-            "train_images": self.train_images, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "processes": self.processes,
+            "batch_per_process": list(self.per_process),
+            "global_batch": self.global_batch,
+            "train_images": self.train_images,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
             "ema_horizon_steps": None if self.ema_horizon_steps is None else round(self.ema_horizon_steps, 1),
-            "ema_horizon_epochs": None if horizon is None else round(horizon, 2), "warnings": list(self.warnings),
+            "ema_horizon_epochs": None if horizon is None else round(horizon, 2),
+            "warnings": list(self.warnings),
         }
 
     def lines(self) -> list[str]:
@@ -103,8 +108,7 @@ class Plan:
             f"{self.total_steps:,} steps in {self.epochs} epochs",
         ]
         if self.ema_decay is not None and self.steps_per_epoch:
-            text.append(f"EMA decay {self.ema_decay}: horizon {self.ema_horizon_steps:,.0f} steps "
-                        f"= {self.ema_horizon_epochs:.2f} epochs")
+            text.append(f"EMA decay {self.ema_decay}: horizon {self.ema_horizon_steps:,.0f} steps = {self.ema_horizon_epochs:.2f} epochs")
         return text + [f"warning: {w}" for w in self.warnings]
 
 
@@ -125,7 +129,7 @@ def _short_run_warnings(config: TrainConfig, plan: Plan) -> list[str]:
     """A run shorter than a few EMA horizons saves EMA weights that are mostly the initial network."""
     if plan.ema_decay is None or config.ema.warmup or config.selection.weights != "ema" or plan.total_steps == 0:
         return []
-    left = plan.ema_decay ** plan.total_steps
+    left = plan.ema_decay**plan.total_steps
     if left <= 0.05:  # three horizons or more
         return []
     suggestion = 1 - 3 / plan.total_steps
@@ -159,7 +163,7 @@ class _GlobalBatchSampler(Sampler):
         batch = self.plan.global_batch
         for step in range(self.plan.steps_per_epoch):
             start = step * batch + self.offset
-            yield [(self.epoch, index) for index in order[start:start + self.count]]
+            yield [(self.epoch, index) for index in order[start : start + self.count]]
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch
@@ -217,7 +221,9 @@ def _open_data(config: TrainConfig, split_path: Path | None) -> _Data:
     return _Data(cache, split, source, train_rows, val_rows, as_list(mean), as_list(std))
 
 
-def _loaders(config: TrainConfig, data: _Data, plan: Plan, info: Dist, device: torch.device) -> tuple[DataLoader, DataLoader, _GlobalBatchSampler]:
+def _loaders(
+    config: TrainConfig, data: _Data, plan: Plan, info: Dist, device: torch.device
+) -> tuple[DataLoader, DataLoader, _GlobalBatchSampler]:
     from cxrdx.data.dataset import CacheDataset, eval_transform, make_loader, train_transform
 
     cfg = config.data
@@ -226,21 +232,32 @@ def _loaders(config: TrainConfig, data: _Data, plan: Plan, info: Dist, device: t
     train_set = CacheDataset(
         data.cache,
         data.train_rows,
-        train_transform(size, data.mean, data.std, autoaugment=cfg.autoaugment, hflip=cfg.hflip,
-                        random_erasing=cfg.random_erasing, augment_before_resize=cfg.augment_before_resize),
+        train_transform(
+            size,
+            data.mean,
+            data.std,
+            autoaugment=cfg.autoaugment,
+            hflip=cfg.hflip,
+            random_erasing=cfg.random_erasing,
+            augment_before_resize=cfg.augment_before_resize,
+        ),
     )
     val_set = CacheDataset(data.cache, data.val_rows, eval_transform(size, data.mean, data.std))
     sampler = _GlobalBatchSampler(len(train_set), plan, info.rank, config.seed)
     train_loader = make_loader(
-        _SeededDataset(train_set, config.seed), 1, shuffle=False, workers=cfg.workers, batch_sampler=sampler, pin_memory=pin,
+        _SeededDataset(train_set, config.seed),
+        1,
+        shuffle=False,
+        workers=cfg.workers,
+        batch_sampler=sampler,
+        pin_memory=pin,
     )
     # The loader's own generator: creating its iterator must not consume the global RNG (exact resume).
     train_loader.generator = torch.Generator().manual_seed(config.seed)
     val_sampler: DistributedSampler | None = (
         DistributedSampler(val_set, info.world_size, info.rank, shuffle=False) if info.enabled else None
     )
-    val_loader = make_loader(val_set, max(plan.per_process), shuffle=False, workers=cfg.workers, sampler=val_sampler,
-                             pin_memory=pin)
+    val_loader = make_loader(val_set, max(plan.per_process), shuffle=False, workers=cfg.workers, sampler=val_sampler, pin_memory=pin)
     return train_loader, val_loader, sampler
 
 
@@ -252,8 +269,14 @@ def _build_model(config: TrainConfig, device: torch.device, info: Dist) -> nn.Mo
 
     cfg = config.model
     try:
-        model = create_model(cfg.name, pretrained=cfg.pretrained, num_findings=len(FINDINGS), drop_rate=cfg.drop_rate,
-                             first_conv=cfg.first_conv, **cfg.kwargs)
+        model = create_model(
+            cfg.name,
+            pretrained=cfg.pretrained,
+            num_findings=len(FINDINGS),
+            drop_rate=cfg.drop_rate,
+            first_conv=cfg.first_conv,
+            **cfg.kwargs,
+        )
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         raise CxrdxError(f"model.name={cfg.name!r}: cannot create it ({exc})") from None
     if config.runtime.sync_bn and info.enabled:
@@ -284,8 +307,13 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
     # OneCycleLR needs more than one warm-up step; only tiny test runs are stretched by this
     total = max(cfg.epochs * steps_per_epoch, math.floor(1 / cfg.pct_start) + 1)
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.pct_start,
-        anneal_strategy="cos", div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
+        optimizer,
+        max_lr=cfg.lr,
+        total_steps=total,
+        pct_start=cfg.pct_start,
+        anneal_strategy="cos",
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.final_div_factor,
     )
 
 
@@ -454,8 +482,14 @@ def _train_epoch(run: Run, progress: bool) -> tuple[float, float]:
     run.model.train()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss summed over images, images
     seen, start = 0, time.perf_counter()
-    bar = tqdm(run.train_loader, desc=f"epoch {run.state.epoch + 1}/{run.config.optim.epochs}",
-               disable=not (progress and info.main), file=sys.stderr, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        run.train_loader,
+        desc=f"epoch {run.state.epoch + 1}/{run.config.optim.epochs}",
+        disable=not (progress and info.main),
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for images, targets, _ in bar:
         loss = run.step(images, targets)
         batch = images.shape[0]
@@ -465,8 +499,11 @@ def _train_epoch(run: Run, progress: bool) -> tuple[float, float]:
         if info.main and progress and (run.state.step % 5 == 0 or seen == run.plan.global_batch):
             value = loss.item()
             _check_finite(value, f"at step {run.state.step}")
-            bar.set_postfix(loss=f"{_per_image(value, batch, criterion):.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
-                            img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.1f}")
+            bar.set_postfix(
+                loss=f"{_per_image(value, batch, criterion):.4f}",
+                lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.1f}",
+            )
     bar.close()
     if info.enabled:
         dist.all_reduce(total)
@@ -483,8 +520,10 @@ def _check_finite(loss: float, where: str) -> None:
 def _validate(run: Run, model: nn.Module) -> dict[str, Any]:
     logits, targets, _ = collect_logits(model, run.val_loader, run.device, run.amp)
     with torch.no_grad():
-        loss = run.criterion(torch.as_tensor(logits, dtype=torch.float32, device=run.device),
-                             torch.as_tensor(targets, dtype=torch.float32, device=run.device)).item()
+        loss = run.criterion(
+            torch.as_tensor(logits, dtype=torch.float32, device=run.device),
+            torch.as_tensor(targets, dtype=torch.float32, device=run.device),
+        ).item()
     auroc, per = mean_auroc(probabilities(logits), targets)
     return {"loss": _per_image(loss, len(targets), run.criterion), "mean_auroc": auroc, "auroc": dict(zip(FINDINGS, per))}
 
@@ -536,8 +575,7 @@ def _restore(run: Run, train_state: dict[str, Any]) -> None:
         _set_rng_state(rng[run.info.rank], run.device)
     else:  # a different number of processes: the run continues, without bitwise equality
         _seed_everything(run.config.seed + run.info.rank + 1000 * train_state["epoch"])
-    run.state = _State(train_state["epoch"], train_state["step"], train_state["best"], train_state["best_epoch"],
-                       train_state["bad_epochs"])
+    run.state = _State(train_state["epoch"], train_state["step"], train_state["best"], train_state["best_epoch"], train_state["bad_epochs"])
 
 
 def _load_resume_state(run_dir: Path, trust_pickle: bool) -> dict[str, Any]:
@@ -560,8 +598,9 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, info: Dist) -> Path:
     return run_dir
 
 
-def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = None, device: torch.device | None = None,
-              trust_pickle: bool = False) -> Run:
+def setup_run(
+    config: TrainConfig, resume: bool = False, info: Dist | None = None, device: torch.device | None = None, trust_pickle: bool = False
+) -> Run:
     """Open the data, write RUN/split.csv and RUN/config.yaml (rank 0), build model, EMA, optimizer,
     schedule and loaders; with `resume`, restore RUN/checkpoints/train_state.pt (`trust_pickle`: or the
     state inside an old pickle last.pt)."""
@@ -577,8 +616,10 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
         config.data.mean, config.data.std = data.mean, data.std
     plan = plan_run(config, info.world_size, len(data.train_rows))
     if plan.steps_per_epoch == 0:
-        raise CxrdxError(f"the training split ({len(data.train_rows)} images) is smaller than one global batch "
-                         f"({plan.global_batch}); lower optim.global_batch")
+        raise CxrdxError(
+            f"the training split ({len(data.train_rows)} images) is smaller than one global batch "
+            f"({plan.global_batch}); lower optim.global_batch"
+        )
     if info.main:
         print("\n".join(plan.lines()), file=sys.stderr, flush=True)
     if info.main and not resume:
@@ -605,18 +646,32 @@ def setup_run(config: TrainConfig, resume: bool = False, info: Dist | None = Non
         wrapped = cast(nn.Module, torch.compile(wrapped))
     optimizer = _optimizer(config, model)
     run = Run(
-        config=config, run_dir=run_dir, info=info, device=device, amp=amp, data=data, model=wrapped, ema=ema,
-        criterion=criterion, optimizer=optimizer, scheduler=_scheduler(config, optimizer, len(train_loader)),
-        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), train_loader=train_loader,
-        val_loader=val_loader, sampler=sampler, plan=plan, state=_State(),
+        config=config,
+        run_dir=run_dir,
+        info=info,
+        device=device,
+        amp=amp,
+        data=data,
+        model=wrapped,
+        ema=ema,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=_scheduler(config, optimizer, len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        sampler=sampler,
+        plan=plan,
+        state=_State(),
     )
     if resume_state is not None:
         _restore(run, resume_state)
     return run
 
 
-def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None, progress: bool = True,
-          trust_pickle: bool = False) -> Path:
+def train(
+    config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None, progress: bool = True, trust_pickle: bool = False
+) -> Path:
     """Train per `config` into the run directory `config.out` and return it. Under torchrun every
     process calls this; rank 0 writes. `resume` continues the run exactly where its last epoch ended
     (`trust_pickle`: also a run whose last.pt is an old pickle checkpoint);
@@ -655,16 +710,28 @@ def _fit(run: Run, stop_after_epoch: int | None, progress: bool) -> None:
         else:
             state.bad_epochs += 1
         row = {
-            "epoch": state.epoch, "step": state.step, "lr": run.scheduler.get_last_lr()[0], "train_loss": train_loss,
-            "weights": config.selection.weights, **_prefixed("val_", selected), **_prefixed("raw_val_", raw),
-            **_prefixed("ema_val_", ema_metrics), "best": improved, "images_per_s": images_per_s,
+            "epoch": state.epoch,
+            "step": state.step,
+            "lr": run.scheduler.get_last_lr()[0],
+            "train_loss": train_loss,
+            "weights": config.selection.weights,
+            **_prefixed("val_", selected),
+            **_prefixed("raw_val_", raw),
+            **_prefixed("ema_val_", ema_metrics),
+            "best": improved,
+            "images_per_s": images_per_s,
             "seconds": time.perf_counter() - start,
         }
         history.append(rundir.EpochRow.from_dict(row))
         rng = _all_rng_states(run.device, info)  # every rank takes part in the gather
         if info.main:
-            metrics = {"loss": selected["loss"], "mean_auroc": selected["mean_auroc"], "auroc": selected["auroc"],
-                       "weights": config.selection.weights, "warnings": list(run.plan.warnings)}
+            metrics = {
+                "loss": selected["loss"],
+                "mean_auroc": selected["mean_auroc"],
+                "auroc": selected["auroc"],
+                "weights": config.selection.weights,
+                "warnings": list(run.plan.warnings),
+            }
             if improved:
                 save_checkpoint(rundir.best_checkpoint(run.run_dir), _checkpoint(run, metrics))
             rundir.write_epochs(run.run_dir, history)
@@ -702,8 +769,17 @@ def _fit_guards(run: Run, progress: bool) -> None:
         ckpt = load_checkpoint(path)
         if ckpt.epoch not in fitted:
             data = run.data
-            fitted[ckpt.epoch] = ood.fit_on_cache(ckpt.build_model(run.device), data.cache, data.train_rows, data.val_rows,
-                                                  ckpt.input_size, ckpt.mean, ckpt.std, run.device, seed=run.config.seed)
+            fitted[ckpt.epoch] = ood.fit_on_cache(
+                ckpt.build_model(run.device),
+                data.cache,
+                data.train_rows,
+                data.val_rows,
+                ckpt.input_size,
+                ckpt.mean,
+                ckpt.std,
+                run.device,
+                seed=run.config.seed,
+            )
         ckpt.guard = fitted[ckpt.epoch]
         save_checkpoint(path, ckpt)
         if progress:
@@ -717,8 +793,12 @@ def _prefixed(prefix: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _summary(row: dict[str, Any]) -> str:
-    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}", f"raw_val_loss {row['raw_val_loss']:.4f}",
-             f"raw_val_auroc {row['raw_val_mean_auroc']:.4f}"]
+    parts = [
+        f"epoch {row['epoch']}",
+        f"train_loss {row['train_loss']:.4f}",
+        f"raw_val_loss {row['raw_val_loss']:.4f}",
+        f"raw_val_auroc {row['raw_val_mean_auroc']:.4f}",
+    ]
     if row["ema_val_loss"] is not None:
         parts += [f"ema_val_loss {row['ema_val_loss']:.4f}", f"ema_val_auroc {row['ema_val_mean_auroc']:.4f}"]
     parts.append(f"{row['images_per_s']:.1f} img/s" + (f" *best* ({row['weights']})" if row["best"] else ""))

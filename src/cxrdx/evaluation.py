@@ -160,8 +160,10 @@ def predict_split(
         lacking = ", ".join(f for f in FINDINGS if f not in ckpt.findings)
         raise CxrdxError(f"{checkpoint}: the model does not predict {lacking}; evaluation needs all {len(FINDINGS)} findings")
     if ckpt.preprocess == XRV and data_dir is None:
-        raise CxrdxError(f"{checkpoint}: a torchxrayvision model crops and resizes the original images (preprocess 'xrv'), "
-                         "not a prepared cache: pass --data-dir DIR")
+        raise CxrdxError(
+            f"{checkpoint}: a torchxrayvision model crops and resizes the original images (preprocess 'xrv'), "
+            "not a prepared cache: pass --data-dir DIR"
+        )
     data_cfg = ckpt.config.get("data", {}) if isinstance(ckpt.config, dict) else {}
     workers = int(data_cfg.get("workers", 0)) if workers is None else workers
     transform = eval_transform(ckpt.input_size, ckpt.mean, ckpt.std)
@@ -179,11 +181,17 @@ def predict_split(
         labels = located[list(FINDINGS)].to_numpy(np.float32)
         images: Dataset
         if ckpt.preprocess == XRV:
-            images = XrvFileDataset(located["path"].tolist(), labels, ckpt.input_size, ckpt.mean, ckpt.std,
-                                    names=located["Image Index"].tolist())
+            images = XrvFileDataset(
+                located["path"].tolist(), labels, ckpt.input_size, ckpt.mean, ckpt.std, names=located["Image Index"].tolist()
+            )
         else:
-            images = FileDataset(located["path"].tolist(), labels, ckpt.cache_size or ckpt.input_size, transform,  # as Predictor
-                                 names=located["Image Index"].tolist())
+            images = FileDataset(
+                located["path"].tolist(),
+                labels,
+                ckpt.cache_size or ckpt.input_size,
+                transform,  # as Predictor
+                names=located["Image Index"].tolist(),
+            )
         table = located
     else:
         from cxrdx.data.cache import open_caches
@@ -207,8 +215,14 @@ def predict_split(
         warnings.warn(note, MissingImagesWarning, stacklevel=2)
     with distributed(device) as (info, torch_device):
         model = ckpt.build_model(torch_device)
-        loader = make_loader(images, batch_size=batch_size, shuffle=False, workers=workers, sampler=inference_sampler(images),
-                             pin_memory=torch_device.type == "cuda")
+        loader = make_loader(
+            images,
+            batch_size=batch_size,
+            shuffle=False,
+            workers=workers,
+            sampler=inference_sampler(images),
+            pin_memory=torch_device.type == "cuda",
+        )
         shown = _Progress(loader, f"predict {split}", progress and info.main)
         # fp32 as Predictor: thresholds and temperatures fitted here must hold for what predict/serve output
         temperature = ckpt.temperature if apply_temperature else None
@@ -219,9 +233,7 @@ def predict_split(
     return PredictedSplit(ckpt, predictions, notes)
 
 
-def _read_images(
-    data_dir: str | Path, dataset: str | None, series: pd.Series | None, split: str
-) -> tuple[pd.DataFrame, list[str]]:
+def _read_images(data_dir: str | Path, dataset: str | None, series: pd.Series | None, split: str) -> tuple[pd.DataFrame, list[str]]:
     """The index rows of `split` (all with no series) found in `data_dir` (with `path`), and the names of those missing."""
     if dataset not in (None, "nih"):
         from cxrdx.data.datasets import read_dataset
@@ -239,8 +251,7 @@ def _read_images(
     return locate_images(index, data_dir)
 
 
-def default_split(checkpoint: str | Path, cache: str | Path | None = None, dataset: str | None = None,
-                  trust_pickle: bool = False) -> str:
+def default_split(checkpoint: str | Path, cache: str | Path | None = None, dataset: str | None = None, trust_pickle: bool = False) -> str:
     """'all' for images the model was not trained on (another dataset's files, or a cache other than
     its training cache): they have no split of this run; else 'test'."""
     if dataset not in (None, "nih"):
@@ -254,9 +265,7 @@ def default_split(checkpoint: str | Path, cache: str | Path | None = None, datas
 # --- evaluate --------------------------------------------------------------------------------------
 
 
-def resolve_thresholds(
-    choice: str, ckpt: Checkpoint, validation: SplitPredictions | None = None
-) -> np.ndarray:
+def resolve_thresholds(choice: str, ckpt: Checkpoint, validation: SplitPredictions | None = None) -> np.ndarray:
     """'0.5' or any number, 'checkpoint' (stored by calibrate), or 'youden' / 'f1' chosen on `validation`."""
     if choice == "checkpoint":
         return np.asarray(ckpt.thresholds, dtype=np.float64)
@@ -363,8 +372,11 @@ def run_thresholds(paths: Sequence[str | Path], models: Sequence[str]) -> dict[s
     stored = [read_eval_metrics(find_predictions(p).parent).thresholds for p in paths]
     lacking = [m for m, s in zip(models, stored) if s is None]
     if lacking and len(lacking) < len(models):  # mixed: say so, Table 4 is then not like for like
-        warnings.warn(f"no thresholds in metrics.json for {', '.join(lacking)}: Table 4 uses 0.5 for them, "
-                      "each other run's own thresholds for the rest", stacklevel=2)
+        warnings.warn(
+            f"no thresholds in metrics.json for {', '.join(lacking)}: Table 4 uses 0.5 for them, "
+            "each other run's own thresholds for the rest",
+            stacklevel=2,
+        )
     return {m: 0.5 if s is None else s for m, s in zip(models, stored)}
 
 
@@ -379,9 +391,7 @@ def run_name(predictions: Path) -> str:
     return predictions.parent.name
 
 
-def load_runs(
-    paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None
-) -> AlignedRuns:
+def load_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None, labels: str | Path | None = None) -> AlignedRuns:
     """Prediction files of the same images, aligned on the first file's order, and their labels
     (`labels`: evaluate's labels.csv or the Data_Entry table; default: the labels.csv beside the first file)."""
     files = [find_predictions(p) for p in paths]
@@ -521,12 +531,16 @@ def fit_checkpoint_guard(
     torch_device = resolve_device(device)
     model = ckpt.build_model(torch_device)
     if not ood.supports_guard(model):
-        warnings.warn(f"{checkpoint}: model {ckpt.model_name} gives no penultimate features; the input guard's content check "
-                      "stays off", CxrdxWarning, stacklevel=2)
+        warnings.warn(
+            f"{checkpoint}: model {ckpt.model_name} gives no penultimate features; the input guard's content check stays off",
+            CxrdxWarning,
+            stacklevel=2,
+        )
         return None
     seed = int(ckpt.config.get("seed", 0)) if isinstance(ckpt.config, dict) else 0
-    return ood.fit_on_cache(model, opened, train_rows, val_rows, ckpt.input_size, ckpt.mean, ckpt.std, torch_device,
-                            batch_size=batch_size, seed=seed)
+    return ood.fit_on_cache(
+        model, opened, train_rows, val_rows, ckpt.input_size, ckpt.mean, ckpt.std, torch_device, batch_size=batch_size, seed=seed
+    )
 
 
 def guard_note(
@@ -555,11 +569,14 @@ def guard_note(
     series = _split_series(Path(checkpoint), split_file, split)
     rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
     torch_device = resolve_device(device)
-    features = ood.cache_features(ckpt.build_model(torch_device), opened, rows, ckpt.input_size, ckpt.mean, ckpt.std,
-                                  torch_device, batch_size)
+    features = ood.cache_features(
+        ckpt.build_model(torch_device), opened, rows, ckpt.input_size, ckpt.mean, ckpt.std, torch_device, batch_size
+    )
     accepted = int(np.sum(ood.score(ckpt.guard, features) <= ckpt.guard.threshold))
-    return (f"input guard: {accepted:,} of {len(features):,} images ({accepted / max(len(features), 1):.1%}) accepted by the "
-            f"content check (threshold {ckpt.guard.threshold:.4g}); the metrics include all of them")
+    return (
+        f"input guard: {accepted:,} of {len(features):,} images ({accepted / max(len(features), 1):.1%}) accepted by the "
+        f"content check (threshold {ckpt.guard.threshold:.4g}); the metrics include all of them"
+    )
 
 
 def _warn_stuck_temperatures(temperatures: Sequence[float], split: str) -> None:
@@ -570,5 +587,6 @@ def _warn_stuck_temperatures(temperatures: Sequence[float], split: str) -> None:
         warnings.warn(
             f"temperature at the limit of [{low:g}, {high:g}] for {', '.join(stuck)}: the '{split}' split does not "
             "calibrate it (too few positives, or scores that do not separate them); treat its probabilities with care",
-            CxrdxWarning, stacklevel=2,
+            CxrdxWarning,
+            stacklevel=2,
         )

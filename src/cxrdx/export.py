@@ -113,8 +113,9 @@ def model_info(metadata: dict[str, str], name: str) -> ModelInfo:
         raise CxrdxError(f"{name}: unsupported cxrdx ONNX format (expected {FORMAT!r})")
     fields = {f.name: f for f in dataclasses.fields(ModelInfo)}
     unknown = sorted(set(info) - set(fields))
-    lacking = sorted(k for k, f in fields.items() if k not in info and f.default is dataclasses.MISSING
-                     and f.default_factory is dataclasses.MISSING)
+    lacking = sorted(
+        k for k, f in fields.items() if k not in info and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
     if unknown or lacking:
         parts = ([f"unexpected {', '.join(unknown)}"] if unknown else []) + ([f"missing {', '.join(lacking)}"] if lacking else [])
         what = "; ".join(parts)

@@ -118,27 +118,34 @@ def generalisation_table(g: Generalisation) -> report.Table:
         data[f"{s.name} low"], data[f"{s.name} high"] = [*low, np.nan], [*high, np.nan]
         data[f"{s.name} images"] = [*s.images, np.nan]
         shown[f"{s.name} AUROC ({level} CI)"] = [
-            *(_auroc_ci(a, lo, hi, n) for a, lo, hi, n in zip(s.auc, low, high, s.images)), report.format_value(mean(s.auc))
+            *(_auroc_ci(a, lo, hi, n) for a, lo, hi, n in zip(s.auc, low, high, s.images)),
+            report.format_value(mean(s.auc)),
         ]
     for i, e in enumerate(g.external):
         data[f"{e.name} - {g.internal.name}"] = [*g.diff[i], mean(g.diff[i])]
         data[f"{e.name} diff low"], data[f"{e.name} diff high"] = [*g.low[i], np.nan], [*g.high[i], np.nan]
         data[f"{e.name} p"] = [*g.p[i], np.nan]
         shown[f"{e.name} − {g.internal.name} ({level} CI)"] = [
-            *(_auroc_ci(d, lo, hi, 1) for d, lo, hi in zip(g.diff[i], g.low[i], g.high[i])), report.format_value(mean(g.diff[i]))
+            *(_auroc_ci(d, lo, hi, 1) for d, lo, hi in zip(g.diff[i], g.low[i], g.high[i])),
+            report.format_value(mean(g.diff[i])),
         ]
         shown[f"{e.name} p"] = [*(report.format_p(p) for p in g.p[i]), ""]
     index = pd.Index([*g.findings, "Mean"], name="finding")
     return report.Table(
-        "generalisation", f"Generalisation: AUROC on the internal test split and on external sets (DeLong {level} CI)",
-        pd.DataFrame(data, index=index), pd.DataFrame(shown, index=index), _notes(g, int(common.sum())),
+        "generalisation",
+        f"Generalisation: AUROC on the internal test split and on external sets (DeLong {level} CI)",
+        pd.DataFrame(data, index=index),
+        pd.DataFrame(shown, index=index),
+        _notes(g, int(common.sum())),
     )
 
 
 def _notes(g: Generalisation, common: int) -> list[str]:
     notes = [
-        ("Difference: external − internal AUROC; the sets hold different images, so it is an unpaired DeLong z-test "
-         "(the variances add). p is not adjusted for multiple comparisons."),
+        (
+            "Difference: external − internal AUROC; the sets hold different images, so it is an unpaired DeLong z-test "
+            "(the variances add). p is not adjusted for multiple comparisons."
+        ),
         f"Mean: over the {common} findings with an AUROC on every set (no CI).",
     ]
     for e in g.external:
@@ -146,7 +153,9 @@ def _notes(g: Generalisation, common: int) -> list[str]:
         if unlabelled:
             notes.append(f"{e.name} does not label {', '.join(unlabelled)}: n/a.")
         if e.checkpoint and g.internal.checkpoint and e.checkpoint != g.internal.checkpoint:
-            notes.append(f"{e.name} was evaluated with {e.checkpoint}, the internal set with {g.internal.checkpoint}: not the same model file.")
+            notes.append(
+                f"{e.name} was evaluated with {e.checkpoint}, the internal set with {g.internal.checkpoint}: not the same model file."
+            )
     return notes
 
 

@@ -45,9 +45,7 @@ def parse_labels(text: str, row: int | str | None = None) -> np.ndarray:
         position = _POSITION.get(name)
         if position is None:
             where = f" in row {row}" if row is not None else ""
-            raise CxrdxError(
-                f"unknown finding {name!r}{where}; expected one of {', '.join(FINDINGS)} or {NO_FINDING!r}"
-            )
+            raise CxrdxError(f"unknown finding {name!r}{where}; expected one of {', '.join(FINDINGS)} or {NO_FINDING!r}")
         vector[position] = 1
     return vector
 

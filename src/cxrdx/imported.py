@@ -58,8 +58,20 @@ CHEXNET = "chexnet"
 SOURCES: tuple[str, ...] = (*(XRV_PREFIX + t for t in XRV_TAGS), CHEXNET)
 # CheXNet's outputs, in the order of ChestX-ray14's label list that its reproductions train on
 CHEXNET_LABELS: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
 )
 
 
@@ -106,14 +118,33 @@ def describe(source: str) -> Upstream:
     if source == CHEXNET:
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        return Upstream(source, "densenet121", list(CHEXNET_LABELS), [0.5] * len(CHEXNET_LABELS), 224, 3,
-                        list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), CXRDX)
+        return Upstream(
+            source,
+            "densenet121",
+            list(CHEXNET_LABELS),
+            [0.5] * len(CHEXNET_LABELS),
+            224,
+            3,
+            list(IMAGENET_DEFAULT_MEAN),
+            list(IMAGENET_DEFAULT_STD),
+            CXRDX,
+        )
     tag = source.removeprefix(XRV_PREFIX)
     if not source.startswith(XRV_PREFIX) or tag not in XRV_TAGS:
         raise CxrdxError(f"unknown model source {source!r}; choose from {', '.join(SOURCES)}")
     entry = _xrv().models.model_urls[tag]
-    return Upstream(source, tag.split("-", 1)[0], list(entry["labels"]), [float(t) for t in entry["op_threshs"]],
-                    int(entry["input_resolution"]), 1, list(XRV_MEAN), list(XRV_STD), XRV, entry["weights_url"])
+    return Upstream(
+        source,
+        tag.split("-", 1)[0],
+        list(entry["labels"]),
+        [float(t) for t in entry["op_threshs"]],
+        int(entry["input_resolution"]),
+        1,
+        list(XRV_MEAN),
+        list(XRV_STD),
+        XRV,
+        entry["weights_url"],
+    )
 
 
 def to_checkpoint(upstream: Upstream, state: dict[str, torch.Tensor], provenance: dict[str, Any]) -> Checkpoint:
@@ -128,13 +159,17 @@ def to_checkpoint(upstream: Upstream, state: dict[str, torch.Tensor], provenance
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]
     if missing or unexpected:
-        raise CxrdxError(f"{upstream.source}: the weights do not fit timm's {upstream.architecture} "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); is it this model's file?")
+        raise CxrdxError(
+            f"{upstream.source}: the weights do not fit timm's {upstream.architecture} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); is it this model's file?"
+        )
     state = {k: v[rows] if k.startswith(head + ".") else v for k, v in state.items()}
     for key, value in state.items():
         if value.shape != target[key].shape:
-            raise CxrdxError(f"{upstream.source}: {key} has shape {tuple(value.shape)}, timm's "
-                             f"{upstream.architecture} {tuple(target[key].shape)}; is it this model's file?")
+            raise CxrdxError(
+                f"{upstream.source}: {key} has shape {tuple(value.shape)}, timm's "
+                f"{upstream.architecture} {tuple(target[key].shape)}; is it this model's file?"
+            )
     model.load_state_dict(state, strict=False)
     # an output torchxrayvision publishes no threshold for keeps the plain 0.5
     thresholds = [0.5 if math.isnan(upstream.thresholds[r]) else upstream.thresholds[r] for r in rows]
@@ -188,9 +223,11 @@ def _load(path: Path, trust_pickle: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
-            raise CxrdxError(f"{path}: the file holds objects other than a torchxrayvision DenseNet's modules and tensors "
-                             f"({str(exc).splitlines()[-1][:160]}); unpickling it could run code. If you trust its source, "
-                             "pass --trust-pickle") from None
+            raise CxrdxError(
+                f"{path}: the file holds objects other than a torchxrayvision DenseNet's modules and tensors "
+                f"({str(exc).splitlines()[-1][:160]}); unpickling it could run code. If you trust its source, "
+                "pass --trust-pickle"
+            ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CxrdxError(f"{path}: not a readable weights file ({exc.__class__.__name__}: {exc})") from None
     warnings.warn(f"{path}: unpickling with every class allowed because it is trusted; it can run code", stacklevel=3)
@@ -211,8 +248,10 @@ def _xrv() -> Any:
     try:
         import torchxrayvision
     except ImportError:
-        raise CxrdxError("importing torchxrayvision's models needs its package: pip install 'cxrdx[xrv]' "
-                         "(predicting with an imported checkpoint does not)") from None
+        raise CxrdxError(
+            "importing torchxrayvision's models needs its package: pip install 'cxrdx[xrv]' "
+            "(predicting with an imported checkpoint does not)"
+        ) from None
     return torchxrayvision
 
 
@@ -222,8 +261,10 @@ def _xrv_download(tag: str) -> Path:
     try:
         return Path(xrv.models.get_weights(tag))
     except Exception as exc:  # noqa: BLE001 - requests and OSError surface here
-        raise CxrdxError(f"could not download the weights of {tag} ({exc.__class__.__name__}: {exc}). "
-                         f"Offline, fetch {url} elsewhere and pass it with --weights FILE") from None
+        raise CxrdxError(
+            f"could not download the weights of {tag} ({exc.__class__.__name__}: {exc}). "
+            f"Offline, fetch {url} elsewhere and pass it with --weights FILE"
+        ) from None
 
 
 def _provenance(upstream: Upstream, path: Path) -> dict[str, Any]:

@@ -19,8 +19,7 @@ from cxrdx.runtime import autocast, resolve_amp
 
 
 def _is_channels_last(model: nn.Module) -> bool:
-    return any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-               for p in model.parameters())
+    return any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
 
 
 def _gathering() -> bool:

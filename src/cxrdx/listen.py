@@ -270,7 +270,9 @@ class Node:
         try:
             ds = event.dataset
             if str(ds.SOPInstanceUID) != uid or str(ds.SOPClassUID) != str(request.AffectedSOPClassUID):
-                log.warning("C-STORE %s from %s refused: the dataset's SOP class or instance UID differs from the request's", uid, _caller(event))
+                log.warning(
+                    "C-STORE %s from %s refused: the dataset's SOP class or instance UID differs from the request's", uid, _caller(event)
+                )
                 return DOES_NOT_MATCH
         except Exception as exc:  # noqa: BLE001 (a dataset pydicom cannot parse is the sender's problem: answered, not raised)
             log.warning("C-STORE %s from %s refused: unreadable dataset (%s)", uid, _caller(event), type(exc).__name__)
@@ -383,8 +385,12 @@ class Node:
             self._peer_down = False
             return
         self._peer_down = True
-        log.warning("%s unreachable: %d file(s) wait in %s for the next try", peer, len(list(self.settings.outbox.glob("*.dcm"))),
-                    self.settings.outbox)
+        log.warning(
+            "%s unreachable: %d file(s) wait in %s for the next try",
+            peer,
+            len(list(self.settings.outbox.glob("*.dcm"))),
+            self.settings.outbox,
+        )
 
 
 def _caller(event: Event) -> str:

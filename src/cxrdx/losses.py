@@ -34,9 +34,7 @@ def label_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (labels == 1).sum(axis=0), (labels == 0).sum(axis=0)
 
 
-def class_weights(
-    positives: Sequence[float] | np.ndarray, negatives: Sequence[float] | np.ndarray
-) -> np.ndarray:
+def class_weights(positives: Sequence[float] | np.ndarray, negatives: Sequence[float] | np.ndarray) -> np.ndarray:
     """Per-finding weights w_c = negatives / positives (the paper's Eq. 11) from training-split counts.
 
     A finding with neither positives nor negatives (not labelled in the training data) gets weight 1:
@@ -161,10 +159,7 @@ class OursLoss(_Weighted):
         return y * positive + (1 - y) * negative
 
     def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, gamma_pos={self.gamma_pos}, gamma_neg={self.gamma_neg}, "
-            f"p_shift={self.p_shift}, {super().extra_repr()}"
-        )
+        return f"alpha={self.alpha}, gamma_pos={self.gamma_pos}, gamma_neg={self.gamma_neg}, p_shift={self.p_shift}, {super().extra_repr()}"
 
 
 class FocalLoss(_MultiLabelLoss):
@@ -213,10 +208,7 @@ class AsymmetricLoss(_MultiLabelLoss):
         return y * positive + (1 - y) * negative
 
     def extra_repr(self) -> str:
-        return (
-            f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, eps={self.eps}, "
-            f"{super().extra_repr()}"
-        )
+        return f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, eps={self.eps}, {super().extra_repr()}"
 
 
 LOSSES: dict[str, type[_MultiLabelLoss]] = {

@@ -136,9 +136,7 @@ def exact_match_accuracy(y: np.ndarray, probs: np.ndarray, thresholds: float | n
     return float(((pred == (y == 1)) | ~labelled).all(axis=1)[rows].mean())
 
 
-def choose_thresholds(
-    y: np.ndarray, probs: np.ndarray, method: str = "youden", names: Sequence[str] = FINDINGS
-) -> np.ndarray:
+def choose_thresholds(y: np.ndarray, probs: np.ndarray, method: str = "youden", names: Sequence[str] = FINDINGS) -> np.ndarray:
     """Per-finding thresholds maximising Youden's J (tpr - fpr) or the positive class's F1.
 
     Findings without both classes keep 0.5 (with a MetricWarning).
@@ -183,9 +181,7 @@ def reliability(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> pd.DataFra
         mean_prob = np.bincount(b, weights=prob, minlength=n_bins) / count
         frac_pos = np.bincount(b, weights=y, minlength=n_bins) / count
     edges = np.arange(n_bins) / n_bins
-    return pd.DataFrame(
-        {"low": edges, "high": edges + 1 / n_bins, "count": count, "mean_prob": mean_prob, "frac_pos": frac_pos}
-    )
+    return pd.DataFrame({"low": edges, "high": edges + 1 / n_bins, "count": count, "mean_prob": mean_prob, "frac_pos": frac_pos})
 
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> np.ndarray:
@@ -411,8 +407,14 @@ def compare_models(
         warnings.simplefilter("ignore", MetricWarning)  # said once above for all models
         evaluations = {
             m: evaluate(
-                y, a, thresholds[m] if isinstance(thresholds, Mapping) else thresholds, names, level,
-                groups=groups, n_bootstrap=n_bootstrap, auroc=(auc[i], var[i]),
+                y,
+                a,
+                thresholds[m] if isinstance(thresholds, Mapping) else thresholds,
+                names,
+                level,
+                groups=groups,
+                n_bootstrap=n_bootstrap,
+                auroc=(auc[i], var[i]),
             )
             for i, (m, a) in enumerate(zip(models, arrays))
         }

@@ -107,12 +107,15 @@ def weights_source(name: str, pretrained: str) -> str:
 def _check_torchvision_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     base = _base(name)
     if base not in TORCHVISION_WEIGHTS:
-        raise CxrdxError(f"pretrained=torchvision: cxrdx converts torchvision's weights of {', '.join(TORCHVISION_WEIGHTS)}, "
-                         f"not {name}; use pretrained=imagenet (timm's) or a weights file")
+        raise CxrdxError(
+            f"pretrained=torchvision: cxrdx converts torchvision's weights of {', '.join(TORCHVISION_WEIGHTS)}, "
+            f"not {name}; use pretrained=imagenet (timm's) or a weights file"
+        )
     for key, value in TORCHVISION_KWARGS.get(base, {}).items():
         if key == "bn_eps" and kwargs.get(key) != value:  # changes the outputs; drop_path_rate only training
-            raise CxrdxError(f"{name} with torchvision's weights needs torchvision's batch norm: "
-                             f"set model.kwargs.{key}={value} (timm's default differs)")
+            raise CxrdxError(
+                f"{name} with torchvision's weights needs torchvision's batch norm: set model.kwargs.{key}={value} (timm's default differs)"
+            )
 
 
 def _torchvision_state(name: str) -> dict[str, torch.Tensor]:
@@ -241,8 +244,11 @@ def load_state(model: nn.Module, source: dict[str, torch.Tensor], label: str) ->
     if isinstance(model, EfficientNet) and "features.0.0.weight" in source:
         source = torchvision_efficientnet_to_timm(source, model)
         if abs(model.bn1.eps - 1e-3) > 1e-12:
-            warnings.warn(f"{label}: torchvision's EfficientNet uses batch-norm eps 1e-3, this model {model.bn1.eps:g}; "
-                          "set model.kwargs.bn_eps=0.001 for its exact outputs", stacklevel=3)
+            warnings.warn(
+                f"{label}: torchvision's EfficientNet uses batch-norm eps 1e-3, this model {model.bn1.eps:g}; "
+                "set model.kwargs.bn_eps=0.001 for its exact outputs",
+                stacklevel=3,
+            )
     target = model.state_dict()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     first_convs = _as_tuple(cfg.get("first_conv"))
@@ -282,8 +288,10 @@ def torchvision_efficientnet_to_timm(source: dict[str, torch.Tensor], model: nn.
     mine = [k for k in model.state_dict()]
     theirs = list(source)
     if len(mine) != len(theirs):
-        raise CxrdxError(f"torchvision EfficientNet weights: {len(theirs)} tensors for the {len(mine)} of timm's "
-                         f"{getattr(model, 'default_cfg', {}).get('architecture', 'model')}; is it the same variant?")
+        raise CxrdxError(
+            f"torchvision EfficientNet weights: {len(theirs)} tensors for the {len(mine)} of timm's "
+            f"{getattr(model, 'default_cfg', {}).get('architecture', 'model')}; is it the same variant?"
+        )
     target = model.state_dict()
     for index, (k_tv, k_timm) in enumerate(zip(theirs, mine)):
         a, b = source[k_tv].shape, target[k_timm].shape
@@ -295,9 +303,7 @@ def torchvision_efficientnet_to_timm(source: dict[str, torch.Tensor], model: nn.
 def _weights_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise CxrdxError(
-            f"{path}: pretrained must be 'none', 'imagenet' or a weights file ending in {', '.join(WEIGHT_SUFFIXES)}"
-        )
+        raise CxrdxError(f"{path}: pretrained must be 'none', 'imagenet' or a weights file ending in {', '.join(WEIGHT_SUFFIXES)}")
     if not path.is_file():
         raise CxrdxError(f"{path}: weights file not found")
     return path
@@ -353,12 +359,7 @@ def _last_spatial_module(model: nn.Module, input_size: int | None) -> nn.Module:
 
     def spatial(name: str, channels: int | None = None) -> bool:
         shape = shapes.get(name)
-        return (
-            shape is not None
-            and len(shape) == 4
-            and shape[2] * shape[3] > 1
-            and (channels is None or shape[1] == channels)
-        )
+        return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1 and (channels is None or shape[1] == channels)
 
     info = getattr(model, "feature_info", None)
     if info:

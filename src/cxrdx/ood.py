@@ -45,21 +45,32 @@ class OodGuard:
 
     def header(self) -> dict[str, Any]:
         """The JSON-header part of the guard (the arrays are tensors, see `tensors`)."""
-        return {"method": self.method, "threshold": self.threshold, "percentile": self.percentile,
-                "val_acceptance": self.val_acceptance, "train_images": self.train_images,
-                "val_images": self.val_images, "shrinkage": self.shrinkage,
-                "features": int(self.mean.shape[0]), "components": int(self.precision.shape[0])}
+        return {
+            "method": self.method,
+            "threshold": self.threshold,
+            "percentile": self.percentile,
+            "val_acceptance": self.val_acceptance,
+            "train_images": self.train_images,
+            "val_images": self.val_images,
+            "shrinkage": self.shrinkage,
+            "features": int(self.mean.shape[0]),
+            "components": int(self.precision.shape[0]),
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {TENSOR_PREFIX + name: torch.from_numpy(np.ascontiguousarray(getattr(self, name), dtype=np.float64))
-                for name in ("mean", "projection", "precision")}
+        return {
+            TENSOR_PREFIX + name: torch.from_numpy(np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+            for name in ("mean", "projection", "precision")
+        }
 
     def describe(self) -> str:
         """One line for people: method, threshold and what it keeps of the validation images."""
-        return (f"on: Mahalanobis distance of the penultimate features ({self.mean.shape[0]} → {self.precision.shape[0]} dims, "
-                f"Ledoit-Wolf shrinkage {self.shrinkage:.3f}, {self.train_images} training images); refuses above "
-                f"{self.threshold:.4g}, the {self.percentile:g}th percentile of validation scores "
-                f"({self.val_acceptance:.1%} of {self.val_images} validation images accepted)")
+        return (
+            f"on: Mahalanobis distance of the penultimate features ({self.mean.shape[0]} → {self.precision.shape[0]} dims, "
+            f"Ledoit-Wolf shrinkage {self.shrinkage:.3f}, {self.train_images} training images); refuses above "
+            f"{self.threshold:.4g}, the {self.percentile:g}th percentile of validation scores "
+            f"({self.val_acceptance:.1%} of {self.val_images} validation images accepted)"
+        )
 
 
 GUARD_OFF = "off: the checkpoint has no content guard (refit with `cxrdx calibrate --ood`)"
@@ -71,10 +82,16 @@ def guard_from_parts(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -
     dim, comps = arrays["mean"].shape[0], arrays["precision"].shape[0]
     if arrays["mean"].ndim != 1 or arrays["projection"].shape != (dim, comps) or arrays["precision"].shape != (comps, comps):
         raise ValueError(f"guard tensors of inconsistent shapes {[tuple(a.shape) for a in arrays.values()]}")
-    return OodGuard(**arrays, threshold=float(header["threshold"]), percentile=float(header["percentile"]),
-                    val_acceptance=float(header["val_acceptance"]), train_images=int(header["train_images"]),
-                    val_images=int(header["val_images"]), shrinkage=float(header["shrinkage"]),
-                    method=str(header.get("method", METHOD)))
+    return OodGuard(
+        **arrays,
+        threshold=float(header["threshold"]),
+        percentile=float(header["percentile"]),
+        val_acceptance=float(header["val_acceptance"]),
+        train_images=int(header["train_images"]),
+        val_images=int(header["val_images"]),
+        shrinkage=float(header["shrinkage"]),
+        method=str(header.get("method", METHOD)),
+    )
 
 
 # --- features ----------------------------------------------------------------------------------------
@@ -139,8 +156,7 @@ def choose_threshold(val_scores: np.ndarray, percentile: float = PERCENTILE) -> 
     return threshold, float(np.mean(val_scores <= threshold))
 
 
-def fit_guard(train_features: np.ndarray, val_features: np.ndarray, percentile: float = PERCENTILE,
-              max_dim: int = MAX_DIM) -> OodGuard:
+def fit_guard(train_features: np.ndarray, val_features: np.ndarray, percentile: float = PERCENTILE, max_dim: int = MAX_DIM) -> OodGuard:
     """Fit on training features, set the threshold on validation features."""
     mean, projection, precision, shrinkage = fit_gaussian(train_features, max_dim)
     unthresholded = OodGuard(mean, projection, precision, np.inf, percentile, 1.0, len(train_features), len(val_features), shrinkage)
@@ -152,13 +168,26 @@ def refusal(guard: OodGuard, value: float) -> str | None:
     """The refusal reason for one score, or None when it is accepted."""
     if value <= guard.threshold:
         return None
-    return (f"not like the training images (out-of-distribution score {value:.4g} > threshold {guard.threshold:.4g}); "
-            "is it a frontal chest radiograph?")
+    return (
+        f"not like the training images (out-of-distribution score {value:.4g} > threshold {guard.threshold:.4g}); "
+        "is it a frontal chest radiograph?"
+    )
 
 
-def fit_on_cache(model: nn.Module, cache: Any, train_rows: np.ndarray, val_rows: np.ndarray, input_size: int,
-                 mean: list[float], std: list[float], device: torch.device | str = "cpu", batch_size: int = 64,
-                 max_train: int = MAX_TRAIN_IMAGES, percentile: float = PERCENTILE, seed: int = 0) -> OodGuard:
+def fit_on_cache(
+    model: nn.Module,
+    cache: Any,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    input_size: int,
+    mean: list[float],
+    std: list[float],
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    max_train: int = MAX_TRAIN_IMAGES,
+    percentile: float = PERCENTILE,
+    seed: int = 0,
+) -> OodGuard:
     """Fit the guard of `model` on (at most `max_train`, drawn at random) training images of a prepared cache
     and set its threshold on the validation rows, through the evaluation transform prediction uses."""
     train_rows = np.asarray(train_rows)
@@ -168,8 +197,16 @@ def fit_on_cache(model: nn.Module, cache: Any, train_rows: np.ndarray, val_rows:
     return fit_guard(train, val, percentile=percentile)
 
 
-def cache_features(model: nn.Module, cache: Any, rows: np.ndarray | None, input_size: int, mean: list[float],
-                   std: list[float], device: torch.device | str = "cpu", batch_size: int = 64) -> np.ndarray:
+def cache_features(
+    model: nn.Module,
+    cache: Any,
+    rows: np.ndarray | None,
+    input_size: int,
+    mean: list[float],
+    std: list[float],
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> np.ndarray:
     """Penultimate features (N, D) of cache rows (None: all) through the evaluation transform prediction uses."""
     from cxrdx.data.dataset import CacheDataset, eval_transform, make_loader
 

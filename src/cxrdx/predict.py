@@ -206,9 +206,7 @@ class BasePredictor:
                 bar.update(len(chunk))
         return results
 
-    def prediction(
-        self, name: str, probs: np.ndarray | None, error: str | None = None, verdict: Verdict | None = None
-    ) -> Prediction:
+    def prediction(self, name: str, probs: np.ndarray | None, error: str | None = None, verdict: Verdict | None = None) -> Prediction:
         """The Prediction for one image's probabilities at the checkpoint's thresholds (or its error),
         carrying the header rules' verdict (None: no header to check, accepted)."""
         verdict = verdict or Verdict(accepted=True)
@@ -225,8 +223,9 @@ class BasePredictor:
         probs, scores = self._scored_pixels(pixels[None])
         return self._judged(name, probs[0], scores[0], None, None, allow_ood)
 
-    def _judged(self, name: str, probs: np.ndarray | None, ood_score: float | None, error: str | None,
-                verdict: Verdict | None, allow_ood: bool) -> Prediction:
+    def _judged(
+        self, name: str, probs: np.ndarray | None, ood_score: float | None, error: str | None, verdict: Verdict | None, allow_ood: bool
+    ) -> Prediction:
         """The Prediction after the content check: a score over the guard's threshold refuses the image
         (after any header-rule reason), and a refused image keeps its probabilities only with `allow_ood`."""
         reason = None if ood_score is None or self.guard is None else refusal(self.guard, ood_score)
@@ -279,8 +278,10 @@ class Predictor(BasePredictor):
         if checkpoint.guard is not None and supports_guard(self.model):
             width = getattr(self.model, "num_features", checkpoint.guard.mean.shape[0])
             if width != checkpoint.guard.mean.shape[0]:
-                raise CxrdxError(f"the checkpoint's input guard was fitted on {checkpoint.guard.mean.shape[0]} features, "
-                                 f"but {checkpoint.model_name} gives {width}; refit it with `cxrdx calibrate --ood`")
+                raise CxrdxError(
+                    f"the checkpoint's input guard was fitted on {checkpoint.guard.mean.shape[0]} features, "
+                    f"but {checkpoint.model_name} gives {width}; refit it with `cxrdx calibrate --ood`"
+                )
             self.guard, self.guard_status = checkpoint.guard, checkpoint.guard.describe()
 
     @classmethod
@@ -364,8 +365,16 @@ def format_predictions(predictions: Sequence[Prediction], fmt: Literal["table", 
     findings = next((list(p.probabilities) for p in predictions if p.probabilities), [])
     if fmt == "csv":
         rows = [
-            {"Image Index": csv_safe(p.name), **p.probabilities, "positives": "|".join(p.positives), "error": csv_safe(p.error or ""),
-             "accepted": p.accepted, "reason": csv_safe(p.reason or ""), "flags": "|".join(p.flags), "ood_score": p.ood_score}
+            {
+                "Image Index": csv_safe(p.name),
+                **p.probabilities,
+                "positives": "|".join(p.positives),
+                "error": csv_safe(p.error or ""),
+                "accepted": p.accepted,
+                "reason": csv_safe(p.reason or ""),
+                "flags": "|".join(p.flags),
+                "ood_score": p.ood_score,
+            }
             for p in predictions
         ]
         columns = ["Image Index", *findings, "positives", "error", "accepted", "reason", "flags", "ood_score"]

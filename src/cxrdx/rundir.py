@@ -283,7 +283,8 @@ class EvalMetrics:
         expert = values.get("expert_labels")
         known = {"settings", "overall", "per_finding", "notes", "expert_labels"}
         return cls(
-            settings=_mapping(values.get("settings")), overall=_mapping(values.get("overall")),
+            settings=_mapping(values.get("settings")),
+            overall=_mapping(values.get("overall")),
             per_finding={k: v for k, v in _mapping(values.get("per_finding")).items()},
             notes=[str(n) for n in notes] if isinstance(notes, list) else [],
             expert_labels=dict(expert) if isinstance(expert, Mapping) else None,
@@ -360,7 +361,8 @@ def read_explanations(folder: str | Path) -> pd.DataFrame:
             return frame
     rows = [
         {"Image Index": p.name.split(".")[0], "Finding": p.parent.name, "probability": np.nan, "png": str(p)}
-        for p in sorted(folder.glob("*/*.png")) if p.parent.name in FINDINGS
+        for p in sorted(folder.glob("*/*.png"))
+        if p.parent.name in FINDINGS
     ]
     return pd.DataFrame(rows, columns=["Image Index", "Finding", "probability", "png"])
 

@@ -318,9 +318,7 @@ def rm_anova(table: np.ndarray) -> AnovaResult:
     rows, cols = data.shape
     if rows < 2 or cols < 2:
         return AnovaResult(np.nan, np.nan, np.nan, np.nan, rows)
-    long = pd.DataFrame(
-        {"subject": np.repeat(np.arange(rows), cols), "model": np.tile(np.arange(cols), rows), "value": data.ravel()}
-    )
+    long = pd.DataFrame({"subject": np.repeat(np.arange(rows), cols), "model": np.tile(np.arange(cols), rows), "value": data.ravel()})
     res = AnovaRM(long, depvar="value", subject="subject", within=["model"]).fit().anova_table.iloc[0]
     return AnovaResult(float(res["F Value"]), float(res["Num DF"]), float(res["Den DF"]), float(res["Pr > F"]), rows)
 

@@ -70,9 +70,7 @@ class Subgroups:
     level: float = 0.95
 
 
-def subgroup_auroc(
-    y: np.ndarray, probs: np.ndarray, meta: pd.DataFrame, names: Sequence[str] = FINDINGS, level: float = 0.95
-) -> Subgroups:
+def subgroup_auroc(y: np.ndarray, probs: np.ndarray, meta: pd.DataFrame, names: Sequence[str] = FINDINGS, level: float = 0.95) -> Subgroups:
     """Per-finding AUROC with DeLong CI in every group of `groups_of(meta)`, and each attribute's largest gap.
 
     y: (N, K) 1 / 0 / NaN (not labelled), probs: (N, K), meta: N rows in the same order.
@@ -147,24 +145,38 @@ def subgroup_tables(result: Subgroups) -> list[Table]:
         index=auroc.index,
     )
     groups = Table(
-        "subgroups", f"AUROC by subgroup (DeLong {level} CI)", auroc, shown,
-        ["images: the group's images that label the finding; n/a: no positive or no negative image among them.",
-         f"Age bands: {', '.join(b[2] for b in AGE_BANDS)} years; view: AP and PA only."],
+        "subgroups",
+        f"AUROC by subgroup (DeLong {level} CI)",
+        auroc,
+        shown,
+        [
+            "images: the group's images that label the finding; n/a: no positive or no negative image among them.",
+            f"Age bands: {', '.join(b[2] for b in AGE_BANDS)} years; view: AP and PA only.",
+        ],
     )
     gaps = result.gaps
     shown_gaps = pd.DataFrame(
         {
             "groups": [f"{h} vs {lo}" for lo, h in zip(gaps["low_group"], gaps["high_group"])],
-            f"gap ({level} CI)": [f"{format_value(g)} ({format_value(a)}, {format_value(b)})" for g, a, b in zip(gaps["gap"], gaps["low"], gaps["high"])],
+            f"gap ({level} CI)": [
+                f"{format_value(g)} ({format_value(a)}, {format_value(b)})" for g, a, b in zip(gaps["gap"], gaps["low"], gaps["high"])
+            ],
             "p": [format_p(p) for p in gaps["p"]],
             "": [stats.stars(p) if np.isfinite(p) else DASH for p in gaps["p"]],
         },
         index=gaps.index,
     )
     gap_table = Table(
-        "subgroup_gaps", "Largest AUROC gap between the groups of each attribute", gaps, shown_gaps,
-        [("gap: highest minus lowest AUROC among the groups with a CI (two or more positive and negative images); "
-          "unpaired DeLong z-test (different images: the variances add)."),
-         "p is not adjusted for multiple comparisons, and the largest of several gaps is an optimistic pick."],
+        "subgroup_gaps",
+        "Largest AUROC gap between the groups of each attribute",
+        gaps,
+        shown_gaps,
+        [
+            (
+                "gap: highest minus lowest AUROC among the groups with a CI (two or more positive and negative images); "
+                "unpaired DeLong z-test (different images: the variances add)."
+            ),
+            "p is not adjusted for multiple comparisons, and the largest of several gaps is an optimistic pick.",
+        ],
     )
     return [groups, gap_table]

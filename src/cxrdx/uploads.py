@@ -25,7 +25,7 @@ class UploadError(CxrdxError):
 
 
 def sniff(data: bytes | bytearray) -> str | None:
-    """"png", "jpeg" or "dicom" from the first bytes; None for anything else."""
+    """ "png", "jpeg" or "dicom" from the first bytes; None for anything else."""
     for kind, magic in MAGIC.items():
         if data.startswith(magic):
             return kind

@@ -175,8 +175,13 @@ def open_caches(paths: Sequence[str | Path]) -> Cache:
         raise CxrdxError(f"image {index['Image Index'][repeated].iloc[0]!r} is in more than one of the caches {', '.join(map(str, paths))}")
     meta = {"size": caches[0].size, "count": len(index), "caches": [str(c.path) for c in caches]}
     return CacheSet(
-        path=caches[0].path, images=_Stacked([c.images for c in caches]), index=index,  # type: ignore[arg-type]
-        labels=np.concatenate([c.labels for c in caches]), size=caches[0].size, meta=meta, paths=tuple(c.path for c in caches),
+        path=caches[0].path,
+        images=_Stacked([c.images for c in caches]),  # type: ignore[arg-type]  # indexed like the array it stands for
+        index=index,
+        labels=np.concatenate([c.labels for c in caches]),
+        size=caches[0].size,
+        meta=meta,
+        paths=tuple(c.path for c in caches),
     )
 
 
@@ -432,7 +437,9 @@ def _read_index(path: Path) -> pd.DataFrame:
     bad = ~(labels.isin((0.0, 1.0)) | (index[list(FINDINGS)] == "")).to_numpy()
     if bad.any():
         row, column = np.argwhere(bad)[0]
-        raise CxrdxError(f"{path}: line {row + 2}: {FINDINGS[column]} {index.iat[row, index.columns.get_loc(FINDINGS[column])]!r}; expected 1, 0 or blank")
+        raise CxrdxError(
+            f"{path}: line {row + 2}: {FINDINGS[column]} {index.iat[row, index.columns.get_loc(FINDINGS[column])]!r}; expected 1, 0 or blank"
+        )
     index[list(FINDINGS)] = labels
     if "Patient Age" in index.columns:
         index["Patient Age"] = pd.to_numeric(index["Patient Age"], errors="coerce")

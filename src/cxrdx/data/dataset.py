@@ -132,8 +132,15 @@ class XrvFileDataset(FileDataset):
     """Raw image files through torchxrayvision's pipeline (`cxrdx.preprocess.xrv_input`), as `Predictor`
     feeds a model imported from torchxrayvision: centre crop and resize of the original image."""
 
-    def __init__(self, paths: Sequence[str | Path], labels: np.ndarray | None, input_size: int, mean: Sequence[float],
-                 std: Sequence[float], names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: np.ndarray | None,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        names: Sequence[str] | None = None,
+    ):
         super().__init__(paths, labels, input_size, names=names)
         self.mean, self.std = list(mean), list(std)
 
@@ -155,8 +162,10 @@ def rows_for_split(cache: Cache, split: pd.Series, name: str, allow_missing: boo
         raise CxrdxError(f"no image of the '{name}' split is in the cache {cache.path} ({len(wanted)} listed in the split)")
     missing = wanted.difference(cached, sort=False)
     if len(missing):
-        text = (f"{len(missing):,} of the {len(wanted):,} images of the '{name}' split are not in the cache {cache.path}: "
-                f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}")
+        text = (
+            f"{len(missing):,} of the {len(wanted):,} images of the '{name}' split are not in the cache {cache.path}: "
+            f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}"
+        )
         if not allow_missing:
             raise CxrdxError(f"{text}; prepare them, or leave them out with --allow-missing (train: --set data.allow_missing=true)")
         warnings.warn(f"{text} (left out)", MissingImagesWarning, stacklevel=2)

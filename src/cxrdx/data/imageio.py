@@ -114,9 +114,7 @@ def _check_size(width: int, height: int, label: str, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageReadError(label, f"image has no pixels ({width} x {height})")
     if width * height > max_pixels:
-        raise ImageReadError(
-            label, f"image of {width} x {height} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)"
-        )
+        raise ImageReadError(label, f"image of {width} x {height} pixels exceeds the limit of {max_pixels:,} (decompression bomb guard)")
 
 
 def _check_decoded_bytes(nbytes: int, what: str, label: str, max_decoded_bytes: int) -> None:
@@ -232,9 +230,7 @@ def _dicom_pixels(ds, label: str) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:  # files without meta information: take the encoding the reader found
         implicit, little = ds.original_encoding
-        syntax = {(True, True): ImplicitVRLittleEndian, (False, False): ExplicitVRBigEndian}.get(
-            (implicit, little), ExplicitVRLittleEndian
-        )
+        syntax = {(True, True): ImplicitVRLittleEndian, (False, False): ExplicitVRBigEndian}.get((implicit, little), ExplicitVRLittleEndian)
         ds.file_meta.TransferSyntaxUID = syntax
     if syntax.is_compressed:
         decoder = get_decoder(syntax)

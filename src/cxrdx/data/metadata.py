@@ -41,9 +41,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     table = _read_table(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise CxrdxError(
-            f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(repr, table.columns))}"
-        )
+        raise CxrdxError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(repr, table.columns))}")
     if table.empty:
         raise CxrdxError(f"{path}: the table has no rows")
     names = table["Image Index"].str.strip()
@@ -54,7 +52,10 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
         out["Patient ID"] = _integers(table["Patient ID"], _WHOLE_NUMBER, path, "Patient ID")
     else:
         out["Patient ID"] = _integers(
-            names, _PATIENT_IN_NAME, path, "Image Index",
+            names,
+            _PATIENT_IN_NAME,
+            path,
+            "Image Index",
             hint="cannot take the Patient ID from it (expected names like 00012345_003.png); add a 'Patient ID' column",
         )
     out["Finding Labels"] = _strip(table["Finding Labels"])
@@ -134,9 +135,7 @@ def _check_names(names: pd.Series, path: Path) -> None:
     if repeated.any():
         row = int(np.argmax(repeated))
         first = int(np.argmax((names == names.iloc[row]).to_numpy()))
-        raise CxrdxError(
-            f"{path}: line {_line(row)}: Image Index {names.iloc[row]!r} repeats line {_line(first)}"
-        )
+        raise CxrdxError(f"{path}: line {_line(row)}: Image Index {names.iloc[row]!r} repeats line {_line(first)}")
 
 
 def _integers(values: pd.Series, pattern: str, path: Path, column: str, hint: str = "") -> np.ndarray:

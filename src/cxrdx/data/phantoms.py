@@ -316,9 +316,7 @@ class _Canvas:
         """Smooth noise in [0, 1], about `cells` blobs across the body, fixed to the anatomy."""
         angle, phase = rng.uniform(0, math.pi, waves).tolist(), rng.uniform(0, 2 * math.pi, waves).tolist()
         k = (rng.uniform(0.7, 1.3, waves) * (math.pi * cells / 2)).tolist()
-        field = sum(
-            np.cos(self.X * (f * math.cos(t)) + self.Y * (f * math.sin(t)) + p) for f, t, p in zip(k, angle, phase)
-        )
+        field = sum(np.cos(self.X * (f * math.cos(t)) + self.Y * (f * math.sin(t)) + p) for f, t, p in zip(k, angle, phase))
         return np.clip(0.5 + field * (0.5 / math.sqrt(waves / 2)), 0.0, 1.0)
 
 
@@ -647,9 +645,7 @@ def _box(layer: np.ndarray, level: float) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
 
 
-def render_phantom(
-    spec: PhantomSpec, size: int, omit: Iterable[str] = ()
-) -> tuple[np.ndarray, dict[str, tuple[int, int, int, int]]]:
+def render_phantom(spec: PhantomSpec, size: int, omit: Iterable[str] = ()) -> tuple[np.ndarray, dict[str, tuple[int, int, int, int]]]:
     """The (size, size) uint8 image of `spec` and a box per planted finding.
 
     Findings named in `omit` are left out; everything else (anatomy, other findings, acquisition,
@@ -692,8 +688,7 @@ def render_phantom(
 def _data_entry_rows(specs: list[PhantomSpec], size: int) -> list[str]:
     spacing = f"{_FIELD_MM / size:.4f}"
     return [
-        f"{s.image_index},{format_labels(s.labels)},{s.followup},{s.patient},{s.age},{s.gender},{s.view},"
-        f"{size},{size},{spacing},{spacing}"
+        f"{s.image_index},{format_labels(s.labels)},{s.followup},{s.patient},{s.age},{s.gender},{s.view},{size},{size},{spacing},{spacing}"
         for s in specs
     ]
 
@@ -750,15 +745,28 @@ def generate_second_site(
         ",".join([f"images/{s.image_index}", f"site2-{s.patient}", s.view, s.gender, str(s.age), *(str(s.labels[k]) for k, _ in labelled)])
         for s in specs
     ]
-    write_text(out / "labels.csv", "\n".join([",".join(["path", "patient", "view", "sex", "age", *(f for _, f in labelled)]), *rows]) + "\n")
+    write_text(
+        out / "labels.csv", "\n".join([",".join(["path", "patient", "view", "sex", "age", *(f for _, f in labelled)]), *rows]) + "\n"
+    )
     _mark_synthetic(out, "cxrdx second-site phantoms", n, size, seed, tail_floor)
     return out
 
 
 def _mark_synthetic(out: Path, name: str, n: int, size: int, seed: int, tail_floor: float) -> None:
     """The source marker that `prepare` carries into the cache and training into the checkpoint (model cards)."""
-    write_source_marker(out, {"name": name, "synthetic": True, "images": n, "size": size, "seed": seed, "tail_floor": tail_floor,
-                              "generator": "cxrdx.data.phantoms", "cxrdx_version": __version__})
+    write_source_marker(
+        out,
+        {
+            "name": name,
+            "synthetic": True,
+            "images": n,
+            "size": size,
+            "seed": seed,
+            "tail_floor": tail_floor,
+            "generator": "cxrdx.data.phantoms",
+            "cxrdx_version": __version__,
+        },
+    )
 
 
 def _specs(n: int, size: int, seed: int, tail_floor: float, site: int) -> list[PhantomSpec]:
@@ -779,5 +787,3 @@ def _render_all(specs: list[PhantomSpec], size: int, folder: Path, progress: boo
         _write_png(image, folder / spec.image_index)
         boxes.extend(f"{spec.image_index},{name},{x},{y},{w},{h}" for name, (x, y, w, h) in planted.items())
     return boxes
-
-

@@ -229,9 +229,7 @@ def _findings(index: pd.DataFrame) -> np.ndarray:
     return (index[list(FINDINGS)] == 1).to_numpy(dtype=np.int64)  # positives; NaN (not labelled) is not one
 
 
-def _patient_split(
-    patients: np.ndarray, labels: np.ndarray, fractions: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _patient_split(patients: np.ndarray, labels: np.ndarray, fractions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Whole patients to train / val / test, stratified by finding.
 
     Iterative multi-label stratification (Sechidis, Tsoumakas & Vlahavas 2011) with patients in
@@ -278,9 +276,7 @@ def _patient_split(
     return np.asarray(SPLITS, dtype=object)[choice[inverse]]
 
 
-def _official_split(
-    index: pd.DataFrame, fractions: np.ndarray, rng: np.random.Generator, lists_dir: str | Path | None
-) -> np.ndarray:
+def _official_split(index: pd.DataFrame, fractions: np.ndarray, rng: np.random.Generator, lists_dir: str | Path | None) -> np.ndarray:
     files = packaged.official_lists() if lists_dir is None else tuple(_list_file(Path(lists_dir), n) for n in OFFICIAL_LISTS)
     train_val, test = (set(_read_list(file)) for file in files)
     where = lists_dir if lists_dir is not None else "the packaged official lists"
@@ -328,9 +324,7 @@ def _read_split_csv(path: Path) -> pd.Series:
         raise CxrdxError(f"{path}: not a readable split CSV ({exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
     if not {"Image Index", "split"} <= set(table.columns):
-        raise CxrdxError(
-            f"{path}: expected the columns 'Image Index,split'; found {', '.join(map(repr, table.columns))}"
-        )
+        raise CxrdxError(f"{path}: expected the columns 'Image Index,split'; found {', '.join(map(repr, table.columns))}")
     split = _series(table["Image Index"].str.strip().to_numpy(), table["split"].str.strip().to_numpy())
     return _validated(split, source=path, first_line=2)
 
@@ -345,10 +339,8 @@ def _validated(split: pd.Series, source: str | Path | None = None, first_line: i
     bad = ~split.isin(SPLITS).to_numpy()
     if bad.any():
         row = int(np.argmax(bad))
-        raise CxrdxError(
-            f"{where}{at(row)}split {split.iloc[row]!r} for {split.index[row]!r}; expected one of {', '.join(SPLITS)}"
-        )
-    empty = (split.index == "")
+        raise CxrdxError(f"{where}{at(row)}split {split.iloc[row]!r} for {split.index[row]!r}; expected one of {', '.join(SPLITS)}")
+    empty = split.index == ""
     if empty.any():
         raise CxrdxError(f"{where}{at(int(np.argmax(empty)))}empty Image Index")
     repeated = split.index.duplicated()
@@ -366,8 +358,7 @@ def _join(index: pd.DataFrame, split: pd.Series, source: str | Path | None = Non
     if unknown.any():
         where = f"{source}: " if source is not None else ""
         raise CxrdxError(
-            f"{where}{int(unknown.sum())} images of the split are not in the metadata; "
-            f"first: {', '.join(split.index[unknown][:3])}"
+            f"{where}{int(unknown.sum())} images of the split are not in the metadata; first: {', '.join(split.index[unknown][:3])}"
         )
     assigned = names.map(split)
     return index.loc[assigned.notna().to_numpy()].assign(split=assigned.dropna())

@@ -4,8 +4,17 @@ from typing import Any
 
 from cxrdx.explain.registry import METHODS, TITLES, FlatSaliencyWarning, check_methods, default_target_layers, explain
 
-__all__ = ["METHODS", "TITLES", "FlatSaliencyWarning", "GroupCamResult", "blur", "check_methods", "default_target_layers", "explain",
-           "group_cam"]
+__all__ = [
+    "METHODS",
+    "TITLES",
+    "FlatSaliencyWarning",
+    "GroupCamResult",
+    "blur",
+    "check_methods",
+    "default_target_layers",
+    "explain",
+    "group_cam",
+]
 _GROUPCAM = ("GroupCamResult", "blur", "group_cam")
 
 

@@ -183,7 +183,6 @@ def explaining(model: nn.Module) -> Iterator[nn.Module]:
         model.train(training)
 
 
-
 @contextlib.contextmanager
 def _capture(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Record `layer`'s output; the model goes on with a copy, so in-place ops later can't alter it."""

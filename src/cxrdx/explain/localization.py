@@ -59,8 +59,7 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
         raise CxrdxError(f"{path}: not a readable CSV ({exc})") from None
     if table.shape[1] < 6 or list(table.columns[:2]) != ["Image Index", "Finding Label"]:
         raise CxrdxError(
-            f"{path}: expected the columns Image Index, Finding Label, Bbox [x, y, w, h]; "
-            f"found {', '.join(map(str, table.columns[:6]))}"
+            f"{path}: expected the columns Image Index, Finding Label, Bbox [x, y, w, h]; found {', '.join(map(str, table.columns[:6]))}"
         )
     boxes = pd.DataFrame({"Image Index": table.iloc[:, 0].str.strip()})
     findings = table.iloc[:, 1].str.strip().replace(FINDING_ALIASES)
@@ -243,9 +242,7 @@ def markdown_tables(summary: pd.DataFrame, threshold: float, mode: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_localization(
-    out: str | Path, text: str, summary: pd.DataFrame, records: pd.DataFrame, settings: Mapping[str, object]
-) -> Path:
+def write_localization(out: str | Path, text: str, summary: pd.DataFrame, records: pd.DataFrame, settings: Mapping[str, object]) -> Path:
     """out/localization.md (the tables), localization.json (`settings` and the "summary" rows), localization_records.csv."""
     out = Path(out)
     write_text(out / rundir.LOCALIZATION_MD, text)
@@ -287,8 +284,10 @@ def boxed_images(
         present = [n for n in names if n in paths]
     elif cache is not None:
         if predictor.info.preprocess == XRV:
-            raise CxrdxError(f"{predictor.info.model_name} imported from torchxrayvision crops and resizes the original "
-                             "images (preprocess 'xrv'), not a prepared cache: pass --data-dir DIR")
+            raise CxrdxError(
+                f"{predictor.info.model_name} imported from torchxrayvision crops and resizes the original "
+                "images (preprocess 'xrv'), not a prepared cache: pass --data-dir DIR"
+            )
         rows = {name: i for i, name in enumerate(cache.index["Image Index"])}
         present = [n for n in names if n in rows]
         missing = [n for n in names if n not in rows]

@@ -25,8 +25,14 @@ if TYPE_CHECKING:  # imported when a map is made: naming and checking methods st
 Method = Callable[..., np.ndarray]
 FLAT_TOL = 1e-6
 TITLES = {
-    "groupcam": "Group-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-    "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "layercam": "Layer-CAM", "hirescam": "HiRes-CAM",
+    "groupcam": "Group-CAM",
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "scorecam": "Score-CAM",
+    "eigencam": "Eigen-CAM",
+    "layercam": "Layer-CAM",
+    "hirescam": "HiRes-CAM",
 }
 
 

@@ -131,8 +131,9 @@ def write_explanations(
             try:
                 pixels = predictor.load(source, name=name)
             except ImageReadError as exc:
-                rows.append({"Image Index": name, "Finding": "", "probability": np.nan, "flat": False, "png": "", "npy": "",
-                             "error": exc.reason})
+                rows.append(
+                    {"Image Index": name, "Finding": "", "probability": np.nan, "flat": False, "png": "", "npy": "", "error": exc.reason}
+                )
                 bar.update(1)
                 continue
             probabilities = predictor.predict_proba(pixels[None])[0]
@@ -147,8 +148,15 @@ def write_explanations(
                 png = render_panel(pixels, saliency, title, base.with_name(base.name + ".png"))
                 npy = save_map(saliency, base.with_name(base.name + ".npy"))
                 rows.append(
-                    {"Image Index": name, "Finding": finding, "probability": float(probabilities[index]),
-                     "flat": flat, "png": str(png), "npy": str(npy), "error": ""}
+                    {
+                        "Image Index": name,
+                        "Finding": finding,
+                        "probability": float(probabilities[index]),
+                        "flat": flat,
+                        "png": str(png),
+                        "npy": str(npy),
+                        "error": "",
+                    }
                 )
             bar.update(1)
     table = pd.DataFrame(rows, columns=rundir.EXPLANATION_COLUMNS)

@@ -175,13 +175,29 @@ def localize_checkpoint(
         raise CxrdxError(f"none of the {boxes['Image Index'].nunique()} boxed images of {boxes_path} is in {where}")
     images = ((name, *load(name)) for name in names)
     records = localize(
-        predictor, images, boxes, methods=methods, threshold=threshold, mode=mode, tolerance=tolerance,
-        progress=progress, total=len(names), target_layers=target_layers, **options,
+        predictor,
+        images,
+        boxes,
+        methods=methods,
+        threshold=threshold,
+        mode=mode,
+        tolerance=tolerance,
+        progress=progress,
+        total=len(names),
+        target_layers=target_layers,
+        **options,
     )
     summary = summarize(records)
     text = markdown_tables(summary, threshold, mode)
     if out:
-        settings = {"split": split, "threshold": threshold, "threshold_mode": mode, "tolerance": tolerance,
-                    "boxes": str(boxes_path), "checkpoint": str(checkpoint), "images": len(names)}
+        settings = {
+            "split": split,
+            "threshold": threshold,
+            "threshold_mode": mode,
+            "tolerance": tolerance,
+            "boxes": str(boxes_path),
+            "checkpoint": str(checkpoint),
+            "images": len(names),
+        }
         write_localization(out, text, summary, records, settings)
     return LocalizationResult(text, summary, records, list(names), list(missing))

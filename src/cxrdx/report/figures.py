@@ -73,7 +73,9 @@ def reliability_figure(y: np.ndarray, probs: np.ndarray, names: Sequence[str], p
         curve = reliability(y[labelled, k], probs[labelled, k], n_bins)
         filled = curve["count"] > 0
         ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        ax.bar(curve["low"], curve["count"] / max(1, int(labelled.sum())), width=1 / n_bins, align="edge", color="0.9", label="share of images")
+        ax.bar(
+            curve["low"], curve["count"] / max(1, int(labelled.sum())), width=1 / n_bins, align="edge", color="0.9", label="share of images"
+        )
         ax.plot(curve.loc[filled, "mean_prob"], curve.loc[filled, "frac_pos"], "o-", ms=3, lw=1.2, label="positive fraction")
         ax.set_title(f"{name} (ECE {ece[k]:.3f})", fontsize=9)
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)

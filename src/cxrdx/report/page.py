@@ -95,8 +95,12 @@ def header_context(runs: list[s.Run], groups: list[s.Scores]) -> dict[str, Any]:
     """The template's header variables: best, facts, forest, axis."""
     models = _models(groups)
     best = _best(groups)
-    context: dict[str, Any] = {"best": None, "facts": [], "forest": forest_rows(groups),
-                               "axis": [(f"{_position(t):.0f}", f"{t:.1f}") for t in AXIS]}
+    context: dict[str, Any] = {
+        "best": None,
+        "facts": [],
+        "forest": forest_rows(groups),
+        "axis": [(f"{_position(t):.0f}", f"{t:.1f}") for t in AXIS],
+    }
     if best is None:
         return context
     model, summary, images = best
@@ -136,8 +140,7 @@ def render_page(
     shown = [s.Section(x.id, x.title, Markup(x.body)) for x in sections]  # bodies are HTML built with escape()
     try:
         template = template_environment(template_dir).get_template(TEMPLATE)
-        return template.render(title=title, version=__version__, stamp=stamp, runs=runs, sections=shown,
-                               **header_context(runs, groups))
+        return template.render(title=title, version=__version__, stamp=stamp, runs=runs, sections=shown, **header_context(runs, groups))
     except jinja2.TemplateError as exc:
         raise CxrdxError(f"report template: {exc.__class__.__name__}: {exc}") from None
 
@@ -196,7 +199,8 @@ def write_report(
         overview = s.Section("overview", "Runs", s.runs_table(runs))
         extras = [s.Section(f"extra-{i}-{slug(t)}", t, body) for i, (t, body) in enumerate(extra_sections or [])]
         sections = [
-            overview, *extras,
+            overview,
+            *extras,
             step(s.guarded("dataset", "Dataset (Table 1)", s.dataset_section, runs)),
             step(s.guarded("models", "Models (Table 2)", s.models_section, runs, out / TABLE2)),
             step(s.guarded("training", "Training", s.training_section, runs)),

@@ -136,7 +136,9 @@ def score_runs(runs: list[Run]) -> tuple[list[Scores], list[str]]:
         try:
             return [_score(evaluated)], notes
         except CxrdxError as exc:
-            notes.append(f"The runs cannot be compared on the same test images, so each is shown on its own, without model-vs-model tests ({exc}).")
+            notes.append(
+                f"The runs cannot be compared on the same test images, so each is shown on its own, without model-vs-model tests ({exc})."
+            )
     groups = []
     for run in evaluated:
         try:
@@ -149,9 +151,14 @@ def score_runs(runs: list[Run]) -> tuple[list[Scores], list[str]]:
 def runs_table(runs: list[Run]) -> str:
     """The settings that tell runs apart, one row per run."""
     fields = [
-        ("Model", ("model", "name")), ("Loss", ("loss", "name")), ("Input", ("data", "input_size")),
-        ("Epochs", ("optim", "epochs")), ("Global batch", ("optim", "global_batch")), ("Peak LR", ("optim", "lr")),
-        ("EMA", ("ema", "enabled")), ("Seed", ("seed",)),
+        ("Model", ("model", "name")),
+        ("Loss", ("loss", "name")),
+        ("Input", ("data", "input_size")),
+        ("Epochs", ("optim", "epochs")),
+        ("Global batch", ("optim", "global_batch")),
+        ("Peak LR", ("optim", "lr")),
+        ("EMA", ("ema", "enabled")),
+        ("Seed", ("seed",)),
     ]
 
     def get(config: TrainConfig | None, keys: tuple[str, ...]) -> str:
@@ -204,7 +211,9 @@ def dataset_section(runs: list[Run]) -> Section:
             continue
         if cache is None:
             named = run.config.data.cache if run.config else None
-            parts.append(note(f"{run.name}: the prepared cache {named or '(none named in config.yaml)'} is not here; Table 1 needs its labels."))
+            parts.append(
+                note(f"{run.name}: the prepared cache {named or '(none named in config.yaml)'} is not here; Table 1 needs its labels.")
+            )
             continue
         key = (hashlib.sha256(split_path.read_bytes()).hexdigest(), str(cache.resolve()))
         used.setdefault(key, []).append(run)
@@ -270,7 +279,8 @@ def models_section(runs: list[Run], cache_file: Path | None) -> Section:
     users = {key: [r.name for r in runs if (r.model, r.input_size) == key] for key in wanted}
     data = pd.DataFrame(
         [[r["params"], r["macs"], r["flops"], r["resolution"]] for r in rows],
-        index=pd.Index([r["model"] for r in rows], name="Model"), columns=["params", "macs", "flops", "resolution"],
+        index=pd.Index([r["model"] for r in rows], name="Model"),
+        columns=["params", "macs", "flops", "resolution"],
     )
     display = pd.DataFrame(
         {
@@ -284,7 +294,9 @@ def models_section(runs: list[Run], cache_file: Path | None) -> Section:
     )
     table_notes = ["MACs = multiply-accumulates (the unit of the paper's “FLOPs”), counted with torch.utils.flop_counter on one image."]
     table_notes += [f"{r['model']}: {r['note']}" for r in rows if r["note"]] + notes
-    return Section("models", "Models (Table 2)", tables.html(tables.Table("table2", "Table 2. Model size and cost", data, display, table_notes)))
+    return Section(
+        "models", "Models (Table 2)", tables.html(tables.Table("table2", "Table 2. Model size and cost", data, display, table_notes))
+    )
 
 
 # --- training ----------------------------------------------------------------------------------------
@@ -319,7 +331,9 @@ def training_section(runs: list[Run]) -> Section:
         if rundir.curves_path(run.path).is_file():
             body = figure(rundir.curves_path(run.path), f"{run.name}: loss and validation mean AUROC per epoch")
         elif rows:
-            body = figure(figures.draw(figures.plot_curves, rows), f"{run.name}: loss and validation mean AUROC per epoch (from metrics.jsonl)")
+            body = figure(
+                figures.draw(figures.plot_curves, rows), f"{run.name}: loss and validation mean AUROC per epoch (from metrics.jsonl)"
+            )
         else:
             body = note(f"No training curves: neither curves.png nor metrics.jsonl in {run.path}.")
         parts.append(f"<div class='keep'>{head}{body}</div>")
@@ -394,9 +408,13 @@ def results_sections(groups: list[Scores], notes: list[str]) -> list[Section]:
         cmp = group.cmp
         label = f"<h3>{escape(', '.join(cmp.models))}</h3>" if len(groups) > 1 else ""
         per_finding = tables.html(tables.calibration_table(cmp))
-        perf += [label, _notes_box(cmp.notes), tables.html(_keep_ci_together(tables.table3(cmp)), _auroc_shade(cmp)),
-                 f"<details><summary>AUROC per finding with its 95% DeLong CI, threshold and ECE</summary>{per_finding}</details>",
-                 tables.html(_keep_ci_together(tables.wide_table4(tables.table4(cmp))))]
+        perf += [
+            label,
+            _notes_box(cmp.notes),
+            tables.html(_keep_ci_together(tables.table3(cmp)), _auroc_shade(cmp)),
+            f"<details><summary>AUROC per finding with its 95% DeLong CI, threshold and ECE</summary>{per_finding}</details>",
+            tables.html(_keep_ci_together(tables.wide_table4(tables.table4(cmp)))),
+        ]
         perf += [_evaluate_extras(run) for run in group.runs]
         tests.append(label)
         if len(cmp.models) > 1:
@@ -410,7 +428,9 @@ def results_sections(groups: list[Scores], notes: list[str]) -> list[Section]:
             stored = run.path / EVAL / rundir.RELIABILITY
             png = stored if stored.is_file() else figures.draw(figures.reliability_figure, group.y, group.probs[run.name], cmp.findings)
             shown = figure(png, f"Reliability diagrams: {run.name} (observed positive fraction against predicted probability)")
-            calibration.append(shown if i == 0 else f"<details><summary>Reliability diagrams: {escape(run.name)}</summary>{shown}</details>")
+            calibration.append(
+                shown if i == 0 else f"<details><summary>Reliability diagrams: {escape(run.name)}</summary>{shown}</details>"
+            )
     head = "".join(note(n, "warn") for n in notes)
     return [
         Section("performance", "Performance (Tables 3 and 4)", head + "".join(perf)),
@@ -432,8 +452,10 @@ def _lookup(table: pd.DataFrame, name: str) -> pd.Series | None:
 
 
 OUTCOMES: dict[tuple[bool, int | None], tuple[str, str]] = {
-    (True, 1): ("correct", "true positive"), (False, 0): ("correct", "true negative"),
-    (True, 0): ("wrong", "false positive"), (False, 1): ("wrong", "missed (false negative)"),
+    (True, 1): ("correct", "true positive"),
+    (False, 0): ("correct", "true negative"),
+    (True, 0): ("wrong", "false positive"),
+    (False, 1): ("wrong", "missed (false negative)"),
 }
 
 
@@ -456,7 +478,8 @@ def panel_labels(run: Run, images: Sequence[str]) -> tuple[pd.DataFrame | None, 
         return index.set_index(index["Image Index"].astype(str))[list(FINDINGS)]
 
     sources: list[tuple[str, Callable[[], pd.DataFrame | None]]] = [
-        (str(run.path / EVAL / rundir.LABELS), lambda: _optional(rundir.read_labels, run.path / EVAL / rundir.LABELS))]
+        (str(run.path / EVAL / rundir.LABELS), lambda: _optional(rundir.read_labels, run.path / EVAL / rundir.LABELS))
+    ]
     cache = _cache_path(run)
     if cache is not None:
         sources.append((f"the prepared cache {cache}", lambda: _optional(cache_labels, cache)))
@@ -493,8 +516,19 @@ def classify_panels(run: Run) -> tuple[pd.DataFrame, str]:
         if not png.is_file():  # explain ran elsewhere: the panel keeps its place in RUN/explain
             png = run.path / EXPLAIN / finding / png.name
         method = png.name.split(".")[-2] if png.name.count(".") >= 2 else ""
-        records.append({"image": name, "finding": finding, "p": p, "threshold": threshold, "label": label,
-                        "kind": kind, "outcome": outcome, "png": png, "method": method})
+        records.append(
+            {
+                "image": name,
+                "finding": finding,
+                "p": p,
+                "threshold": threshold,
+                "label": label,
+                "kind": kind,
+                "outcome": outcome,
+                "png": png,
+                "method": method,
+            }
+        )
     columns = ["image", "finding", "p", "threshold", "label", "kind", "outcome", "png", "method"]
     return pd.DataFrame(records, columns=columns), source
 
@@ -525,7 +559,12 @@ def explanations_section(runs: list[Run]) -> Section:
     for run in runs:
         head = f"<h3>{escape(run.name)}</h3>"
         if not (run.path / EXPLAIN).is_dir():
-            parts.append(head + note(f"No explanations: run `cxrdx explain --checkpoint {rundir.best_checkpoint(run.path)} --split test --limit 16 --out {run.path}/{EXPLAIN}`."))
+            parts.append(
+                head
+                + note(
+                    f"No explanations: run `cxrdx explain --checkpoint {rundir.best_checkpoint(run.path)} --split test --limit 16 --out {run.path}/{EXPLAIN}`."
+                )
+            )
             continue
         panels, source = classify_panels(run)
         if panels.empty:
@@ -536,16 +575,25 @@ def explanations_section(runs: list[Run]) -> Section:
         for kind, title in (("correct", "Correct predictions"), ("wrong", "Wrong predictions"), ("unknown", "Without a label to check")):
             picked = _pick(panels, kind)
             if len(picked):
-                body.append(f"<h4 class='{kind}'>{title} <small>({len(picked)} of {int((panels['kind'] == kind).sum())})</small></h4>"
-                            f"<div class='panels'>{''.join(_panel(r) for _, r in picked.iterrows())}</div>")
+                body.append(
+                    f"<h4 class='{kind}'>{title} <small>({len(picked)} of {int((panels['kind'] == kind).sum())})</small></h4>"
+                    f"<div class='panels'>{''.join(_panel(r) for _, r in picked.iterrows())}</div>"
+                )
         if not source:
-            body.insert(0, note("No labels to sort the panels into correct and wrong: neither RUN/eval/labels.csv, nor the prepared cache, "
-                                "nor the NIH label table shipped with cxrdx has these images."))
+            body.insert(
+                0,
+                note(
+                    "No labels to sort the panels into correct and wrong: neither RUN/eval/labels.csv, nor the prepared cache, "
+                    "nor the NIH label table shipped with cxrdx has these images."
+                ),
+            )
         elif source != str(run.path / EVAL / rundir.LABELS):
             body.insert(0, note(f"Labels from {source}: RUN/eval/labels.csv is missing, damaged or lacks these images."))
         parts.append(head + "".join(body))
-    explain_note = ("Each panel: the X-ray, then the same X-ray under the saliency map (red = where the evidence for the finding lies). "
-                    "Correct: the call at the decision threshold matches the label; wrong: a false positive or a miss, most confident first.")
+    explain_note = (
+        "Each panel: the X-ray, then the same X-ray under the saliency map (red = where the evidence for the finding lies). "
+        "Correct: the call at the decision threshold matches the label; wrong: a false positive or a miss, most confident first."
+    )
     title = f"Where the model looks ({', '.join(sorted(methods)) or 'Group-CAM'})"
     return Section("explanations", title, f"<p class='lead'>{escape(explain_note)}</p>" + "".join(parts))
 
@@ -555,7 +603,11 @@ def localization_section(runs: list[Run]) -> Section:
     for run in runs:
         path = run.path / LOCALIZE / rundir.LOCALIZATION
         if not path.is_file():
-            parts.append(note(f"{run.name}: no localization: run `cxrdx localize --checkpoint {rundir.best_checkpoint(run.path)} --out {run.path}/{LOCALIZE}`."))
+            parts.append(
+                note(
+                    f"{run.name}: no localization: run `cxrdx localize --checkpoint {rundir.best_checkpoint(run.path)} --out {run.path}/{LOCALIZE}`."
+                )
+            )
             continue
         try:
             parts.append(tables.html(tables.localization_table(rundir.read_localization(path.parent), run.name)))
@@ -587,8 +639,12 @@ def external_section(runs: list[Run]) -> Section:
         except (CxrdxError, ValueError, KeyError) as exc:
             parts.append(note(f"{run.name}: external validation and subgroups not usable ({exc})."))
     if not parts:
-        parts.append(note("No external evaluation (RUN/eval-NAME, from `cxrdx evaluate --cache OTHER --out RUN/eval-NAME`) "
-                          "and no subgroup columns in RUN/eval/labels.csv."))
+        parts.append(
+            note(
+                "No external evaluation (RUN/eval-NAME, from `cxrdx evaluate --cache OTHER --out RUN/eval-NAME`) "
+                "and no subgroup columns in RUN/eval/labels.csv."
+            )
+        )
     return Section("external", "External validation and subgroups", "".join(parts))
 
 
@@ -623,8 +679,10 @@ def card_html(model_card: card.ModelCard, folded: str | None = None) -> str:
     banner = ""
     if model_card.not_for_clinical_use:
         banner = f"<p class='not-clinical'>{escape(card.NOT_FOR_CLINICAL_USE)}: {escape('; '.join(model_card.not_for_clinical_use))}.</p>"
-    body = "".join(f"<h4>{escape(part.title)}</h4>{_card_facts(part.facts)}{''.join(_card_table(t) for t in part.tables)}"
-                   for part in card.card_sections(model_card))
+    body = "".join(
+        f"<h4>{escape(part.title)}</h4>{_card_facts(part.facts)}{''.join(_card_table(t) for t in part.tables)}"
+        for part in card.card_sections(model_card)
+    )
     banner += f"<p><b>Intended use:</b> {escape(model_card.intended_use.primary)}</p>"
     return banner + (f"<details><summary>{escape(folded)}</summary>{body}</details>" if folded else body)
 
@@ -651,8 +709,11 @@ def settings_section(runs: list[Run]) -> Section:
         body = f"<pre>{escape(run.config.to_yaml())}</pre>" if run.config else note(f"No config.yaml in {run.path}.")
         settings = rundir.read_eval_metrics(run.path / EVAL).settings
         if settings:
-            body += "<h4>Evaluation</h4><dl class='kv'>" + "".join(
-                f"<dt>{escape(str(k))}</dt><dd>{escape(str(v))}</dd>" for k, v in settings.items()) + "</dl>"
+            body += (
+                "<h4>Evaluation</h4><dl class='kv'>"
+                + "".join(f"<dt>{escape(str(k))}</dt><dd>{escape(str(v))}</dd>" for k, v in settings.items())
+                + "</dl>"
+            )
         parts.append(f"<details><summary>{escape(run.name)}: config.yaml and evaluation settings</summary>{body}</details>")
     return Section("settings", "Settings", "".join(parts))
 

@@ -121,7 +121,9 @@ def _html_head(frame: pd.DataFrame, numeric: list[bool]) -> str:
     names = [escape(str(n or "")) for n in frame.index.names]
     two = frame.columns.nlevels > 1
     right = " class='num'"
-    leaves = "".join(f"<th scope='col'{right if num else ''}>{escape(str(c[1] if two else c))}</th>" for c, num in zip(frame.columns, numeric))
+    leaves = "".join(
+        f"<th scope='col'{right if num else ''}>{escape(str(c[1] if two else c))}</th>" for c, num in zip(frame.columns, numeric)
+    )
     if not two:
         return "<tr>" + "".join(f"<th scope='col'>{n}</th>" for n in names) + leaves + "</tr>"
     top = [f"<th scope='col' rowspan='2'>{n}</th>" for n in names]
@@ -184,7 +186,12 @@ def write_tables(tables: Sequence[Table], out_dir: str | Path, formats: Sequence
 
 
 def _summary_rows(summary: Mapping[str, float], label: str) -> dict[str, float]:
-    return {f"{label} mean": summary["mean"], f"{label} SE": summary["se"], f"{label} CI low": summary["low"], f"{label} CI high": summary["high"]}
+    return {
+        f"{label} mean": summary["mean"],
+        f"{label} SE": summary["se"],
+        f"{label} CI low": summary["low"],
+        f"{label} CI high": summary["high"],
+    }
 
 
 def _left_out_note(cmp: Comparison) -> list[str]:
@@ -210,9 +217,13 @@ def table3(cmp: Comparison) -> Table:
     data_frame = pd.DataFrame(data)
     data_frame.insert(0, "positive ratio", pd.Series(ratio))
     display_frame = pd.DataFrame(display)
-    display_frame.insert(0, "Positive ratio", pd.Series({f: format_value(v, 4) for f, v in ratio.items()}).reindex(display_frame.index, fill_value=""))
+    display_frame.insert(
+        0, "Positive ratio", pd.Series({f: format_value(v, 4) for f, v in ratio.items()}).reindex(display_frame.index, fill_value="")
+    )
     data_frame.index.name = display_frame.index.name = "Finding"
-    notes = [f"AUROC per finding; overall = mean over findings ± standard error, t-interval with n-1 df ({cmp.evaluations[cmp.models[0]].overall.auroc.n} findings)."]
+    notes = [
+        f"AUROC per finding; overall = mean over findings ± standard error, t-interval with n-1 df ({cmp.evaluations[cmp.models[0]].overall.auroc.n} findings)."
+    ]
     return Table("table3", "Table 3. AUROC by finding and model", data_frame, display_frame, notes + _left_out_note(cmp))
 
 
@@ -270,7 +281,10 @@ def anova_table(cmp: Comparison) -> Table:
     data = pd.DataFrame(cmp.pairwise_p, index=pd.Index(cmp.models, name="Model"), columns=cmp.models)
     diff = pd.DataFrame(cmp.pairwise_diff, index=data.index, columns=cmp.models)
     display = pd.DataFrame(
-        [[DASH if i == j else f"{diff.iat[i, j]:+.3f} ({p_clause(data.iat[i, j])}) {stars(data.iat[i, j])}" for j in range(m)] for i in range(m)],
+        [
+            [DASH if i == j else f"{diff.iat[i, j]:+.3f} ({p_clause(data.iat[i, j])}) {stars(data.iat[i, j])}" for j in range(m)]
+            for i in range(m)
+        ],
         index=data.index,
         columns=cmp.models,
     )
@@ -318,7 +332,9 @@ def calibration_table(cmp: Comparison) -> Table:
     )
     display = data.copy().astype(object)
     display["positives"] = data["positives"].astype(int).astype(str)
-    display["auroc"] = [f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})" for a, lo, hi in data[["auroc", "auroc_low", "auroc_high"]].to_numpy()]
+    display["auroc"] = [
+        f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})" for a, lo, hi in data[["auroc", "auroc_low", "auroc_high"]].to_numpy()
+    ]
     display = display.drop(columns=["auroc_low", "auroc_high"])
     display["threshold"] = data["threshold"].map(format_value)
     display["ece"] = data["ece"].map(format_value)
@@ -341,9 +357,15 @@ def expert_table(frame: pd.DataFrame) -> Table:
         {
             "Images": frame["images"].astype(str),
             "Expert positives": frame["expert_positives"].astype(str),
-            "AUROC (expert labels)": [f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})" for a, lo, hi in frame[["expert_auroc", "expert_low", "expert_high"]].to_numpy()],
+            "AUROC (expert labels)": [
+                f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})"
+                for a, lo, hi in frame[["expert_auroc", "expert_low", "expert_high"]].to_numpy()
+            ],
             "NLP positives": frame["nlp_positives"].astype(str),
-            "AUROC (NLP labels)": [f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})" for a, lo, hi in frame[["nlp_auroc", "nlp_low", "nlp_high"]].to_numpy()],
+            "AUROC (NLP labels)": [
+                f"{format_value(a)} ({format_value(lo)}, {format_value(hi)})"
+                for a, lo, hi in frame[["nlp_auroc", "nlp_low", "nlp_high"]].to_numpy()
+            ],
             "Label agreement": frame["label_agreement"].map(format_value),
         },
         index=frame.index,
@@ -374,7 +396,7 @@ def slug(text: str) -> str:
 
 
 def table1_table(index: pd.DataFrame, split: pd.Series, title: str) -> tuple[Table, dict[str, int]]:
-    """Table 1 (images, patients, labels and findings per image by split) and the leakage """
+    """Table 1 (images, patients, labels and findings per image by split) and the leakage"""
     from cxrdx.data.splits import LABEL_COUNT_ROWS, SPLITS, split_summary, table1
 
     counts = table1(index, split)
@@ -421,7 +443,9 @@ def ece_table(cmp: Comparison) -> Table:
     data.index.name = "Finding"
     data.loc["Overall (mean over findings)"] = data.mean()
     display = data.map(format_value)
-    notes = ["ECE: expected calibration error, |observed positive fraction − mean probability| over 10 equal-width bins, weighted by the images in each bin; 0 is perfect."]
+    notes = [
+        "ECE: expected calibration error, |observed positive fraction − mean probability| over 10 equal-width bins, weighted by the images in each bin; 0 is perfect."
+    ]
     return Table("ece", "Calibration: ECE by finding", data, display, notes)
 
 
@@ -442,13 +466,17 @@ def bootstrap_table(name: str, result: rundir.EvalMetrics) -> Table | None:
         {
             "AUROC": data["auroc"].map(format_value),
             f"{round(level * 100)}% CI (DeLong)": [interval(lo, hi) for lo, hi in data[["auroc_low", "auroc_high"]].to_numpy()],
-            f"{round(level * 100)}% CI (bootstrap)": [interval(lo, hi) for lo, hi in data[["auroc_boot_low", "auroc_boot_high"]].to_numpy()],
+            f"{round(level * 100)}% CI (bootstrap)": [
+                interval(lo, hi) for lo, hi in data[["auroc_boot_low", "auroc_boot_high"]].to_numpy()
+            ],
         },
         index=data.index,
     )
     whole = " (a drawn patient brings all their images)" if unit == "patient" else ""
-    notes = [f"Bootstrap: percentile interval over {replicates} resamples of the test {unit}s{whole}.",
-             "Overall row: the mean AUROC over findings; its first interval is the t-interval over findings."]
+    notes = [
+        f"Bootstrap: percentile interval over {replicates} resamples of the test {unit}s{whole}.",
+        "Overall row: the mean AUROC over findings; its first interval is the t-interval over findings.",
+    ]
     return Table(f"bootstrap-{slug(name)}", f"AUROC with {unit}-level bootstrap CIs: {name}", data, display, notes)
 
 
@@ -472,10 +500,19 @@ def localization_table(result: rundir.Localization, name: str) -> Table:
     wide = records.pivot_table(index="Finding", columns="method", values=["pointing_game", "iou"], aggfunc="first")
     boxes = records.groupby("Finding")["n"].max()
     order = [f for f in FINDINGS if f in boxes.index] + [f for f in boxes.index if f not in FINDINGS]
-    data = pd.DataFrame({("", "Boxes"): boxes}).join(
-        pd.DataFrame({(TITLES.get(m, m), label): wide[(metric, m)] for m in methods
-                      for metric, label in (("pointing_game", "Pointing game"), ("iou", "IoU"))})
-    ).reindex(order)
+    data = (
+        pd.DataFrame({("", "Boxes"): boxes})
+        .join(
+            pd.DataFrame(
+                {
+                    (TITLES.get(m, m), label): wide[(metric, m)]
+                    for m in methods
+                    for metric, label in (("pointing_game", "Pointing game"), ("iou", "IoU"))
+                }
+            )
+        )
+        .reindex(order)
+    )
     data.index = ["All boxed findings" if i == "all" else i for i in data.index]
     data.index.name = "Finding"
     display = data.astype(object).copy()
@@ -486,7 +523,9 @@ def localization_table(result: rundir.Localization, name: str) -> Table:
     cut = f"map ≥ {threshold:g} × its maximum" if mode == "relative" else f"the top {threshold:.0%} of pixels"
     notes = [
         f"Pointing game: share of boxed findings whose map maximum lies in a box (tolerance {result.tolerance} px). IoU: {cut} against the boxes.",
-        f"{'?' if result.images is None else result.images} boxed image(s)" + (f" of the {result.split} split" if result.split else "") + ".",
+        f"{'?' if result.images is None else result.images} boxed image(s)"
+        + (f" of the {result.split} split" if result.split else "")
+        + ".",
     ]
     flat = records.groupby("method")["flat"].max()
     notes += [f"{TITLES.get(m, m)}: {int(v)} flat map(s) (nothing highlighted) counted as misses." for m, v in flat.items() if v]

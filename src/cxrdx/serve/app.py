@@ -210,8 +210,11 @@ def app_from_env() -> FastAPI:
     if env.get("CXRDX_SERVE_ONNX"):
         predictor: BasePredictor = OnnxPredictor.from_file(env["CXRDX_SERVE_ONNX"])
     else:
-        predictor = Predictor.from_checkpoint(env["CXRDX_SERVE_CHECKPOINT"], device=env.get("CXRDX_SERVE_DEVICE", "auto"),
-                                              trust_pickle=env.get("CXRDX_SERVE_TRUST_PICKLE") == "1")
+        predictor = Predictor.from_checkpoint(
+            env["CXRDX_SERVE_CHECKPOINT"],
+            device=env.get("CXRDX_SERVE_DEVICE", "auto"),
+            trust_pickle=env.get("CXRDX_SERVE_TRUST_PICKLE") == "1",
+        )
     settings = ServeSettings.from_json(env["CXRDX_SERVE_SETTINGS"], None) if env.get("CXRDX_SERVE_SETTINGS") else ServeSettings()
     return create_app(predictor, settings, api_key=read_api_key(env.get("CXRDX_SERVE_API_KEY_FILE"), env))
 

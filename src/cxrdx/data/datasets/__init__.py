@@ -26,9 +26,7 @@ def list_datasets() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def read_dataset(
-    name: str, data_dir: str | Path, views: Sequence[str] | None = FRONTAL, **options: str
-) -> Index:
+def read_dataset(name: str, data_dir: str | Path, views: Sequence[str] | None = FRONTAL, **options: str) -> Index:
     """Read dataset `name` from `data_dir`: labels mapped to the 14 findings, images located.
 
     `views`: the View Position values kept (default PA and AP; None keeps all). Images without

@@ -21,9 +21,17 @@ FRONTAL = ("PA", "AP")
 UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
 
 _VIEW_ALIASES = {
-    "PA": "PA", "POSTEROANTERIOR": "PA",
-    "AP": "AP", "ANTEROPOSTERIOR": "AP", "AP_HORIZONTAL": "AP", "AP SUPINE": "AP",
-    "L": "LATERAL", "LL": "LATERAL", "RL": "LATERAL", "LAT": "LATERAL", "LATERAL": "LATERAL",
+    "PA": "PA",
+    "POSTEROANTERIOR": "PA",
+    "AP": "AP",
+    "ANTEROPOSTERIOR": "AP",
+    "AP_HORIZONTAL": "AP",
+    "AP SUPINE": "AP",
+    "L": "LATERAL",
+    "LL": "LATERAL",
+    "RL": "LATERAL",
+    "LAT": "LATERAL",
+    "LATERAL": "LATERAL",
 }
 _SEX_ALIASES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
 

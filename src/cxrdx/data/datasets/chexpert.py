@@ -62,9 +62,7 @@ def labeller_labels(table: pd.DataFrame, path: Path, uncertain: str, unmentioned
     return out
 
 
-def read_labels(
-    path: str | Path, uncertain: str = "ignore", unmentioned: str = "missing", split: str = ""
-) -> pd.DataFrame:
+def read_labels(path: str | Path, uncertain: str = "ignore", unmentioned: str = "missing", split: str = "") -> pd.DataFrame:
     """One CheXpert label table (train.csv or valid.csv) -> index rows; Image Index is the path below the dataset folder."""
     path = Path(path)
     table = read_csv(path, dtype={"Path": str, "Sex": str, "Frontal/Lateral": str, "AP/PA": str})
@@ -80,8 +78,14 @@ def read_labels(
     view = normalise_view(table["AP/PA"].where(~lateral, "LATERAL"))
     age = pd.to_numeric(table["Age"], errors="coerce")
     return index_frame(
-        "chexpert", image, patient, labeller_labels(table, path, uncertain, unmentioned), EXTRA_LABELS,
-        view=view, sex=normalise_sex(table["Sex"]), age=age.where(age > 0),
+        "chexpert",
+        image,
+        patient,
+        labeller_labels(table, path, uncertain, unmentioned),
+        EXTRA_LABELS,
+        view=view,
+        sex=normalise_sex(table["Sex"]),
+        age=age.where(age > 0),
         **{OFFICIAL_SPLIT: np.full(len(table), split, dtype=object)},
     )
 
@@ -96,9 +100,7 @@ def locate(table: pd.DataFrame, data_dir: Path) -> pd.Series:
 @register("chexpert", EXTRA_LABELS, "CheXpert v1.0 / v1.0-small: train.csv and valid.csv")
 def read(data_dir: Path, uncertain: str = "ignore", unmentioned: str = "missing") -> pd.DataFrame:
     folder = _label_folder(data_dir)
-    tables = [
-        read_labels(folder / name, uncertain, unmentioned, split) for name, split in LABEL_FILES if (folder / name).is_file()
-    ]
+    tables = [read_labels(folder / name, uncertain, unmentioned, split) for name, split in LABEL_FILES if (folder / name).is_file()]
     table = pd.concat(tables, ignore_index=True)
     return table.assign(path=locate(table, data_dir))
 

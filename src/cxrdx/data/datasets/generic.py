@@ -85,7 +85,11 @@ def read_labels(path: str | Path, uncertain: str = "ignore") -> pd.DataFrame:
             row = int(np.argmax(bad.to_numpy()))
             raise CxrdxError(f"{path}: line {row + 2}: age {table[meta['age']].iloc[row]!r}; expected years or blank")
     return index_frame(
-        "generic", image, table[meta["patient"]].str.strip() if "patient" in meta else image, labels, (),
+        "generic",
+        image,
+        table[meta["patient"]].str.strip() if "patient" in meta else image,
+        labels,
+        (),
         view=normalise_view(table[meta["view"]]) if "view" in meta else None,
         sex=normalise_sex(table[meta["sex"]]) if "sex" in meta else None,
         age=age.to_numpy() if "age" in meta else None,

@@ -60,8 +60,13 @@ def read_labels(
         require_columns(parts, ["dicom_id", "split"], split)
         official = joined["dicom_id"].map(parts.set_index("dicom_id")["split"].map(_SPLITS)).fillna("").to_numpy()
     return index_frame(
-        "mimic", image, subject, labeller_labels(joined, labels, uncertain, unmentioned), EXTRA_LABELS,
-        view=normalise_view(joined["ViewPosition"]), **{OFFICIAL_SPLIT: official},
+        "mimic",
+        image,
+        subject,
+        labeller_labels(joined, labels, uncertain, unmentioned),
+        EXTRA_LABELS,
+        view=normalise_view(joined["ViewPosition"]),
+        **{OFFICIAL_SPLIT: official},
     )
 
 

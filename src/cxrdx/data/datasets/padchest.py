@@ -30,8 +30,15 @@ LABEL_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 # exact PadChest terms per finding (not substrings: 'pseudonodule' is no nodule, 'subcutaneous
 # emphysema' no emphysema, 'pericardial effusion' no pleural effusion); see docs/datasets.md
 TERMS = {
-    "Atelectasis": ("atelectasis", "atelectasis basal", "laminar atelectasis", "lobar atelectasis",
-                    "segmental atelectasis", "round atelectasis", "total atelectasis"),
+    "Atelectasis": (
+        "atelectasis",
+        "atelectasis basal",
+        "laminar atelectasis",
+        "lobar atelectasis",
+        "segmental atelectasis",
+        "round atelectasis",
+        "total atelectasis",
+    ),
     "Cardiomegaly": ("cardiomegaly",),
     "Consolidation": ("consolidation", "air bronchogram"),
     "Edema": ("pulmonary edema",),
@@ -39,8 +46,14 @@ TERMS = {
     "Emphysema": ("emphysema",),
     "Fibrosis": ("pulmonary fibrosis",),
     "Hernia": ("hiatal hernia",),
-    "Infiltration": ("infiltrates", "interstitial pattern", "ground glass pattern", "reticular interstitial pattern",
-                     "reticulonodular interstitial pattern", "alveolar pattern"),
+    "Infiltration": (
+        "infiltrates",
+        "interstitial pattern",
+        "ground glass pattern",
+        "reticular interstitial pattern",
+        "reticulonodular interstitial pattern",
+        "alveolar pattern",
+    ),
     "Mass": ("mass", "pulmonary mass", "mediastinal mass", "pleural mass"),
     "Nodule": ("nodule", "multiple nodules"),
     "Pleural_Thickening": ("pleural thickening", "apical pleural thickening", "calcified pleural thickening"),
@@ -51,7 +64,7 @@ UNINFORMATIVE = frozenset(("", "unchanged", "exclude", "suboptimal study"))
 
 
 def parse_terms(text: str, path: Path, row: int) -> frozenset[str]:
-    """"['pleural effusion', 'nodule']" -> its terms; a blank cell -> no terms."""
+    """ "['pleural effusion', 'nodule']" -> its terms; a blank cell -> no terms."""
     if not text.strip():
         return frozenset()
     try:
@@ -78,8 +91,11 @@ def term_labels(texts: pd.Series, path: Path) -> dict[str, np.ndarray]:
 def read_labels(path: str | Path) -> pd.DataFrame:
     """The PadChest labels CSV -> index rows (Image Index = ImageID; age from study year - birth year)."""
     path = Path(path)
-    table = read_csv(path, dtype={"ImageID": str, "PatientID": str, "Projection": str, "PatientSex_DICOM": str,
-                                  "Labels": str, "StudyDate_DICOM": str}, low_memory=False)
+    table = read_csv(
+        path,
+        dtype={"ImageID": str, "PatientID": str, "Projection": str, "PatientSex_DICOM": str, "Labels": str, "StudyDate_DICOM": str},
+        low_memory=False,
+    )
     require_columns(table, ("ImageID", "PatientID", "Projection", "Labels"), path)
     image = table["ImageID"].str.strip()
     if image.duplicated().any():
@@ -91,8 +107,14 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         age = (year - pd.to_numeric(table["PatientBirth"], errors="coerce")).to_numpy()
     sex = normalise_sex(table["PatientSex_DICOM"]) if "PatientSex_DICOM" in table.columns else None
     return index_frame(
-        "padchest", image, table["PatientID"].str.strip(), term_labels(table["Labels"], path), (),
-        view=normalise_view(table["Projection"]), sex=sex, age=age,
+        "padchest",
+        image,
+        table["PatientID"].str.strip(),
+        term_labels(table["Labels"], path),
+        (),
+        view=normalise_view(table["Projection"]),
+        sex=sex,
+        age=age,
     )
 
 

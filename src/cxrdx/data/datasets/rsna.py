@@ -51,8 +51,14 @@ def read_labels(path: str | Path, headers: str | Path | pd.DataFrame | None = No
     labels = {"Pneumonia": per_image.to_numpy(), "Lung Opacity": per_image.to_numpy()}
     # one image per patientId: the challenge published no patient identifiers beyond it
     return index_frame(
-        "rsna", image, image, labels, EXTRA_LABELS, view=normalise_view(info["ViewPosition"]),
-        sex=normalise_sex(info["PatientSex"]), age=_years(info["PatientAge"]),
+        "rsna",
+        image,
+        image,
+        labels,
+        EXTRA_LABELS,
+        view=normalise_view(info["ViewPosition"]),
+        sex=normalise_sex(info["PatientSex"]),
+        age=_years(info["PatientAge"]),
     )
 
 

@@ -31,18 +31,51 @@ TO_FINDING = {
 NODULE_MASS = "Nodule/Mass"  # 0 -> Nodule 0 and Mass 0; 1 -> both NaN (one of them, which is unknown)
 NO_FINDING = "No finding"
 EXTRA_LABELS = (
-    "Aortic enlargement", "Calcification", "Clavicle fracture", "Enlarged PA", "ILD", "Lung cavity", "Lung cyst",
-    "Lung Opacity", "Mediastinal shift", NODULE_MASS, "Other lesion", "Rib fracture",
-    "COPD", "Lung tumor", "Tuberculosis", "Other disease",
+    "Aortic enlargement",
+    "Calcification",
+    "Clavicle fracture",
+    "Enlarged PA",
+    "ILD",
+    "Lung cavity",
+    "Lung cyst",
+    "Lung Opacity",
+    "Mediastinal shift",
+    NODULE_MASS,
+    "Other lesion",
+    "Rib fracture",
+    "COPD",
+    "Lung tumor",
+    "Tuberculosis",
+    "Other disease",
 )
 # the 14 classes of the Kaggle VinBigData challenge; a box file with any other class is PhysioNet's 22 local labels
 KAGGLE_CLASSES = (
-    "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD", "Infiltration",
-    "Lung Opacity", NODULE_MASS, "Other lesion", "Pleural effusion", "Pleural thickening", "Pneumothorax",
+    "Aortic enlargement",
+    "Atelectasis",
+    "Calcification",
+    "Cardiomegaly",
+    "Consolidation",
+    "ILD",
+    "Infiltration",
+    "Lung Opacity",
+    NODULE_MASS,
+    "Other lesion",
+    "Pleural effusion",
+    "Pleural thickening",
+    "Pneumothorax",
     "Pulmonary fibrosis",
 )
-LOCAL_CLASSES = (*KAGGLE_CLASSES, "Clavicle fracture", "Edema", "Emphysema", "Enlarged PA", "Lung cavity", "Lung cyst",
-                 "Mediastinal shift", "Rib fracture")
+LOCAL_CLASSES = (
+    *KAGGLE_CLASSES,
+    "Clavicle fracture",
+    "Edema",
+    "Emphysema",
+    "Enlarged PA",
+    "Lung cavity",
+    "Lung cyst",
+    "Mediastinal shift",
+    "Rib fracture",
+)
 READERS = ("any", "majority")
 _CANONICAL = {name.lower(): name for name in (*TO_FINDING, *EXTRA_LABELS, NO_FINDING)}
 _CANONICAL |= {"other diseases": "Other disease", "interstitial lung disease": "ILD"}
@@ -112,16 +145,20 @@ def read(data_dir: Path, readers: str = "any") -> pd.DataFrame:
         raise CxrdxError(f"{data_dir}: no such folder")
     tables = []
     for part in ("train", "test"):
-        found = next((f / f"image_labels_{part}.csv" for f in (data_dir / "annotations", data_dir)
-                      if (f / f"image_labels_{part}.csv").is_file()), None)
+        found = next(
+            (f / f"image_labels_{part}.csv" for f in (data_dir / "annotations", data_dir) if (f / f"image_labels_{part}.csv").is_file()),
+            None,
+        )
         if found is not None:
             tables.append(read_image_labels(found, readers).assign(**{OFFICIAL_SPLIT: part}))
     if not tables:
         boxes = [data_dir / "annotations" / "annotations_train.csv", data_dir / "train.csv"]
         found = next((p for p in boxes if p.is_file()), None)
         if found is None:
-            raise CxrdxError(f"{data_dir}: no VinDr-CXR labels; expected annotations/image_labels_train.csv, "
-                             "annotations/image_labels_test.csv, or the box file train.csv")
+            raise CxrdxError(
+                f"{data_dir}: no VinDr-CXR labels; expected annotations/image_labels_train.csv, "
+                "annotations/image_labels_test.csv, or the box file train.csv"
+            )
         tables = [read_annotations(found, readers).assign(**{OFFICIAL_SPLIT: "train"})]
     table = pd.concat(tables, ignore_index=True)
     images = by_name(files_under(data_dir), _IMAGE_SUFFIXES, stem=True)
