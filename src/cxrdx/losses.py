@@ -234,7 +234,24 @@ def create_loss(
     negatives: Sequence[float] | np.ndarray | None = None,
     **hyper: float | str,
 ) -> nn.Module:
-    """The loss called `name` (see LOSSES); `wbce` and `ours` weight findings by the training counts."""
+    """The loss called `name` (see LOSSES); `wbce` and `ours` weight findings by the training counts.
+
+    Args:
+        name: "bce", "wbce", "ours" (the paper's Eq. 8-12), "focal" or "asl".
+        positives: positive training images per finding (`label_counts`); needed by wbce and ours.
+        negatives: negative training images per finding; needed by wbce and ours.
+        **hyper: the loss's own settings, e.g. `alpha`, `gamma_pos`, `gamma_neg`, `p_shift`, `reduction`.
+
+    Returns:
+        A module called as `loss(logits, targets)` on (N, K) tensors; NaN targets (unlabelled) are left out.
+
+    Example:
+        >>> import torch
+        >>> loss = create_loss("ours", positives=[10.0, 200.0], negatives=[990.0, 800.0])
+        >>> value = loss(torch.zeros(4, 2), torch.tensor([[1.0, 0.0]] * 4))
+        >>> bool(value > 0)
+        True
+    """
     check_loss_name(name)
     cls = LOSSES[name]
     options: dict[str, Any] = dict(hyper)

@@ -305,6 +305,29 @@ def evaluate(
 
     `groups` (patient ids) with `n_bootstrap > 0` adds patient-level bootstrap CIs. `auroc` passes
     already computed (AUROC, DeLong variance) per finding.
+
+    Args:
+        y: (N, K) labels: 1, 0, or NaN for an image a dataset does not label for that finding.
+        probs: (N, K) probabilities.
+        thresholds: one decision threshold, or one per finding.
+        names: the K finding names (rows of `per_finding`).
+        level: confidence level of the intervals.
+        groups: (N,) patient ids for the bootstrap.
+        n_bootstrap: bootstrap replicates (0: none).
+        seed: bootstrap seed.
+        n_bins: bins of the expected calibration error.
+        auroc: precomputed (AUROC, variance) arrays, to skip DeLong.
+
+    Returns:
+        An `Evaluation`: `per_finding` (AUROC and CI, accuracy, precision, recall, F1, ECE...) and
+        `overall` (mean ± SE with t CIs over the findings, as the paper's Tables 3 and 4).
+
+    Example:
+        >>> import numpy as np
+        >>> y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]] * 5)
+        >>> result = evaluate(y, np.where(y == 1, 0.8, 0.3), names=["A", "B"])
+        >>> float(result.per_finding.loc["A", "auroc"])
+        1.0
     """
     y, probs = _arrays(y, probs, names)
     notes = list(degenerate(y, names).values())

@@ -62,6 +62,24 @@ def create_model(
     "summed" (the RGB kernels summed to `in_chans`, as timm does) or "new" (a freshly initialised
     convolution, and for EfficientNet its stem batch norm too: the released code for ResNet50 and
     EfficientNet-b5).
+
+    Args:
+        name: a timm model name, optionally with a weights tag (`resnet50.tv_in1k`).
+        pretrained: "none", "imagenet", "torchvision" or the path of a local weights file.
+        num_findings: outputs (logits, no sigmoid).
+        in_chans: input channels (1 for grey radiographs).
+        drop_rate: dropout before the classifier (the paper: 0.5).
+        first_conv: "summed" or "new", see above.
+        **timm_kwargs: passed to `timm.create_model` (e.g. `img_size` for fixed-size models).
+
+    Returns:
+        The network in training mode.
+
+    Example:
+        >>> import torch
+        >>> model = create_model("resnet18", num_findings=14).eval()
+        >>> model(torch.zeros(2, 1, 64, 64)).shape
+        torch.Size([2, 14])
     """
     check_model_name(name)
     if first_conv not in FIRST_CONV:

@@ -264,7 +264,24 @@ class BasePredictor:
 
 
 class Predictor(BasePredictor):
-    """A PyTorch model from a cxrdx checkpoint. `.model` (eval mode) and `.checkpoint` are public."""
+    """A PyTorch model from a cxrdx checkpoint. `.model` (eval mode) and `.checkpoint` are public.
+
+    It decodes PNG, JPEG and DICOM files (or bytes, arrays, PIL images) as `cxrdx prepare` does,
+    applies the DICOM header rules and, when the checkpoint has one, the input guard, and returns
+    probabilities at the checkpoint's temperature with its decision thresholds.
+
+    Args:
+        checkpoint: a loaded `cxrdx.checkpoint.Checkpoint`.
+        device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+        batch_size: images per forward pass.
+
+    Example:
+        >>> predictor = Predictor.from_checkpoint("runs/resnet50_ours/checkpoints/best.pt")  # doctest: +SKIP
+        >>> [p.positives for p in predictor.predict(["a.png", "b.dcm"])]  # doctest: +SKIP
+        [['Effusion'], []]
+        >>> predictor.predict_proba("a.png").shape  # doctest: +SKIP
+        (1, 14)
+    """
 
     backend = "pytorch"
 
@@ -288,7 +305,17 @@ class Predictor(BasePredictor):
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 32, trust_pickle: bool = False
     ) -> Predictor:
-        """`trust_pickle`: also load an old pickle checkpoint (it can run code; see cxrdx.checkpoint)."""
+        """The Predictor of a checkpoint file.
+
+        Args:
+            path: a cxrdx checkpoint (safetensors; `cxrdx convert` turns an old pickle file into one).
+            device: as for the constructor.
+            batch_size: images per forward pass.
+            trust_pickle: also load an old pickle checkpoint (it can run code; see cxrdx.checkpoint).
+
+        Returns:
+            The Predictor, its model in eval mode on `device`.
+        """
         return cls(load_checkpoint(path, trust_pickle=trust_pickle), device=device, batch_size=batch_size)
 
     def _logits(self, batch: torch.Tensor) -> np.ndarray:

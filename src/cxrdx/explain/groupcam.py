@@ -95,6 +95,27 @@ def group_cam(
 
     `probability`: "sigmoid" (multi-label findings, the default) or "softmax" (the published score,
     for single-label models).
+
+    Args:
+        model: the network, in eval mode.
+        image: the model's input for one image, shaped (1, C, H, W).
+        finding_index: the output to explain.
+        target_layer: the module whose activations are grouped (e.g. the last stage).
+        groups: channel groups (the paper's 32).
+        batch_size: masked images per forward pass.
+        flat_tol: a map whose range is below this is reported flat (zeros).
+        probability: "sigmoid" or "softmax".
+
+    Returns:
+        A `GroupCamResult`: the (H, W) saliency in [0, 1], whether it is flat, the target's
+        probability, each group's signed score and the number of forward passes.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("resnet18", num_classes=14, in_chans=1).eval()
+        >>> result = group_cam(model, torch.rand(1, 1, 64, 64), 4, model.layer3)
+        >>> result.saliency.shape
+        (64, 64)
     """
     if image.ndim != 4 or image.shape[0] != 1:
         raise CxrdxError(f"group_cam explains one image shaped (1, C, H, W); got {tuple(image.shape)}")
