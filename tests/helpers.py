@@ -55,6 +55,22 @@ def make_checkpoint(path: Path, model_name: str = "test_resnet", size: int = SIZ
     return save_checkpoint(path, ckpt)
 
 
+def run_checkpoint(run: Path, cache: Path) -> Path:
+    """RUN/checkpoints/best.pt of an untrained tiny model that names `cache` (64 px) as its training cache."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", pretrained="none", num_findings=len(FINDINGS))
+    ckpt = Checkpoint(
+        model_name="test_resnet",
+        state_dict=model.state_dict(),
+        input_size=32,
+        mean=[0.5],
+        std=[0.25],
+        cache_size=64,
+        config={"data": {"cache": str(cache), "workers": 0}},
+    )
+    return save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
+
+
 def dicom_bytes(
     pixels: np.ndarray,
     photometric: str = "MONOCHROME2",

@@ -16,12 +16,12 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-import torch
+from helpers import run_checkpoint
 from PIL import Image
 
 from cxrdx import evaluation
 from cxrdx.atomic import write_text
-from cxrdx.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cxrdx.checkpoint import load_checkpoint
 from cxrdx.checks import check_output_dir, check_output_file
 from cxrdx.cli import main
 from cxrdx.data.cache import open_cache, resize_square
@@ -30,28 +30,16 @@ from cxrdx.data.splits import read_split
 from cxrdx.errors import CxrdxError, ImageReadError, MissingImagesWarning
 from cxrdx.export import OnnxPredictor
 from cxrdx.findings import FINDINGS, resolve_finding
-from cxrdx.models import create_model
 from cxrdx.predict import csv_safe, printable
 
 
 @pytest.fixture(scope="module")
 def run_dir(phantom_cache: Path, phantom_split: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with split.csv and an untrained tiny model (64-px cache, 32-px input)."""
-    torch.manual_seed(0)
-    model = create_model("test_resnet", pretrained="none", num_findings=len(FINDINGS))
     run = tmp_path_factory.mktemp("runs") / "tiny"
     run.mkdir()
     shutil.copy(phantom_split, run / "split.csv")
-    ckpt = Checkpoint(
-        model_name="test_resnet",
-        state_dict=model.state_dict(),
-        input_size=32,
-        mean=[0.5],
-        std=[0.25],
-        cache_size=64,
-        config={"data": {"cache": str(phantom_cache), "workers": 0}},
-    )
-    save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
+    run_checkpoint(run, phantom_cache)
     return run
 
 

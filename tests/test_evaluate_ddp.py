@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_checkpoint
 
 from cxrdx.cli import main
 from cxrdx.findings import FINDINGS
@@ -42,29 +43,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def checkpoint(phantom_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN/checkpoints/best.pt of an untrained tiny model, with a split whose test part is odd-sized."""
-    import torch
-
-    from cxrdx.checkpoint import Checkpoint, save_checkpoint
     from cxrdx.data.cache import open_cache
     from cxrdx.data.splits import write_split
-    from cxrdx.models import create_model
 
     run = tmp_path_factory.mktemp("run")
     names = open_cache(phantom_cache).index["Image Index"]
     write_split(pd.Series(np.where(np.arange(len(names)) < TEST_IMAGES, "test", "train"), index=names.to_numpy()), run / "split.csv")
-    torch.manual_seed(0)
-    model = create_model("test_resnet", pretrained="none", num_findings=len(FINDINGS))
-    ckpt = Checkpoint(
-        model_name="test_resnet",
-        state_dict=model.state_dict(),
-        input_size=32,
-        mean=[0.5],
-        std=[0.25],
-        cache_size=64,
-        config={"data": {"cache": str(phantom_cache), "workers": 0}},
-    )
-    save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
-    return run / "checkpoints" / "best.pt"
+    return run_checkpoint(run, phantom_cache)
 
 
 def test_two_processes_write_what_one_writes(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

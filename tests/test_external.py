@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_checkpoint
 from PIL import Image
 from scipy import stats as sps
 
@@ -75,26 +76,9 @@ def checkpoint(phantom_cache: Path, phantom_split: Path, tmp_path_factory: pytes
     """An untrained tiny model 'trained' on the phantom cache, with the run's split.csv beside it."""
     import shutil
 
-    import torch
-
-    from cxrdx.checkpoint import Checkpoint, save_checkpoint
-    from cxrdx.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("test_resnet", pretrained="none", num_findings=len(FINDINGS))
     run = tmp_path_factory.mktemp("run")
     shutil.copy(phantom_split, run / "split.csv")
-    ckpt = Checkpoint(
-        model_name="test_resnet",
-        state_dict=model.state_dict(),
-        input_size=32,
-        mean=[0.5],
-        std=[0.25],
-        cache_size=64,
-        config={"data": {"cache": str(phantom_cache), "workers": 0}},
-    )
-    save_checkpoint(run / "checkpoints" / "best.pt", ckpt)
-    return run / "checkpoints" / "best.pt"
+    return run_checkpoint(run, phantom_cache)
 
 
 def evaluate(*args: str) -> None:
