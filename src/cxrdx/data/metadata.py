@@ -6,6 +6,7 @@ import json
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -110,16 +111,21 @@ def locate_images(index: pd.DataFrame, data_dir: str | Path) -> tuple[pd.DataFra
     return located, missing
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_csv(path: str | Path, **options: Any) -> pd.DataFrame:
+    """pandas.read_csv with a CxrdxError naming the file for anything unreadable; column names stripped."""
     try:
-        # text columns as text; numbers parsed by pandas' C reader, checked in _integers
-        table = pd.read_csv(path, dtype=dict.fromkeys(_TEXT_COLUMNS, str), keep_default_na=False)
+        table = pd.read_csv(path, **options)
     except FileNotFoundError:
         raise CxrdxError(f"{path}: no such file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
         raise CxrdxError(f"{path}: not a readable CSV table ({exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
     return table
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    # text columns as text; numbers parsed by pandas' C reader, checked in _integers
+    return read_csv(path, dtype=dict.fromkeys(_TEXT_COLUMNS, str), keep_default_na=False)
 
 
 def _line(row: int) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,18 +80,6 @@ def register(name: str, extra_labels: Sequence[str], summary: str) -> Callable:
 
 
 # --- tables -----------------------------------------------------------------------------------------
-
-
-def read_csv(path: Path, **options) -> pd.DataFrame:
-    """pandas.read_csv with a CxrdxError naming the file for anything unreadable."""
-    try:
-        table = pd.read_csv(path, **options)
-    except FileNotFoundError:
-        raise CxrdxError(f"{path}: no such file") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
-        raise CxrdxError(f"{path}: not a readable CSV table ({exc})") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    return table
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], path: Path) -> None:

@@ -15,10 +15,10 @@ from cxrdx.data.datasets._common import (
     label_values,
     normalise_sex,
     normalise_view,
-    read_csv,
     register,
     require_columns,
 )
+from cxrdx.data.metadata import read_csv
 from cxrdx.errors import CxrdxError
 
 # the CheXpert labeller's observations (shared with MIMIC-CXR-JPG's chexpert and negbio tables)

@@ -25,9 +25,9 @@ from cxrdx.data.datasets._common import (
     label_values,
     normalise_sex,
     normalise_view,
-    read_csv,
     register,
 )
+from cxrdx.data.metadata import read_csv
 from cxrdx.errors import CxrdxError
 from cxrdx.findings import FINDINGS
 

@@ -13,11 +13,11 @@ from cxrdx.data.datasets._common import (
     find_file,
     index_frame,
     normalise_view,
-    read_csv,
     register,
     require_columns,
 )
 from cxrdx.data.datasets.chexpert import EXTRA_LABELS, labeller_labels
+from cxrdx.data.metadata import read_csv
 from cxrdx.errors import CxrdxError
 
 LABELLERS = ("chexpert", "negbio")

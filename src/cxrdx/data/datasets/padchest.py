@@ -20,10 +20,10 @@ from cxrdx.data.datasets._common import (
     index_frame,
     normalise_sex,
     normalise_view,
-    read_csv,
     register,
     require_columns,
 )
+from cxrdx.data.metadata import read_csv
 from cxrdx.errors import CxrdxError
 
 LABEL_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"

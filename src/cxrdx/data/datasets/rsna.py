@@ -20,10 +20,10 @@ from cxrdx.data.datasets._common import (
     label_values,
     normalise_sex,
     normalise_view,
-    read_csv,
     register,
     require_columns,
 )
+from cxrdx.data.metadata import read_csv
 from cxrdx.errors import CxrdxError
 
 EXTRA_LABELS = ("Lung Opacity",)

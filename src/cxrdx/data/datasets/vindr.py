@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrdx.data.datasets._common import OFFICIAL_SPLIT, by_name, files_under, index_frame, read_csv, register, require_columns
+from cxrdx.data.datasets._common import OFFICIAL_SPLIT, by_name, files_under, index_frame, register, require_columns
+from cxrdx.data.metadata import read_csv
 from cxrdx.errors import CxrdxError
 
 TO_FINDING = {
