@@ -518,7 +518,7 @@ def _check_finite(loss: float, where: str) -> None:
 
 
 def _validate(run: Run, model: nn.Module) -> dict[str, Any]:
-    logits, targets, _ = collect_logits(model, run.val_loader, run.device, run.amp)
+    logits, targets, _, _ = collect_logits(model, run.val_loader, run.device, run.amp)
     with torch.no_grad():
         loss = run.criterion(
             torch.as_tensor(logits, dtype=torch.float32, device=run.device),

@@ -51,6 +51,7 @@ class SplitPredictions:
     labels: np.ndarray  # (N, K) float: 1, 0, NaN = not labelled
     patients: np.ndarray | None  # (N,) patient ids when known
     meta: pd.DataFrame | None = None  # N rows: the subgroups.COLUMNS the images have
+    ood_scores: np.ndarray | None = None  # (N,) the input guard's content-check scores, when it ran
 
 
 @dataclass
@@ -152,7 +153,7 @@ def predict_split(
     from torch.utils.data import DataLoader, Dataset
 
     from cxrdx.data.dataset import CacheDataset, FileDataset, XrvFileDataset, eval_transform, make_loader, rows_for_split
-    from cxrdx.inference import inference_sampler, run_inference
+    from cxrdx.inference import collect_logits, inference_sampler, probabilities
     from cxrdx.runtime import distributed
 
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
@@ -226,10 +227,15 @@ def predict_split(
         shown = _Progress(loader, f"predict {split}", progress and info.main)
         # fp32 as Predictor: thresholds and temperatures fitted here must hold for what predict/serve output
         temperature = ckpt.temperature if apply_temperature else None
-        probs, targets, names = run_inference(model, cast(DataLoader, shown), torch_device, amp=False, hflip=hflip, temperature=temperature)
+        # the guard's scores come from the same forward pass; measured on a prepared cache only
+        guard = ckpt.guard if data_dir is None and ood.supports_guard(model) else None
+        logits, targets, found, ood_scores = collect_logits(model, cast(DataLoader, shown), torch_device, None, hflip, guard)
+    probs, names = probabilities(logits, temperature), found.tolist()
     rows_of = table.set_index(pd.Index(table["Image Index"].astype(str))).loc[[str(n) for n in names]]
     meta = rows_of[[c for c in subgroups.COLUMNS if c in rows_of.columns]].reset_index(drop=True)
-    predictions = SplitPredictions(list(names), probs, targets, rows_of["Patient ID"].to_numpy(), meta if len(meta.columns) else None)
+    predictions = SplitPredictions(
+        list(names), probs, targets, rows_of["Patient ID"].to_numpy(), meta if len(meta.columns) else None, ood_scores
+    )
     return PredictedSplit(ckpt, predictions, notes)
 
 
@@ -358,7 +364,7 @@ def evaluate_checkpoint(
     }
     data = predict_kwargs.get("data_dir") or predict_kwargs.get("cache")
     settings["data"] = None if data is None else str(data)  # None: the training data; the model card tells external data by it
-    notes = [*predicted.notes, guard_note(ckpt, checkpoint, split, **predict_kwargs)]
+    notes = [*predicted.notes, guard_note(ckpt, preds)]
     result = evaluate_predictions(preds, out, label, chosen, n_bootstrap, expert_labels, notes, settings)
     add_evaluation(checkpoint, out)  # RUN/checkpoints/best.pt: the run's model card gains this evaluation
     return result
@@ -543,38 +549,17 @@ def fit_checkpoint_guard(
     )
 
 
-def guard_note(
-    ckpt: Checkpoint,
-    checkpoint: str | Path,
-    split: str,
-    cache: str | Path | None = None,
-    split_file: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    allow_missing: bool = False,
-    **_: Any,
-) -> str:
-    """What the input guard's content check would accept of the evaluated images (all stay in the metrics):
-    one more pass over a prepared cache for the penultimate features."""
-    from cxrdx.data.cache import open_caches
-    from cxrdx.data.dataset import rows_for_split
-    from cxrdx.runtime import resolve_device
-
+def guard_note(ckpt: Checkpoint, predictions: SplitPredictions) -> str:
+    """What the input guard's content check accepts of the evaluated images (all stay in the metrics), from the
+    scores `predict_split` took in its forward pass."""
     if ckpt.guard is None:
         return f"input guard content check {ood.GUARD_OFF}"
-    if data_dir is not None:
+    scores = predictions.ood_scores
+    if scores is None:
         return "input guard: acceptance not measured on --data-dir images (it is measured on a prepared cache)"
-    opened = open_caches([str(cache)] if cache else ckpt.training_caches())  # predict_split opened it already
-    series = _split_series(Path(checkpoint), split_file, split)
-    rows = None if series is None else rows_for_split(opened, series, split, allow_missing)
-    torch_device = resolve_device(device)
-    features = ood.cache_features(
-        ckpt.build_model(torch_device), opened, rows, ckpt.input_size, ckpt.mean, ckpt.std, torch_device, batch_size
-    )
-    accepted = int(np.sum(ood.score(ckpt.guard, features) <= ckpt.guard.threshold))
+    accepted = int(np.sum(scores <= ckpt.guard.threshold))
     return (
-        f"input guard: {accepted:,} of {len(features):,} images ({accepted / max(len(features), 1):.1%}) accepted by the "
+        f"input guard: {accepted:,} of {len(scores):,} images ({accepted / max(len(scores), 1):.1%}) accepted by the "
         f"content check (threshold {ckpt.guard.threshold:.4g}); the metrics include all of them"
     )
 

@@ -5,7 +5,7 @@ validation AUROC."""
 from __future__ import annotations
 
 from collections.abc import Sequence, Sized
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cxrdx.findings import FINDINGS
+from cxrdx.ood import OodGuard, logits_and_features, score
 from cxrdx.runtime import autocast, resolve_amp
 
 
@@ -39,21 +40,41 @@ def _local_indices(loader: DataLoader) -> list[int]:
     return list(range(_size(loader)))
 
 
+class Collected(NamedTuple):
+    """What `collect_logits` gathers for every sample, in dataset order."""
+
+    logits: np.ndarray  # (N, K) float64
+    targets: np.ndarray  # (N, K) float32: 1, 0, NaN = not labelled
+    names: np.ndarray  # (N,) object
+    ood_scores: np.ndarray | None  # (N,) the input guard's content-check score; None without a guard
+
+
 @torch.no_grad()
 def collect_logits(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None, hflip: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits (float64), targets (float32: 1, 0, NaN = not labelled) and names of every sample, in dataset order, on every rank."""
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    hflip: bool = False,
+    guard: OodGuard | None = None,
+) -> Collected:
+    """Logits, targets and names of every sample on every rank; with `guard`, also its content-check score,
+    from the features of the same forward pass."""
     was_training = model.training
     model.eval()
-    outputs, targets, names = [], [], []
+    outputs, targets, names, scores = [], [], [], []
     channels_last = _is_channels_last(model)
     for images, labels, batch_names in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            out = model(images).float()
+            if guard is None:
+                out = model(images).float()
+            else:
+                out, features = logits_and_features(model, images)
+                out = out.float()
+                scores.append(score(guard, features.float().cpu().numpy()))
             if hflip:
                 out = (out + model(torch.flip(images, dims=[-1])).float()) / 2
         outputs.append(out.cpu().double().numpy())
@@ -63,15 +84,19 @@ def collect_logits(
     width = len(FINDINGS)
     out = np.concatenate(outputs) if outputs else np.zeros((0, width))
     tgt = np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.float32)
+    ood = (np.concatenate(scores) if scores else np.zeros(0)) if guard is not None else None
     if not _gathering():
-        return out, tgt, np.asarray(names, dtype=object)
+        return Collected(out, tgt, np.asarray(names, dtype=object), ood)
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (_local_indices(loader), out, tgt, names))
+    dist.all_gather_object(gathered, (_local_indices(loader), out, tgt, names, ood))
     n = _size(loader)
     out_all, tgt_all, names_all = np.zeros((n, width)), np.zeros((n, width), dtype=np.float32), np.empty(n, dtype=object)
-    for indices, out, tgt, nm in gathered:  # DistributedSampler's padding repeats samples: same values
+    ood_all = np.zeros(n) if guard is not None else None
+    for indices, out, tgt, nm, part in gathered:  # DistributedSampler's padding repeats samples: same values
         out_all[indices], tgt_all[indices], names_all[indices] = out, tgt, nm
-    return out_all, tgt_all, names_all
+        if ood_all is not None:
+            ood_all[indices] = part
+    return Collected(out_all, tgt_all, names_all, ood_all)
 
 
 def run_inference(
@@ -87,7 +112,7 @@ def run_inference(
     decides (True = "auto": on CUDA only); `hflip`: average the logits of each image and its mirror;
     `temperature`: per-finding divisor of the logits before the sigmoid."""
     device = torch.device(device)
-    logits, targets, names = collect_logits(model, loader, device, resolve_amp("auto" if amp is True else amp, device), hflip)
+    logits, targets, names, _ = collect_logits(model, loader, device, resolve_amp("auto" if amp is True else amp, device), hflip)
     return probabilities(logits, temperature), targets, names.tolist()
 
 
